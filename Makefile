@@ -1,0 +1,32 @@
+# The two set-up commands of README.md:
+#   make demo   installs everything into .venv/ and runs the demo pipeline on an embedded local Ray
+#   make test   installs everything (Python deps, HumanEvalPack toolchains) and runs the tests
+# CI (.ci/run) calls `make test`.
+
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+SHARED ?= ../shared
+
+.PHONY: setup toolchains demo test test-fast bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+toolchains:
+	bash scripts/install_toolchains.sh
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup toolchains
+	$(VENV)/bin/pytest -q
+
+# Seconds: no Ray, no compilers, no training.
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not ray and not toolchain and not slow"

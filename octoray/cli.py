@@ -1,0 +1,100 @@
+"""``octoray <verb>``: one subcommand per pipeline stage.
+
+The verb table below is all this module knows about the stages; a stage module is imported
+only when its verb runs, so ``octoray --help`` stays instant and imports no torch or ray.
+Each stage module provides ``add_arguments(parser)`` and ``main(args) -> int``.
+
+User errors (:class:`octoray.errors.UserError`) are printed as one line on stderr with exit
+code 2; a traceback means a bug in octoray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from octoray import __version__
+from octoray.errors import UserError
+
+#: verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "mine": ("octoray.mining", "mine git repositories into CommitPack rows (Ray Data)"),
+    "filter": ("octoray.filtering", "filter CommitPack rows into CommitPackFT instruction data (Ray Data)"),
+    "train": ("octoray.training", "fine-tune a causal LM with Ray Train + DeepSpeed"),
+    "tune": ("octoray.tuning", "search training hyperparameters with Ray Tune"),
+    "serve": ("octoray.serving", "serve a model on Ray Serve behind an OpenAI-compatible API"),
+    "eval": ("octoray.evaluation.cli", "run HumanEvalPack: generate, execute in the sandbox, pass@k"),
+    "pipeline": ("octoray.pipeline", "run mine -> filter -> train -> serve -> eval -> report, resuming"),
+    "submit": ("octoray.jobs", "submit the pipeline or a stage to a Ray cluster as a Ray Job"),
+    "status": ("octoray.jobs", "show the status of a submitted Ray Job"),
+    "logs": ("octoray.jobs", "print the logs of a submitted Ray Job"),
+    "stop": ("octoray.jobs", "stop a submitted Ray Job"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    width = max(map(len, VERBS))
+    verbs = "\n".join(f"  {verb:<{width}}  {text}" for verb, (_, text) in VERBS.items())
+    parser = argparse.ArgumentParser(
+        prog="octoray",
+        description="OctoPack on Ray: CommitPack -> CommitPackFT -> OctoCoder -> HumanEvalPack.",
+        epilog=f"commands:\n{verbs}\n\nRun 'octoray <command> --help' for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"octoray {__version__}")
+    parser.add_argument("command", choices=list(VERBS), metavar="command", help="one of the commands below")
+    return parser
+
+
+def _user_error(exc: BaseException) -> UserError | None:
+    """The UserError behind ``exc``, also when Ray wrapped it in a RayTaskError."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        cause = getattr(seen, "cause", None)  # RayTaskError keeps the original exception here
+        if isinstance(cause, UserError):
+            return cause
+        if isinstance(seen, UserError) and not type(seen).__name__.startswith("RayTaskError"):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``octoray`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help", "--version"):
+        top.parse_args(argv or ["--help"])
+        return 0
+    verb = top.parse_args(argv[:1]).command
+    module_name, text = VERBS[verb]
+    parser = argparse.ArgumentParser(prog=f"octoray {verb}", description=text,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("octoray"):
+            print(f"octoray {verb}: error: this command is not available in this build", file=sys.stderr)
+            return 2
+        raise
+    module.add_arguments(parser)
+    args = parser.parse_intermixed_args(argv[1:])
+    args.command = verb
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        print(f"octoray {verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
+        user = _user_error(exc)
+        if user is None:
+            raise
+        message = str(user).strip().splitlines()[0] if str(user).strip() else type(user).__name__
+        print(f"octoray {verb}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Typed, frozen dataclass configs: defaults < YAML file < ``key=value`` overrides.
+
+Every stage module defines one frozen dataclass whose fields carry their help text in
+``metadata["help"]`` (see :func:`option`). :func:`load_config` builds it from a YAML file and
+overrides, coerces and checks every value, runs the class's own ``problems()`` check, and raises
+one :class:`ConfigError` that lists *every* problem at once.
+
+A YAML file is either flat (the keys of one stage) or split into stage sections
+(``mine:``, ``filter:``, ``train:`` ...), as the presets in ``jobs/`` are; a stage reads its own
+section and ignores the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Sequence, TypeVar
+
+import yaml
+
+from octoray.errors import UserError
+
+T = TypeVar("T")
+
+#: Top-level keys that mark a YAML file as split into stage sections.
+STAGE_SECTIONS = ("pipeline", "mine", "filter", "train", "tune", "serve", "eval", "submit")
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
+
+class ConfigError(UserError):
+    """Every problem found in a config, reported together."""
+
+    def __init__(self, problems: Sequence[str], source: str = "config") -> None:
+        self.problems = list(problems)
+        super().__init__(f"invalid {source}: " + "; ".join(self.problems))
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with its help text (shown by ``--help`` and in the docs)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple default: configs are frozen")
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def is_override(arg: str) -> bool:
+    """True for a ``key=value`` command-line override (``https://x?a=b`` is not one)."""
+    return bool(_OVERRIDE.match(arg))
+
+
+def split_overrides(args: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Separate positional arguments from ``key=value`` overrides, keeping their order."""
+    positional, overrides = [], []
+    for arg in args:
+        (overrides if is_override(arg) else positional).append(arg)
+    return positional, overrides
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "tags=[a, b]"]`` -> ``{"lr": 1e-4, "tags": ["a", "b"]}`` (values are YAML)."""
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        try:
+            parsed[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            parsed[key] = raw  # an unparseable value is a plain string, checked by type later
+    return parsed
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a one-line error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def stage_section(data: Mapping[str, Any], section: str | None) -> dict[str, Any]:
+    """The part of a (possibly sectioned) config mapping that belongs to ``section``."""
+    if section is None or not any(key in STAGE_SECTIONS for key in data):
+        return dict(data)
+    value = data.get(section) or {}
+    if not isinstance(value, dict):
+        raise UserError(f"config section '{section}' must be a mapping")
+    return dict(value)
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    section: str | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> T:
+    """Build ``cls`` from defaults < the YAML file (its ``section``) < ``values`` < overrides.
+
+    ``values`` carries what dedicated command-line flags set (``--out``, ``--data`` ...);
+    ``None`` entries in it are ignored so unset flags keep the file's value.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw.update(stage_section(read_yaml(path), section))
+    raw.update({k: v for k, v in (values or {}).items() if v is not None})
+    raw.update(parse_overrides(overrides))
+    source = f"config {path}" if path is not None else "config"
+    return from_mapping(cls, raw, source=source)
+
+
+def from_mapping(cls: type[T], raw: Mapping[str, Any], source: str = "config") -> T:
+    """Coerce and check ``raw`` into ``cls``; raise one ConfigError with every problem."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    problems: list[str] = []
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"unknown key '{key}'{hint}")
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}")
+    if problems:
+        raise ConfigError(problems, source)
+    cfg = cls(**kwargs)
+    check = getattr(cfg, "problems", None)
+    if callable(check):
+        problems.extend(check())
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain YAML/JSON-able data (tuples become lists, paths strings)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def dump_yaml(cfg: Any) -> str:
+    """The resolved config as YAML, in field order."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def help_lines(cls: type) -> list[str]:
+    """``key (type, default): help`` for each field, for ``--help`` epilogs and docs."""
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        type_name = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        lines.append(f"  {f.name} ({type_name}, default {f.default!r}): {f.metadata.get('help', '')}")
+    return lines
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Convert a YAML value to the annotated type, or raise ValueError saying what was expected."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(" or ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item) for v in value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)  # YAML reads "5e-4" (no dot) as a string
+                except ValueError:
+                    pass
+            raise ValueError(f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ValueError(f"expected a string, got {value!r}")
+        return str(value)
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise ValueError(f"expected a path, got {value!r}")
+        return Path(value)
+    raise ValueError(f"unsupported config type {hint!r}")

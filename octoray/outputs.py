@@ -1,0 +1,136 @@
+"""Stage output directories: atomic writes, manifests, completeness.
+
+Every stage writes Parquet shards plus ``manifest.json`` (and often ``stats.json``) into its own
+directory. Files are written under a temporary name and renamed when whole, so a crash never
+leaves a half-written shard that a rerun would trust. ``manifest.json`` is written last: its
+presence with ``"complete": true`` is what makes a stage skip on rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from octoray import __version__
+from octoray.config import dump_yaml, to_dict
+from octoray.errors import UserError
+
+MANIFEST = "manifest.json"
+STATS = "stats.json"
+RESOLVED_CONFIG = "config.yaml"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Atomically write UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Atomically write indented JSON."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_parquet_atomic(table: Any, path: Path) -> None:
+    """Write a pyarrow Table as one Parquet file, atomically."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file, with a one-line error when it is missing or broken."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"missing file: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a stage directory, or None when there is none (yet)."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None  # a torn manifest means "not complete"; the stage reruns
+
+
+def is_complete(out_dir: Path, stage: str) -> bool:
+    """True when ``out_dir`` holds a complete output of ``stage``."""
+    manifest = read_manifest(out_dir)
+    return bool(manifest and manifest.get("stage") == stage and manifest.get("complete"))
+
+
+def require_stage_output(in_dir: Path, stage: str, what: str) -> dict[str, Any]:
+    """The manifest of a complete ``stage`` output in ``in_dir``, or a one-line UserError."""
+    in_dir = Path(in_dir)
+    if not in_dir.is_dir():
+        raise UserError(f"{what} directory not found: {in_dir}")
+    manifest = read_manifest(in_dir)
+    if manifest is None or manifest.get("stage") != stage:
+        raise UserError(f"{in_dir} is not an output of 'octoray {stage}' (no {MANIFEST} from that stage)")
+    if not manifest.get("complete"):
+        raise UserError(f"{in_dir} is incomplete: rerun 'octoray {stage}' to finish it")
+    return manifest
+
+
+def write_resolved_config(out_dir: Path, cfg: Any) -> None:
+    """Write the fully resolved config beside the outputs, for reproducibility."""
+    atomic_write_text(Path(out_dir) / RESOLVED_CONFIG, dump_yaml(cfg))
+
+
+def write_manifest(
+    out_dir: Path,
+    stage: str,
+    cfg: Any,
+    *,
+    rows: int,
+    files: Iterable[str],
+    started: float,
+    inputs: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the manifest that marks ``out_dir`` complete, and return it."""
+    manifest = {
+        "stage": stage,
+        "complete": True,
+        "octoray_version": __version__,
+        "rows": rows,
+        "files": sorted(files),
+        "config": to_dict(cfg),
+        "inputs": dict(inputs or {}),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 3),
+        **dict(extra or {}),
+    }
+    atomic_write_json(Path(out_dir) / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,42 @@
+"""Shared fixtures. Tiers: unmarked tests are fast (no Ray, no compilers); ``ray`` tests start a
+local Ray; ``toolchain`` tests compile and run code; ``slow`` tests train or run long slices.
+Run the fast tier with ``make test-fast`` (or ``pytest -m "not ray and not toolchain and not slow"``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("OCTORAY_SHARED", REPO_ROOT.parent / "shared"))
+OCTORAY = [sys.executable, "-m", "octoray.cli"]
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared: HumanEvalPack copy, CommitPack reference lists, KubeRay CRDs."""
+    if not SHARED.is_dir():
+        pytest.skip(f"reference data not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting Ray costs seconds on 2 cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    yield ray
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
+    """Run ``octoray ARGS`` in a subprocess, as a user would; returns CompletedProcess."""
+    return subprocess.run([*OCTORAY, *map(str, args)], cwd=cwd or REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
