@@ -138,8 +138,8 @@ def from_mapping(cls: type[T], raw: Mapping[str, Any], source: str = "config") -
             kwargs[key] = _coerce(value, hints[key])
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
-    if problems:
-        raise ConfigError(problems, source)
+    # Check the well-typed values too, so one run reports unknown keys, bad types and bad
+    # combinations together.
     cfg = cls(**kwargs)
     check = getattr(cfg, "problems", None)
     if callable(check):

@@ -1,0 +1,601 @@
+"""``octoray mine``: git repositories -> CommitPack rows, on Ray Data.
+
+Pipeline (each step streams; no git process per commit):
+
+1. *Plan* (Ray Data, one task per repository): clone URLs bare (partial clone, blobs over the
+   size cap left behind), detect the license at the mined head, list non-merge commits with
+   ``git rev-list``, and cut the history into chunks of ``chunk_commits`` so one big repository
+   still keeps every worker busy.
+2. *Mine* (Ray Data, one task per chunk): ``git diff-tree --stdin`` finds single-file in-place
+   modifications; ``git cat-file --batch`` streams their commit objects (message rules) and then
+   their blobs (size cap, binary, UTF-8, language). Each chunk is written atomically to
+   ``OUT/.work/<repo>/part-NNNNN.parquet`` with its drop counts beside it, so a rerun skips it.
+3. *Finalize* (driver): deduplicate by commit SHA across repositories (forks are joined in
+   ``repos``), write ``OUT/commits-NNNNN.parquet``, ``stats.json`` and, last, ``manifest.json``.
+
+For a multi-node cluster ``OUT`` must be on storage every node sees (clones live in ``OUT/.repos``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from octoray import gitio
+from octoray.config import help_lines, load_config, option, split_overrides
+from octoray.errors import UserError
+from octoray.languages import LanguageTable, language_table
+from octoray.licenses import LICENSE_FILE_NAMES, PERMISSIVE, classify_license
+from octoray.raylocal import ensure_ray
+from octoray.outputs import (atomic_write_json, is_complete, read_manifest, write_manifest,
+                             write_parquet_atomic, write_resolved_config)
+
+STAGE = "mine"
+
+#: CommitPack's exact noise messages, lower-cased (commitpack_sql_rules.json).
+NOISE_MESSAGES = frozenset({
+    "update readme.md", "initial commit", "update", "mirroring from micro.blog.", "update data.json",
+    "update data.js", "add files via upload", "update readme", "can't you see i'm updating the time?",
+    "pi push", "dummy", "update index.html", "first commit", "create readme.md", "heartbeat update",
+    "updated readme", "update log", "test", "no message", "readme", "wip", "updates", "commit",
+    "update _config.yaml",
+})
+
+#: Drop reasons, in the order mining applies them (stats.json keeps this order).
+DROP_RULES = (
+    "merge", "no_diff", "not_single_file", "not_modified_in_place", "unknown_language",
+    "message_length", "noise_message", "merge_message", "update_filename", "license",
+    "missing_object", "too_large", "binary", "not_utf8", "duplicate",
+)
+
+COLUMNS = ("commit", "old_file", "new_file", "old_contents", "new_contents", "subject", "message",
+           "lang", "license", "repos", "repo", "parent", "author_date")
+
+# git's own binary test: a NUL byte in the first 8000 bytes.
+_BINARY_PROBE = 8000
+_URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    """Options of ``octoray mine`` (``key=value`` on the command line, or a ``mine:`` YAML section)."""
+
+    sources: tuple[str, ...] = option((), "repositories: work trees, bare repos, clone URLs, or files listing them")
+    out: str = option("", "output directory (commits/)")
+    ref: str = option("HEAD", "the history to mine: a ref or revision range passed to git rev-list")
+    workers: int = option(0, "parallel mining tasks (0 = every CPU of the Ray cluster)")
+    chunk_commits: int = option(2000, "most commits per mining task; big histories are split into such ranges")
+    languages_file: str | None = option(None, "JSON {language: [extensions]} to use instead of Linguist "
+                                              "(e.g. CommitPack's programming_languages.json)")
+    permissive_licenses: tuple[str, ...] = option(tuple(sorted(PERMISSIVE)), "SPDX ids kept (CommitPack's list)")
+    allow_unlicensed: bool = option(False, "also keep repositories without a recognised license file")
+    license_per_commit: bool = option(False, "judge the license at each commit instead of at the mined head")
+    min_message_chars: int = option(5, "messages must be longer than this (exclusive bound)")
+    max_message_chars: int = option(10_000, "messages must be shorter than this (exclusive bound)")
+    max_file_bytes: int = option(1_000_000, "skip commits whose old or new file is larger (huge blobs)")
+    non_utf8: Literal["drop", "replace"] = option("drop", "file contents that are not UTF-8: drop the commit, "
+                                                          "or decode with U+FFFD replacements")
+    clone_dir: str | None = option(None, "where URLs are cloned (default OUT/.repos)")
+    shard_rows: int = option(20_000, "rows per output Parquet shard")
+    progress: bool = option(True, "show a progress bar")
+
+    def problems(self) -> list[str]:
+        """Every invalid value, as messages."""
+        found = []
+        if not self.sources:
+            found.append("no repositories given")
+        if not self.out:
+            found.append("--out is required")
+        for name in ("chunk_commits", "max_file_bytes", "shard_rows"):
+            if getattr(self, name) <= 0:
+                found.append(f"{name} must be positive")
+        if self.workers < 0:
+            found.append("workers must be >= 0")
+        if self.min_message_chars >= self.max_message_chars:
+            found.append("min_message_chars must be below max_message_chars")
+        unknown = sorted(set(self.permissive_licenses) - {s.lower() for s in self.permissive_licenses})
+        if unknown:
+            found.append(f"permissive_licenses must be lower-case SPDX ids: {', '.join(unknown)}")
+        return found
+
+
+@dataclass(frozen=True)
+class Source:
+    """One repository to mine."""
+
+    spec: str      # as the user gave it
+    name: str      # owner/name for URLs, directory name for local repositories
+    key: str       # unique, file-system safe
+    is_url: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``octoray mine``."""
+    parser.add_argument("sources", nargs="*", metavar="REPO_OR_URL",
+                        help="git work trees, bare repositories, clone URLs, or files listing them "
+                             "(one per line); then optional key=value overrides")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--config", help="YAML config (flat, or its 'mine:' section)")
+    parser.add_argument("--languages-file", help="use this {language: [extensions]} table instead of Linguist")
+    parser.epilog = "options (key=value):\n" + "\n".join(help_lines(MineConfig))
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``octoray mine`` from parsed arguments."""
+    sources, overrides = split_overrides(args.sources)
+    cfg = load_config(MineConfig, args.config, overrides, section=STAGE,
+                      values={"sources": sources or None, "out": args.out,
+                              "languages_file": args.languages_file})
+    run(cfg)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(cfg: MineConfig) -> Path:
+    """Mine ``cfg.sources`` into ``cfg.out``; returns the output directory."""
+    started = time.time()
+    out = Path(cfg.out)
+    sources = resolve_sources(cfg.sources)
+    table = language_table(cfg.languages_file)  # fail fast on a bad languages file
+    previous = read_manifest(out)
+    if (is_complete(out, STAGE) and previous and previous.get("sources") == [s.spec for s in sources]
+            and not previous.get("failed_repos")):
+        print(f"octoray mine: {out} is already complete ({previous['rows']} rows); nothing to do")
+        return out
+    del table
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(out, cfg)
+    work = out / ".work"
+    clone_root = Path(cfg.clone_dir) if cfg.clone_dir else out / ".repos"
+
+    ray = ensure_ray()
+    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    compute = ray.data.TaskPoolStrategy(size=workers)
+
+    items = [dataclasses.asdict(s) for s in sources]
+    plans = list(ray.data.from_items(items, override_num_blocks=len(items))
+                 .map(lambda row: _plan_repo(Source(**row), cfg, work, clone_root), compute=compute).iter_rows())
+    chunks = [chunk for plan in plans if not plan.get("error") and not plan.get("done")
+              for chunk in plan["chunks"]]
+    repo_stats = {p["key"]: p for p in plans}
+    pending = {p["key"]: len(p["chunks"]) for p in plans if not p.get("error") and not p.get("done")}
+    chunk_stats: dict[str, list[dict]] = {key: [] for key in pending}
+
+    total = sum(len(c["commits"]) for c in chunks)
+    bar = _progress(total, cfg.progress and total > 0)
+    if chunks:
+        results = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map(
+            lambda chunk: _mine_chunk(chunk, cfg, work), compute=compute).iter_rows()
+        for result in results:
+            bar.update(result["n_commits"])
+            key = result["key"]
+            chunk_stats[key].append(result)
+            pending[key] -= 1
+            if pending[key] == 0:
+                repo_stats[key] = _finish_repo(work, repo_stats[key], chunk_stats[key])
+    bar.close()
+
+    for key, plan in repo_stats.items():
+        if plan.get("done"):
+            repo_stats[key] = json.loads((work / key / "done.json").read_text())
+    failed = {s["name"]: s["error"] for s in repo_stats.values() if s.get("error")}
+    finished = [s for s in repo_stats.values() if not s.get("error")]
+    rows, files, duplicates = _finalize(out, work, [s["key"] for s in finished], cfg.shard_rows)
+    stats = _aggregate_stats(repo_stats.values(), duplicates, rows)
+    atomic_write_json(out / "stats.json", stats)
+    manifest = write_manifest(out, STAGE, cfg, rows=rows, files=files, started=started,
+                              extra={"sources": [s.spec for s in sources], "failed_repos": failed,
+                                     "languages": table_source(cfg)})
+    _print_summary(out, stats, failed, manifest["seconds"])
+    return out
+
+
+def table_source(cfg: MineConfig) -> str:
+    """Which language table the run used, for the manifest."""
+    return cfg.languages_file or "linguist (go-enry)"
+
+
+def resolve_sources(specs: Iterable[str]) -> list[Source]:
+    """Expand list files, tell URLs from local repositories, and check local paths up front."""
+    expanded: list[str] = []
+    problems: list[str] = []
+    for spec in specs:
+        path = Path(spec)
+        if not _URL.match(spec) and path.is_file():
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            expanded.extend(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+        else:
+            expanded.append(spec)
+    sources: list[Source] = []
+    seen: set[str] = set()
+    for spec in expanded:
+        is_url = bool(_URL.match(spec))
+        if not is_url:
+            path = Path(spec)
+            if not path.exists():
+                problems.append(f"{spec}: no such path")
+                continue
+            if gitio.git_dir(path) is None:
+                problems.append(f"{spec}: not a git repository")
+                continue
+            spec = str(path.resolve())
+        if spec in seen:
+            continue
+        seen.add(spec)
+        name = _repo_name(spec, is_url)
+        digest = hashlib.sha1(spec.encode()).hexdigest()[:10]
+        sources.append(Source(spec, name, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{digest}", is_url))
+    if problems:
+        raise UserError("; ".join(problems))
+    if not sources:
+        raise UserError("no repositories to mine")
+    return sources
+
+
+def _repo_name(spec: str, is_url: bool) -> str:
+    if is_url:
+        path = re.sub(r"^[a-z][a-z0-9+.-]*://[^/]*/|^[\w.-]+@[\w.-]+:", "", spec.rstrip("/"), flags=re.I)
+        parts = [p for p in path.removesuffix(".git").split("/") if p]
+        return "/".join(parts[-2:]) or spec
+    path = Path(spec)
+    return path.name.removesuffix(".git") or path.parent.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan: one task per repository
+
+
+def _plan_repo(source: Source, cfg: MineConfig, work: Path, clone_root: Path) -> dict[str, Any]:
+    """Clone if needed, detect the license, list commits, cut them into chunks."""
+    plan: dict[str, Any] = {"key": source.key, "name": source.name, "source": source.spec, "chunks": []}
+    try:
+        repo = _clone(source, clone_root) if source.is_url else Path(source.spec)
+        head = gitio.head_commit(repo, cfg.ref) if cfg.ref == "HEAD" else None
+        range_id = head or gitio.git(repo, "rev-parse", "--verify", "--quiet", cfg.ref, check=False).decode().strip()
+        done = work / source.key / "done.json"
+        if done.is_file() and json.loads(done.read_text()).get("head") == range_id:
+            return {**plan, "done": True}
+        if cfg.ref == "HEAD" and head is None:  # an empty repository: nothing to mine, not an error
+            stats = {**plan, "head": None, "license": None, "commits_seen": 0, "merges": 0,
+                     "dropped": {}, "kept": 0, "note": "empty repository"}
+            atomic_write_json(done, stats)
+            return {**plan, "done": True}
+        commits = gitio.rev_list(repo, cfg.ref, "--no-merges")
+        merges = int(gitio.git(repo, "rev-list", "--merges", "--count", cfg.ref).decode().strip() or 0)
+        license_id = _license_at(repo, cfg.ref)
+        plan.update(head=range_id, license=license_id, commits_seen=len(commits) + merges, merges=merges,
+                    repo=str(repo), partial=_is_partial(repo))
+        if not cfg.license_per_commit and not _license_ok(license_id, cfg):
+            plan["license_dropped"] = len(commits)
+            commits = []
+        _reset_stale_work(work / source.key, range_id, cfg)
+        size = cfg.chunk_commits
+        plan["chunks"] = [
+            {"key": source.key, "name": source.name, "repo": str(repo), "license": license_id,
+             "partial": plan["partial"], "index": i, "commits": commits[start:start + size]}
+            for i, start in enumerate(range(0, len(commits), size))
+        ]
+        if not plan["chunks"]:  # nothing to mine (unlicensed, or only merges): finish now
+            plan["chunks"] = [{"key": source.key, "name": source.name, "repo": str(repo),
+                               "license": license_id, "partial": False, "index": 0, "commits": []}]
+    except (gitio.GitError, OSError, UnicodeDecodeError) as exc:
+        plan["error"] = str(exc) or type(exc).__name__
+    return plan
+
+
+def _clone(source: Source, clone_root: Path) -> Path:
+    """A bare clone of ``source`` under ``clone_root`` (reused when already there)."""
+    dest = clone_root / f"{source.key}.git"
+    if gitio.head_commit(dest) is not None:
+        return dest
+    if dest.exists():
+        shutil.rmtree(dest)  # a clone interrupted half-way
+    clone_root.mkdir(parents=True, exist_ok=True)
+    tmp = clone_root / f".{source.key}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # Partial clone: blobs over 1 MB (the default size cap) stay on the server. Servers without
+    # filter support ignore the flag and send everything.
+    proc = subprocess.run(["git", "clone", "--bare", "--quiet", "--filter=blob:limit=1m", source.spec, str(tmp)],
+                          capture_output=True, env=gitio.GIT_ENV)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise gitio.GitError(f"clone failed: {lines[-1] if lines else proc.returncode}")
+    # Mining never fetches a promised blob lazily (one round trip per blob): with the promisor
+    # switched off, a filtered-out blob reads as "missing", which mining counts as too large.
+    for key in ("remote.origin.promisor", "extensions.partialclone"):
+        subprocess.run(["git", "-C", str(tmp), "config", "--unset", key], capture_output=True)
+    subprocess.run(["git", "-C", str(tmp), "config", "octoray.partial", "true"], capture_output=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _is_partial(repo: Path) -> bool:
+    return gitio.git(repo, "config", "--get", "octoray.partial", check=False).strip() == b"true"
+
+
+def _reset_stale_work(repo_work: Path, range_id: str, cfg: MineConfig) -> None:
+    """Keep finished chunks only when they were cut from the same history with the same size."""
+    plan_file = repo_work / "plan.json"
+    expected = {"head": range_id, "chunk_commits": cfg.chunk_commits}
+    if plan_file.is_file() and json.loads(plan_file.read_text()) == expected:
+        return
+    shutil.rmtree(repo_work, ignore_errors=True)
+    atomic_write_json(plan_file, expected)
+
+
+def _license_at(repo: Path, rev: str) -> str | None:
+    """SPDX id of the first recognised root license file at ``rev``."""
+    listing = gitio.git(repo, "ls-tree", "--name-only", rev, check=False).decode("utf-8", "replace").split("\n")
+    present = set(listing)
+    names = [n for n in LICENSE_FILE_NAMES if n in present]
+    if not names:
+        return None
+    with gitio.CatFile(repo) as cat:
+        for _, obj_type, _, content in cat.objects(f"{rev}:{n}" for n in names):
+            if obj_type == "blob" and content is not None:
+                found = classify_license(content[:200_000].decode("utf-8", "replace"))
+                if found:
+                    return found
+    return None
+
+
+def _license_ok(license_id: str | None, cfg: MineConfig) -> bool:
+    if license_id is None:
+        return cfg.allow_unlicensed
+    return license_id in cfg.permissive_licenses
+
+
+# ---------------------------------------------------------------------------------------------
+# Mine: one task per chunk of history
+
+
+def _mine_chunk(chunk: dict[str, Any], cfg: MineConfig, work: Path) -> dict[str, Any]:
+    """Mine one chunk into ``.work/<key>/part-NNNNN.parquet``; return its drop counts."""
+    part = work / chunk["key"] / f"part-{chunk['index']:05d}.parquet"
+    sidecar = part.with_suffix(".json")
+    base = {"key": chunk["key"], "index": chunk["index"], "n_commits": len(chunk["commits"])}
+    if part.is_file() and sidecar.is_file():
+        return {**base, **json.loads(sidecar.read_text())}  # finished by an earlier run
+    try:
+        rows, dropped = _mine_commits(chunk, cfg, language_table(cfg.languages_file))
+    except (gitio.GitError, OSError) as exc:
+        return {**base, "error": str(exc) or type(exc).__name__, "dropped": {}, "kept": 0}
+    import pyarrow as pa
+
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=_schema()), part)
+    result = {"dropped": dict(dropped), "kept": len(rows)}
+    atomic_write_json(sidecar, result)
+    return {**base, **result}
+
+
+def _mine_commits(chunk: dict[str, Any], cfg: MineConfig, table: LanguageTable) -> tuple[list[dict], Counter]:
+    repo = Path(chunk["repo"])
+    dropped: Counter = Counter()
+    commits: list[str] = chunk["commits"]
+    if not commits:
+        return [], dropped
+
+    # 1. Which files each commit touched (blob ids only).
+    candidates: dict[str, gitio.FileChange] = {}
+    with_diff = 0
+    for sha, changes in gitio.changed_files(repo, commits):
+        with_diff += 1
+        if len(changes) != 1:
+            dropped["not_single_file"] += 1
+        elif changes[0].status != "M":
+            dropped["not_modified_in_place"] += 1
+        elif table.language_for_path(changes[0].path) is None:
+            dropped["unknown_language"] += 1
+        else:
+            candidates[sha] = changes[0]
+    dropped["no_diff"] += len(commits) - with_diff  # root commits, empty commits
+
+    # 2. Commit objects: message rules.
+    infos: dict[str, gitio.CommitInfo] = {}
+    with gitio.CatFile(repo) as cat:
+        for sha, obj_type, _, raw in cat.objects(candidates):
+            if obj_type != "commit" or raw is None:
+                dropped["missing_object"] += 1
+                continue
+            info = gitio.parse_commit(raw)
+            reason = _message_drop_reason(info.message, candidates[sha].path, cfg)
+            if reason:
+                dropped[reason] += 1
+            else:
+                infos[sha] = info
+
+    # 3. License per commit (option).
+    licenses = {sha: chunk["license"] for sha in infos}
+    if cfg.license_per_commit:
+        for sha in list(infos):
+            licenses[sha] = _license_at(repo, sha)
+            if not _license_ok(licenses[sha], cfg):
+                dropped["license"] += 1
+                del infos[sha]
+
+    # 4. Blob sizes, then contents.
+    blob_ids = {b for sha in infos for b in (candidates[sha].old_blob, candidates[sha].new_blob)}
+    sizes: dict[str, int | None] = {}
+    with gitio.CatFile(repo, check_only=True) as check:
+        for blob, obj_type, size, _ in check.objects(sorted(blob_ids)):
+            sizes[blob] = size if obj_type == "blob" else None
+    wanted: list[str] = []
+    for sha in list(infos):
+        change = candidates[sha]
+        blob_sizes = (sizes.get(change.old_blob), sizes.get(change.new_blob))
+        if None in blob_sizes:
+            # In a partial clone, blobs over the clone's size filter were never fetched.
+            dropped["too_large" if chunk["partial"] else "missing_object"] += 1
+            del infos[sha]
+        elif max(blob_sizes) > cfg.max_file_bytes:  # type: ignore[type-var]
+            dropped["too_large"] += 1
+            del infos[sha]
+        else:
+            wanted.extend((change.old_blob, change.new_blob))
+    contents: dict[str, bytes] = {}
+    with gitio.CatFile(repo) as cat:
+        for blob, obj_type, _, content in cat.objects(dict.fromkeys(wanted)):
+            if obj_type == "blob" and content is not None:
+                contents[blob] = content
+
+    rows: list[dict[str, Any]] = []
+    for sha, info in infos.items():
+        change = candidates[sha]
+        old, new = contents.get(change.old_blob), contents.get(change.new_blob)
+        if old is None or new is None:
+            dropped["missing_object"] += 1
+            continue
+        if b"\0" in old[:_BINARY_PROBE] or b"\0" in new[:_BINARY_PROBE]:
+            dropped["binary"] += 1
+            continue
+        texts = _decode(old, cfg.non_utf8), _decode(new, cfg.non_utf8)
+        if None in texts:
+            dropped["not_utf8"] += 1
+            continue
+        lang = table.language_for_path(change.path, new)
+        if lang is None:
+            dropped["unknown_language"] += 1
+            continue
+        message = info.message.rstrip()
+        rows.append({
+            "commit": sha, "old_file": change.path, "new_file": change.path,
+            "old_contents": texts[0], "new_contents": texts[1],
+            "subject": message.split("\n", 1)[0], "message": message, "lang": lang,
+            "license": licenses[sha] or "", "repos": chunk["name"], "repo": chunk["name"],
+            "parent": info.parents[0] if info.parents else "", "author_date": info.author_date,
+        })
+    return rows, dropped
+
+
+def _message_drop_reason(message: str, path: str, cfg: MineConfig) -> str | None:
+    """The CommitPack message rule a commit message breaks, or None."""
+    text = message.strip()
+    if not cfg.min_message_chars < len(text) < cfg.max_message_chars:
+        return "message_length"
+    lowered = text.lower()
+    if lowered in NOISE_MESSAGES:
+        return "noise_message"
+    if lowered.startswith("merge"):
+        return "merge_message"
+    if text == f"Update {os.path.basename(path)}":  # GitHub's web-editor default message
+        return "update_filename"
+    return None
+
+
+def _decode(data: bytes, rule: str) -> str | None:
+    """UTF-8 (a leading BOM dropped); otherwise None, or U+FFFD replacements with rule "replace"."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace") if rule == "replace" else None
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    fields = [(name, pa.string()) for name in COLUMNS if name != "author_date"]
+    return pa.schema([*fields, ("author_date", pa.timestamp("s", tz="UTC"))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Finish: per repository, then the whole run
+
+
+def _finish_repo(work: Path, plan: dict[str, Any], results: list[dict]) -> dict[str, Any]:
+    """Sum a repository's chunk counts; mark it done unless a chunk failed."""
+    dropped: Counter = Counter()
+    for result in results:
+        dropped.update(result.get("dropped", {}))
+    dropped["merge"] += plan.get("merges", 0)
+    dropped["license"] += plan.get("license_dropped", 0)
+    stats = {k: plan[k] for k in ("key", "name", "source", "head", "license", "commits_seen", "merges")}
+    stats.update(dropped={rule: dropped[rule] for rule in DROP_RULES if dropped[rule]},
+                 kept=sum(r.get("kept", 0) for r in results))
+    errors = [r["error"] for r in results if r.get("error")]
+    if errors:
+        return {**stats, "error": errors[0]}
+    atomic_write_json(work / plan["key"] / "done.json", stats)
+    return stats
+
+
+def _finalize(out: Path, work: Path, keys: list[str], shard_rows: int) -> tuple[int, list[str], int]:
+    """Deduplicate every finished repository's rows by commit and write the output shards."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parts = [p for key in keys for p in sorted((work / key).glob("part-*.parquet"))]
+    tables = [pq.read_table(p) for p in parts]
+    table = pa.concat_tables(tables) if tables else _schema().empty_table()
+    duplicates = 0
+    if table.num_rows:
+        # Keep each commit's first row; its `repos` lists every repository holding it (forks).
+        indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+        grouped = indexed.group_by("commit").aggregate([("_row", "min"), ("repo", "distinct")])
+        duplicates = table.num_rows - grouped.num_rows
+        order = pc.sort_indices(grouped, [("_row_min", "ascending")])
+        grouped = grouped.take(order)
+        table = table.take(grouped["_row_min"])
+        repos = [",".join(sorted(names)) for names in grouped["repo_distinct"].to_pylist()]
+        table = table.set_column(table.schema.get_field_index("repos"), "repos", pa.array(repos, pa.string()))
+    for old in out.glob("commits-*.parquet"):
+        old.unlink()
+    files = []
+    for i, start in enumerate(range(0, max(table.num_rows, 1), shard_rows)):
+        name = f"commits-{i:05d}.parquet"
+        write_parquet_atomic(table.slice(start, shard_rows), out / name)
+        files.append(name)
+    return table.num_rows, files, duplicates
+
+
+def _aggregate_stats(repos: Iterable[dict[str, Any]], duplicates: int, rows: int) -> dict[str, Any]:
+    repos = list(repos)
+    dropped: Counter = Counter()
+    for repo in repos:
+        dropped.update(repo.get("dropped", {}))
+    dropped["duplicate"] += duplicates
+    return {
+        "commits_seen": sum(r.get("commits_seen", 0) for r in repos),
+        "kept": rows,
+        "dropped": {rule: dropped[rule] for rule in DROP_RULES},
+        "repos": {r["name"]: {"commits_seen": 0, "kept": 0, "dropped": {},
+                              **{k: v for k, v in r.items() if k != "chunks"}} for r in repos},
+    }
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="commit", desc="mining", disable=not enabled, file=sys.stderr)
+
+
+def _print_summary(out: Path, stats: dict[str, Any], failed: dict[str, str], seconds: float) -> None:
+    n_repos = len(stats["repos"])
+    print(f"\nmined {n_repos} repositor{'y' if n_repos == 1 else 'ies'} in {seconds:.1f} s -> {out}")
+    print(f"  commits seen {stats['commits_seen']:>9,}")
+    for rule, count in stats["dropped"].items():
+        if count:
+            print(f"  - {rule:<22}{count:>9,}")
+    print(f"  kept         {stats['kept']:>9,}")
+    for name, error in failed.items():
+        print(f"  FAILED {name}: {error} (rerun to retry)")
