@@ -1,0 +1,110 @@
+"""Benchmark: HumanEvalPack oracle execution through octoray's Ray actors vs a sequential loop.
+
+Both sides execute the same programs (canonical solutions, ``declaration + canonical_solution``)
+with the same :class:`~octoray.evaluation.execution.Sandbox`; the baseline is a plain Python
+loop in one process, octoray's side is :func:`octoray.evaluation.runner.execute` (execution
+actors, bounded in-flight work, Parquet streaming). Prints a markdown table.
+
+    .venv/bin/python benchmarks/bench_eval.py --problems 164            # full: 984 programs
+    .venv/bin/python benchmarks/bench_eval.py --problems 10 --languages python,js,cpp
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from octoray.evaluation import humanevalpack as hep  # noqa: E402
+
+
+def _samples(problems: dict[str, list[dict]]) -> list[dict]:
+    # Interleave languages so both executors see the same mix at every point of the run.
+    rows = []
+    for i in range(max(len(v) for v in problems.values())):
+        for lang, items in problems.items():
+            if i < len(items):
+                p = items[i]
+                rows.append({"task_id": p["task_id"], "language": lang, "task": "synthesize", "sample_idx": 0,
+                             "code": p["declaration"] + p["canonical_solution"]})
+    return rows
+
+
+def _warm_shared_cache(cache: Path, problems: dict[str, list[dict]]) -> None:
+    """Build what the sandbox caches *across* processes (Rust deps) in a throwaway process, so
+    neither side pays it; per-process caches (Go's build cache) stay cold for both."""
+    code = ("import sys, json; from pathlib import Path; from octoray.evaluation.execution import Sandbox; "
+            "p = json.loads(sys.stdin.read()); sb = Sandbox(cache_dir=Path(sys.argv[1])); "
+            "[sb.execute(l, x, x['declaration'] + x['canonical_solution']) for l, x in p]")
+    import json
+
+    payload = json.dumps([(lang, items[0]) for lang, items in problems.items() if lang == "rust"])
+    subprocess.run([sys.executable, "-c", code, str(cache)], input=payload, text=True, check=True, cwd=REPO)
+
+
+def _sequential(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float) -> tuple[float, int]:
+    from octoray.evaluation.execution import Limits, Sandbox
+
+    sandbox = Sandbox(cache_dir=cache, limits=Limits(timeout_scale=scale))
+    start = time.perf_counter()
+    passed = sum(sandbox.execute(s["language"], by_id[s["task_id"]], s["code"]).status == "pass" for s in samples)
+    return time.perf_counter() - start, passed
+
+
+def _ray(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float, actors: int) -> tuple[float, int, float]:
+    import ray
+
+    from octoray.evaluation import runner
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=actors, include_dashboard=False, log_to_driver=False)
+    init_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        results, _ = runner.execute(samples, by_id, Path(out), num_actors=actors, cache_dir=cache,
+                                    timeout_scale=scale)
+        wall = time.perf_counter() - start
+    ray.shutdown()
+    return wall, sum(r["status"] == "pass" for r in results), init_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", type=int, default=164, help="problems per language (164 = all)")
+    parser.add_argument("--languages", default=",".join(hep.LANGUAGES))
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "humanevalpack"))
+    parser.add_argument("--actors", type=int, default=2, help="execution actors (= CPUs given to Ray)")
+    parser.add_argument("--timeout-scale", type=float, default=3.0,
+                        help="scale the per-language timeouts (shared machines; same for both sides)")
+    args = parser.parse_args()
+
+    languages = [x for x in args.languages.split(",") if x]
+    problems = {lang: hep.load_problems(lang, args.data_dir)[: args.problems] for lang in languages}
+    by_id = {p["task_id"]: p for items in problems.values() for p in items}
+    samples = _samples(problems)
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        cache = Path(tmp) / "sandbox"
+        if "rust" in problems:
+            _warm_shared_cache(cache, problems)
+        seq_s, seq_pass = _sequential(samples, by_id, cache, args.timeout_scale)
+        ray_s, ray_pass, init_s = _ray(samples, by_id, cache, args.timeout_scale, args.actors)
+
+    n = len(samples)
+    print(f"\n{n} canonical programs ({args.problems} problems x {', '.join(languages)}), "
+          f"{args.actors} actors, timeout_scale {args.timeout_scale}\n")
+    print("| executor | programs | passed | wall s | programs/s | speedup |")
+    print("|---|---|---|---|---|---|")
+    print(f"| sequential loop, one Sandbox (baseline) | {n} | {seq_pass} | {seq_s:.1f} | {n / seq_s:.2f} | 1.00x |")
+    print(f"| octoray Ray actors ({args.actors}) | {n} | {ray_pass} | {ray_s:.1f} | {n / ray_s:.2f} | {seq_s / ray_s:.2f}x |")
+    print(f"| octoray Ray actors incl. ray.init ({init_s:.1f} s) | {n} | {ray_pass} | {ray_s + init_s:.1f} | "
+          f"{n / (ray_s + init_s):.2f} | {seq_s / (ray_s + init_s):.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

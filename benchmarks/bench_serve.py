@@ -1,0 +1,159 @@
+"""Load test of ``octoray serve`` on loopback: dynamic batching on vs off (the baseline).
+
+    .venv/bin/python benchmarks/bench_serve.py                      # tiny demo model, CPU
+    .venv/bin/python benchmarks/bench_serve.py --model runs/demo/model --num-gpus 1   # on a GPU
+
+For each mode -- ``batched`` (``max_batch_size=32``) and the baseline ``unbatched``
+(``max_batch_size=1``: one sequence at a time, everything else identical) -- the script starts
+the server with :func:`octoray.serving.start`, then runs a closed-loop load at each concurrency
+level: ``c`` clients each send a request as soon as their previous one is answered, until the
+level's request count or time limit is reached (both bounded). It prints one markdown table:
+requests/s, generated tokens/s (from ``usage``), p50/p99 latency and the mean batch size the
+replica saw (from ``/healthz``), and the batched/unbatched tokens/s ratio per level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model to serve (default: a tiny random GPTBigCode built here)")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
+    p.add_argument("--requests", type=int, default=4, help="requests per client at each level (min 16 per level)")
+    p.add_argument("--time-limit-s", type=float, default=25.0, help="stop a level after this long")
+    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
+    p.add_argument("--batch-size", type=int, default=32, help="max_batch_size of the batched mode")
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 if Ray sees one)")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument("--port", type=int, default=8765, help="loopback port")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    return p.parse_args()
+
+
+def prompts() -> list[str]:
+    """24 code prompts of varied length: function heads from octoray's own source."""
+    out = []
+    for path in sorted((REPO / "octoray").rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("def ") and len(out) < 24:
+                out.append("\n".join(lines[max(0, i - 4 * (len(out) % 4)):i + 1]) + "\n")
+    return out
+
+
+def build_tiny_model(out: Path) -> str:
+    """The demo model the tests use: 2 layers, 128 wide, BPE trained on octoray's code."""
+    from octoray.modeling import build_demo_model
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted((REPO / "octoray").rglob("*.py"))]
+    return str(build_demo_model(out, texts, n_positions=1024))
+
+
+async def load(url: str, concurrency: int, total: int, time_limit_s: float, max_tokens: int,
+               texts: list[str]) -> dict[str, Any]:
+    """Closed-loop load: ``concurrency`` clients, ``total`` requests at most, ``time_limit_s`` at most."""
+    import aiohttp
+
+    latencies: list[float] = []
+    tokens = 0
+    issued = 0
+    deadline = time.perf_counter() + time_limit_s
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal issued, tokens
+        while issued < total and time.perf_counter() < deadline:
+            i = issued
+            issued += 1
+            body = {"prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0.8,
+                    "top_p": 0.95, "seed": i}
+            t0 = time.perf_counter()
+            async with session.post(f"{url}/completions", json=body) as response:
+                answer = await response.json()
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {answer}")
+            latencies.append(time.perf_counter() - t0)
+            tokens += answer["usage"]["completion_tokens"]
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    latencies.sort()
+    return {"requests": len(latencies), "seconds": elapsed, "req_s": len(latencies) / elapsed,
+            "tok_s": tokens / elapsed, "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+
+
+def stats(url: str) -> dict[str, int]:
+    """The replica's counters from /healthz."""
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/healthz", timeout=30) as response:
+        return json.loads(response.read())["stats"]
+
+
+def main() -> int:
+    """Run both modes at every level and print the table."""
+    args = parse_args()
+    import ray
+
+    from octoray.serving import ServeConfig, shutdown, start
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    texts = prompts()
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    device = "GPU" if ray.cluster_resources().get("GPU", 0) and args.num_gpus != 0 else "CPU"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or build_tiny_model(Path(tmp) / "model")
+        for mode, batch_size in (("batched", args.batch_size), ("unbatched (baseline)", 1)):
+            cfg = ServeConfig(model=model, port=args.port, max_batch_size=batch_size,
+                              max_ongoing_requests=max(128, 2 * max(levels)), num_gpus=args.num_gpus,
+                              num_cpus=args.num_cpus)
+            url = start(cfg)
+            asyncio.run(load(url, 2, 4, 60, args.max_tokens, texts))  # warm-up: first batches allocate
+            for c in levels:
+                before = stats(url)
+                row = asyncio.run(load(url, c, max(16, args.requests * c), args.time_limit_s, args.max_tokens, texts))
+                after = stats(url)
+                row["mean_batch"] = (after["sequences"] - before["sequences"]) / max(1, after["batches"] - before["batches"])
+                rows.append({"mode": mode, "concurrency": c, **row})
+                print(f"{mode:>22} c={c:<3} {row['tok_s']:8.1f} tok/s  {row['req_s']:6.2f} req/s  "
+                      f"p50 {row['p50_ms']:7.0f} ms  p99 {row['p99_ms']:7.0f} ms  batch {row['mean_batch']:.1f}",
+                      file=sys.stderr, flush=True)
+            shutdown()
+    print(f"\n{device}, model {'tiny demo GPTBigCode (2x128)' if not args.model else args.model}, "
+          f"max_tokens={args.max_tokens}, {os.cpu_count()} CPU cores, replica num_cpus={args.num_cpus}\n")
+    print("| mode | concurrency | requests | req/s | gen tokens/s | p50 latency (ms) | p99 latency (ms) | mean batch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | "
+              f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} |")
+    print("\n| concurrency | tokens/s batched ÷ unbatched |\n|---:|---:|")
+    for c in levels:
+        on = next(r for r in rows if r["mode"] == "batched" and r["concurrency"] == c)
+        off = next(r for r in rows if r["mode"] != "batched" and r["concurrency"] == c)
+        print(f"| {c} | {on['tok_s'] / off['tok_s']:.1f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

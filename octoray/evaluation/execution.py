@@ -1,0 +1,578 @@
+"""The execution sandbox: the ONLY module in octoray that runs untrusted (model-generated) code.
+
+Each sample runs as its own subprocess tree in a fresh directory, under per-language wall-clock
+timeouts and rlimits, and -- where the machine allows it (util-linux ``unshare``; detected once
+per process) -- inside new network, PID and mount namespaces:
+
+* network: a fresh network namespace has only a downed loopback device, so no socket reaches
+  anything (not even a listener on this machine's 127.0.0.1);
+* processes: the sample is a child of a root-owned ``sh`` that is PID 1 of a new PID namespace;
+  killing the outer process on timeout makes the kernel SIGKILL everything left in the
+  namespace, including grandchildren that called ``setsid`` or daemonized, and a sample cannot
+  see or signal any process outside it;
+* files: /tmp, /var/tmp, /dev/shm and /run/lock are fresh tmpfs, home directories (/root,
+  /home) are hidden behind empty tmpfs with only the toolchains bind-mounted back, the cache
+  directory appears at ``/mnt/sbx``; cwd and HOME are the sample's own directory;
+* user: when we run as root the sample runs as an unprivileged uid (``setpriv``), unique per
+  Sandbox process, so RLIMIT_NPROC applies (root ignores it) and the only writable places are
+  its own directory, its process's compile caches and the private tmpfs mounts.
+
+Without ``unshare`` it falls back (logged warning) to a plain subprocess in a new session with
+the same rlimits and uid drop; see docs/execution.md for exactly what is and is not enforced.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from octoray.evaluation.programs import build_program
+
+log = logging.getLogger(__name__)
+
+Status = Literal["pass", "fail", "timeout", "error"]
+
+LANGUAGES = ("python", "js", "java", "go", "cpp", "rust")
+
+# Wall-clock seconds per sample, compile + run. Source: bigcode-evaluation-harness
+# tasks/humanevalpack.py LANGUAGE_TO_TIMEOUT (rust's 300 s covers cargo's first compile of the
+# dependencies there; here the dependencies are prebuilt once, outside the per-sample budget).
+TIMEOUTS_S: dict[str, float] = {"python": 10, "js": 10, "java": 10, "go": 20, "cpp": 60,
+                                "rust": 300}
+
+TAIL_CHARS = 2000
+# Versions the Debian packages provide offline. The reference used rand 0.7, whose
+# gen_range(a, b) takes two arguments; rand 0.8 takes a range, so the canonical solutions of
+# Rust/32 and Rust/50 do not compile here (documented exception in docs/execution.md).
+RUST_DEPS = {"rand": "0.8", "regex": "1", "md5": "0.7"}
+DEBIAN_CARGO_REGISTRY = Path("/usr/share/cargo/registry")
+GOPATH = "/usr/share/gocode"  # golang-github-stretchr-testify-dev installs testify here
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NODE_MODULES = REPO_ROOT / ".toolchains" / "node_modules"  # js-md5, scripts/install_toolchains.sh
+
+# Inside the namespaces the cache dir is bound here (a tmpfs over /mnt holds the mount point).
+SANDBOX_ROOT = "/mnt/sbx"
+HIDDEN_DIRS = ("/root", "/home")
+PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+UID_BASE = 1_100_000  # sandbox uids: UID_BASE + pid % UID_SPAN, no /etc/passwd entry needed
+UID_SPAN = 100_000
+READY = ".ready-"  # marker the namespace setup writes (as root) right before starting a sample
+
+# Runs as root (or as mapped root in a user namespace) in the new namespaces, then starts the
+# sample as a child -- not via exec: a credential change would clear the parent-death signal
+# that `unshare --kill-child` relies on to tear the PID namespace down.
+_SETUP_SH = r"""
+set -eu
+sbx=$1; work=$2; uid=$3; keep=$4; shift 4
+mount -t tmpfs -o size=1m,mode=755 octoray-sandbox /mnt
+mkdir /mnt/sbx /mnt/keep
+mount --bind "$sbx" /mnt/sbx
+IFS=:
+i=0; for p in $keep; do i=$((i+1)); mkdir /mnt/keep/$i; mount --bind "$p" /mnt/keep/$i; done
+for d in __HIDDEN__; do [ -d "$d" ] && mount -t tmpfs -o size=1m,mode=755 octoray-sandbox "$d"; done
+i=0; for p in $keep; do i=$((i+1)); mkdir -p "$p"; mount --bind /mnt/keep/$i "$p"; done
+unset IFS
+for d in __PRIVATE__; do
+  if [ -d "$d" ]; then mount -t tmpfs -o size=64m,mode=1777 octoray-sandbox "$d"; fi
+done
+cd "/mnt/sbx/work/$work"
+: > "/mnt/sbx/work/.ready-$work"
+if [ -n "$uid" ]; then
+  setpriv --reuid="$uid" --regid="$uid" --clear-groups --no-new-privs -- "$@"
+else
+  "$@"
+fi
+""".replace("__HIDDEN__", " ".join(HIDDEN_DIRS)).replace("__PRIVATE__", " ".join(PRIVATE_TMP))
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """Outcome of one sample. ``error`` means a harness/toolchain problem, not the sample's."""
+
+    status: Status
+    stderr_tail: str  # last ~2000 chars of stdout+stderr
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits applied to every process of a sample (util-linux ``prlimit`` wrapping
+    the child; ``setrlimit`` in ``preexec_fn`` only where prlimit is missing)."""
+
+    memory_mb: int = 4096  # RLIMIT_AS per process; the JVM is sized to fit (-Xmx, -Xss)
+    max_processes: int = 512  # RLIMIT_NPROC: processes+threads of the sample's uid
+    max_file_mb: int = 512  # RLIMIT_FSIZE: largest file a sample may write (binaries included)
+    max_open_files: int = 1024  # RLIMIT_NOFILE
+    timeout_scale: float = 1.0  # multiplies TIMEOUTS_S (slow or heavily shared machines)
+
+
+class Sandbox:
+    """Runs HumanEvalPack programs in isolation; safe to share ``cache_dir`` between processes.
+
+    ``cache_dir`` holds the sample directories (``work/``), the prebuilt Rust dependencies
+    (``rust-deps/``) and the Go cache template (``go-template/``), each built once under a file
+    lock, and per-process compile caches (``p<pid>/``, e.g. the Go build cache).
+    Default: ``$TMPDIR/octoray-sandbox-<uid>``.
+    """
+
+    def __init__(self, cache_dir: Path | None = None, limits: Limits | None = None,
+                 allow_network: bool = False) -> None:
+        self.cache_dir = Path(cache_dir or Path(tempfile.gettempdir())
+                              / f"octoray-sandbox-{os.getuid()}").resolve()
+        self.limits = limits or Limits()
+        self.allow_network = allow_network
+        self.is_root = os.geteuid() == 0
+        # A uid of our own when root: RLIMIT_NPROC then counts only this Sandbox's samples.
+        self.uid: int | None = UID_BASE + os.getpid() % UID_SPAN if self.is_root else None
+        for sub in ("", "work"):
+            (self.cache_dir / sub).mkdir(parents=True, exist_ok=True)
+            os.chmod(self.cache_dir / sub, 0o755)
+        # This process's writable caches (Go build cache); removed when the Sandbox goes away.
+        self.private = self.cache_dir / f"p{os.getpid()}"
+        self.private.mkdir(exist_ok=True)
+        if self.uid is not None:
+            os.chown(self.private, self.uid, self.uid)
+        weakref.finalize(self, shutil.rmtree, self.private, True)
+        self.isolation = _isolation_mode(self.is_root, self.allow_network)
+        self._toolchain_problems: dict[str, str | None] = {}
+        self._toolchain_lock = threading.Lock()
+        self._rust_externs: list[str] | None = None
+
+    # -- public -------------------------------------------------------------------------------
+
+    def execute(self, language: str, problem: dict, code: str, *,
+                test: str | None = None) -> ExecutionResult:
+        """Run ``code`` against ``test`` (default ``problem["test"]``); never raises for the
+        sample's behaviour -- failures, crashes and hangs come back as a status."""
+        start = time.monotonic()
+        if language not in LANGUAGES:
+            return ExecutionResult("error", f"unknown language {language!r}", 0.0)
+        problem_msg = self._toolchain_problem(language)
+        if problem_msg:
+            return ExecutionResult("error", problem_msg, time.monotonic() - start)
+        start = time.monotonic()  # one-time dependency warm-up is not the sample's time
+        try:
+            program = build_program(language, problem, code, test)
+        except (KeyError, ValueError) as exc:  # a malformed problem row is the harness's fault
+            return ExecutionResult("error", f"cannot assemble program: {exc!r}",
+                                   time.monotonic() - start)
+        timeout = TIMEOUTS_S[language] * self.limits.timeout_scale
+        status, tail = self._execute_program(language, program.filename, program.source, timeout)
+        return ExecutionResult(status, tail, time.monotonic() - start)
+
+    def _execute_program(self, language: str, filename: str, source: str, timeout: float,
+                         command: str | None = None) -> tuple[Status, str]:
+        """Write ``source`` into a fresh sample directory, run it, delete the directory."""
+        workdir = Path(tempfile.mkdtemp(prefix=f"{language}-", dir=self.cache_dir / "work"))
+        try:
+            # Model output may hold lone surrogates; they must not crash the harness.
+            (workdir / filename).write_bytes(source.encode("utf-8", errors="replace"))
+            if self.uid is not None:
+                os.chown(workdir, self.uid, self.uid)
+                os.chown(workdir / filename, self.uid, self.uid)
+            return self._run(language, workdir, timeout, command)
+        except OSError as exc:
+            return "error", f"sandbox failure: {exc!r}"
+        finally:
+            (self.cache_dir / "work" / f"{READY}{workdir.name}").unlink(missing_ok=True)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    # -- per-language commands ----------------------------------------------------------------
+
+    def _command(self, language: str, timeout: float) -> str:
+        """Shell command run in the sample's directory (paths as seen inside the sandbox)."""
+        root = SANDBOX_ROOT if self.isolation != "none" else str(self.cache_dir)
+        if language == "python":
+            return f"{shlex.quote(sys.executable)} -I -B test.py"
+        if language == "js":
+            return "node test.js"
+        if language == "java":
+            # Small heap + C1 only: fits RLIMIT_AS and starts ~2x faster than the default JIT.
+            jvm = "-Xmx512m -Xss8m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:-UsePerfData"
+            javac = " ".join(f"-J{flag}" for flag in jvm.split())
+            return f"javac {javac} Main.java && java {jvm} -cp . Main"
+        if language == "go":
+            return f"go test -count=1 -timeout={int(timeout)}s main_test.go"
+        if language == "cpp":
+            # Flags of the reference (code_eval_octopack): -std=c++11, -lcrypto -lssl (#162).
+            return "g++ -std=c++11 test.cpp -lcrypto -lssl -o test && ./test"
+        if language == "rust":
+            deps = f"{root}/rust-deps/target/debug/deps"
+            externs = " ".join(f"--extern {e.replace('@ROOT@', root)}"
+                               for e in self._rust_externs or [])
+            return (f"rustc --edition 2021 --test -A warnings -C debuginfo=0 main.rs -o main "
+                    f"-L dependency={deps} {externs} && ./main --test-threads=1 -q")
+        raise ValueError(language)
+
+    def _env(self, language: str, workdir_inside: str) -> dict[str, str]:
+        """The whole environment of a sample: nothing of ours leaks in."""
+        root = SANDBOX_ROOT if self.isolation != "none" else str(self.cache_dir)
+        path = ["/usr/local/bin", "/usr/bin", "/bin"]
+        sysroot = _rust_sysroot()
+        if sysroot:
+            path.insert(0, f"{sysroot}/bin")
+        env = {"PATH": ":".join(path), "HOME": workdir_inside, "TMPDIR": workdir_inside,
+               "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        if language == "go":
+            private = f"{root}/{self.private.name}"
+            env.update(GO111MODULE="off", GOPATH=GOPATH, GOCACHE=f"{private}/go-build",
+                       GOTMPDIR=workdir_inside, GOFLAGS="", GOENV="off", GOTOOLCHAIN="local")
+        elif language == "js":
+            env["NODE_PATH"] = str(NODE_MODULES)
+        elif language == "python":
+            env.update(PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1")
+        return env
+
+    # -- the subprocess -----------------------------------------------------------------------
+
+    def _run(self, language: str, workdir: Path, timeout: float,
+             shell_command: str | None = None) -> tuple[Status, str]:
+        isolated = self.isolation != "none"
+        inside = f"{SANDBOX_ROOT}/work/{workdir.name}" if isolated else str(workdir)
+        env = self._env(language, inside)
+        command = ["env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                   "/bin/sh", "-c", shell_command or self._command(language, timeout)]
+        if isolated:
+            argv = [*_unshare_argv(self.is_root, self.allow_network), "/bin/sh", "-c", _SETUP_SH,
+                    "octoray-sandbox", str(self.cache_dir), workdir.name,
+                    "" if self.uid is None else str(self.uid), ":".join(_keep_paths()), *command]
+        else:
+            argv = command
+        limits = self.limits
+        rlimits = {  # prlimit option -> value (bytes for as/fsize)
+            "as": limits.memory_mb << 20,
+            "cpu": int(timeout * 2) + 5,  # backstop only: the wall clock is the real limit
+            # Root ignores RLIMIT_NPROC, the sandbox uid does not; a non-root caller's own
+            # processes count too, so they are added.
+            "nproc": limits.max_processes + (0 if self.is_root else _tasks_of_uid(os.getuid())),
+            "fsize": limits.max_file_mb << 20,
+            "nofile": limits.max_open_files,
+            "core": 0,
+        }
+        # The namespace script drops privileges itself; without it Popen does (in C, no
+        # preexec_fn: that is unsafe in threaded processes such as Ray actors).
+        uid = self.uid if not isolated else None
+        preexec: Callable[[], None] | None = None
+        if shutil.which("prlimit"):
+            argv = ["prlimit", *(f"--{k}={v}" for k, v in rlimits.items()), "--", *argv]
+        else:
+            codes = {"as": resource.RLIMIT_AS, "cpu": resource.RLIMIT_CPU,
+                     "nproc": resource.RLIMIT_NPROC, "fsize": resource.RLIMIT_FSIZE,
+                     "nofile": resource.RLIMIT_NOFILE, "core": resource.RLIMIT_CORE}
+
+            def set_limits() -> None:  # last resort: runs between fork and exec
+                for name, value in rlimits.items():
+                    resource.setrlimit(codes[name], (value, value))
+
+            preexec = set_limits
+
+        with tempfile.TemporaryFile(dir=self.cache_dir) as out:
+            # Output goes to a file, not a pipe: a sample printing gigabytes cannot fill our
+            # memory (RLIMIT_FSIZE caps the file), and we only read its tail.
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, cwd=workdir,
+                                    start_new_session=True, preexec_fn=preexec,
+                                    user=uid, group=uid,
+                                    extra_groups=None if uid is None else [], close_fds=True)
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            _kill_group(proc)
+            tail = _tail(out)
+        if isolated and not (self.cache_dir / "work" / f"{READY}{workdir.name}").exists():
+            return "error", "sandbox setup failed: " + tail
+        if timed_out:
+            return "timeout", tail
+        if proc.returncode != 0:
+            return "fail", tail
+        if language == "js" and shell_command is None and tail.strip():
+            # console.assert only prints; any output at all counts as a failure (reference).
+            return "fail", tail
+        return "pass", tail
+
+    # -- toolchains ---------------------------------------------------------------------------
+
+    def _toolchain_problem(self, language: str) -> str | None:
+        """One line saying what is missing for ``language``, or None; checked (and dependency
+        caches warmed) once per Sandbox, outside any sample's time budget."""
+        with self._toolchain_lock:
+            return self._toolchain_problem_locked(language)
+
+    def _toolchain_problem_locked(self, language: str) -> str | None:
+        if language not in self._toolchain_problems:
+            problem = _check_toolchain(language)
+            if problem is None:
+                problem = self._probe(language)
+            try:
+                if problem is None and language == "rust":
+                    self._rust_externs = _rust_deps(self.cache_dir)
+                if problem is None and language == "go":
+                    problem = self._warm_go()
+            except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+                problem = f"building {language} dependencies failed: {exc}"
+            self._toolchain_problems[language] = problem
+        return self._toolchain_problems[language]
+
+    def _probe(self, language: str) -> str | None:
+        """Run the toolchain's version command inside the sandbox: catches toolchains the
+        sandbox uid cannot reach (e.g. under /root without the namespace bind mounts)."""
+        tools = _TOOLS[language] or [shlex.quote(sys.executable)]
+        versions = {"go": "go version", "node": "node --version"}
+        command = " && ".join(versions.get(t, f"{t} --version") for t in tools)
+        status, tail = self._execute_program(language, "probe.txt", "", 60, command)
+        if status != "pass":
+            return f"{language} toolchain unusable in the sandbox ({status}): {tail.strip()[-300:]}"
+        return None
+
+    def _warm_go(self) -> str | None:
+        """Give this Sandbox's uid a Go build cache that already holds testify: a copy of a
+        template built once per cache dir (trusted code, under a file lock), then one sandboxed
+        trial run. Samples never write to the shared template."""
+        template = _go_template(self.cache_dir)
+        gocache = self.private / "go-build"
+        if not gocache.exists():
+            shutil.copytree(template, gocache, symlinks=True)
+            if self.uid is not None:
+                for dirpath, _, filenames in os.walk(gocache):
+                    os.chown(dirpath, self.uid, self.uid)
+                    for name in filenames:
+                        os.chown(os.path.join(dirpath, name), self.uid, self.uid)
+        status, tail = self._execute_program("go", "main_test.go", _GO_WARM, 600)
+        return None if status == "pass" else f"go warm-up failed ({status}): {tail[-300:]}"
+
+
+_GO_WARM = ('package main\n\nimport (\n    "testing"\n'
+            '    "github.com/stretchr/testify/assert"\n)\n\n'
+            "func TestWarm(t *testing.T) {\n    assert.Equal(t, 1, 1)\n}\n")
+
+
+def _go_template(cache_dir: Path) -> Path:
+    """A Go build cache with testify compiled, built once per cache dir under a file lock."""
+    template = cache_dir / "go-template"
+    with open(cache_dir / "go-template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (template / "READY").is_file():
+            return template
+        shutil.rmtree(template, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            Path(tmp, "main_test.go").write_text(_GO_WARM)
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp,
+                   "GO111MODULE": "off", "GOPATH": GOPATH, "GOCACHE": str(template),
+                   "GOENV": "off", "GOTOOLCHAIN": "local"}
+            res = subprocess.run(["go", "test", "-count=1", "main_test.go"], cwd=tmp, env=env,
+                                 capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            raise RuntimeError((res.stdout + res.stderr).strip()[-300:])
+        (template / "READY").write_text("")
+        return template
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Terminate, then kill, the sample's whole session, and wait until it is gone. With PID
+    namespaces the death of the namespace's init kills every descendant, setsid'd ones
+    included; the init only finishes exiting once all of them are dead, so we wait for that."""
+    inits = _children(proc.pid)
+    for sig, grace in ((signal.SIGTERM, 0.2), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    if proc.returncode is None:
+        log.warning("sandbox: process %d did not die after SIGKILL", proc.pid)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in inits) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a zombie init has reaped its namespace)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _tail(out) -> str:
+    out.flush()
+    size = out.seek(0, os.SEEK_END)
+    out.seek(max(0, size - 4 * TAIL_CHARS))
+    return out.read().decode("utf-8", errors="replace")[-TAIL_CHARS:]
+
+
+def _unshare_argv(is_root: bool, allow_network: bool) -> list[str]:
+    argv = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
+            "--mount-proc"]
+    if not allow_network:
+        argv.append("--net")
+    if not is_root:
+        argv[1:1] = ["--user", "--map-root-user"]
+    return argv
+
+
+_ISOLATION: dict[tuple[bool, bool], str] = {}
+
+
+def _isolation_mode(is_root: bool, allow_network: bool) -> str:
+    """"namespaces" when unshare works here, else "none" (logged once per process)."""
+    key = (is_root, allow_network)
+    if key not in _ISOLATION:
+        mode, why = "none", "unshare not found"
+        if shutil.which("unshare") and (not is_root or shutil.which("setpriv")):
+            with tempfile.TemporaryDirectory() as tmp:
+                os.chmod(tmp, 0o755)
+                (Path(tmp) / "work" / "probe").mkdir(parents=True)
+                probe = subprocess.run(
+                    [*_unshare_argv(is_root, allow_network), "/bin/sh", "-c", _SETUP_SH,
+                     "octoray-sandbox", tmp, "probe", str(UID_BASE) if is_root else "",
+                     ":".join(_keep_paths()), "/bin/true"],
+                    capture_output=True, text=True, timeout=30)
+                if probe.returncode == 0:
+                    mode = "namespaces"
+                else:
+                    why = (probe.stderr or probe.stdout).strip().splitlines()[-1:] or ["?"]
+                    why = why[0]
+        if mode == "none":
+            log.warning("sandbox: no namespace isolation (%s); samples run with rlimits, a new "
+                        "session%s and no network/PID/mount isolation", why,
+                        " and an unprivileged uid" if is_root else "")
+        _ISOLATION[key] = mode
+    return _ISOLATION[key]
+
+
+def _keep_paths() -> list[str]:
+    """Toolchain directories under hidden home dirs that samples still need (pyenv, rustup,
+    a virtualenv or node_modules in a home checkout)."""
+    wanted = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent,
+              NODE_MODULES}
+    sysroot = _rust_sysroot()
+    if sysroot:
+        wanted.add(Path(sysroot))
+    out = set()
+    for path in wanted:
+        path = path.resolve()
+        if path.is_dir() and any(str(path).startswith(h + "/") for h in HIDDEN_DIRS):
+            out.add(str(path))
+    # A directory inside another kept one comes along with it.
+    return sorted(p for p in out if ":" not in p
+                  and not any(p.startswith(q + "/") for q in out))
+
+
+_SYSROOT: list[str | None] = []
+
+
+def _rust_sysroot() -> str | None:
+    """rustc's toolchain dir (rustup keeps it under the home dir); None without rustc."""
+    if not _SYSROOT:
+        try:
+            res = subprocess.run(["rustc", "--print", "sysroot"], capture_output=True, text=True,
+                                 timeout=60)
+            _SYSROOT.append(res.stdout.strip() if res.returncode == 0 else None)
+        except (OSError, subprocess.SubprocessError):
+            _SYSROOT.append(None)
+    return _SYSROOT[0]
+
+
+_TOOLS = {"python": [], "js": ["node"], "java": ["javac", "java"], "go": ["go"],
+          "cpp": ["g++"], "rust": ["rustc", "cargo"]}
+
+
+def _check_toolchain(language: str) -> str | None:
+    missing = [tool for tool in _TOOLS[language] if shutil.which(tool) is None]
+    if missing:
+        return (f"{language} toolchain missing ({', '.join(missing)}): run "
+                f"scripts/install_toolchains.sh")
+    if language == "js" and not (NODE_MODULES / "js-md5").is_dir():
+        return f"js-md5 missing in {NODE_MODULES}: run scripts/install_toolchains.sh"
+    if language == "go" and not Path(GOPATH, "src/github.com/stretchr/testify").is_dir():
+        return "testify missing: apt-get install golang-github-stretchr-testify-dev"
+    if language == "rust" and not DEBIAN_CARGO_REGISTRY.is_dir():
+        return ("Debian rust crates missing: apt-get install librust-rand-dev "
+                "librust-regex-dev librust-md5-dev")
+    if language == "cpp" and not Path("/usr/include/boost/any.hpp").is_file():
+        return "boost headers missing: apt-get install libboost-dev"
+    return None
+
+
+def _rust_deps(cache_dir: Path) -> list[str]:
+    """Build rand/regex/md5 once per cache dir (trusted Debian sources, under a file lock) and
+    return ``--extern name=@ROOT@/...rlib`` specs; samples then compile with plain rustc
+    against these read-only rlibs -- no cargo, no per-sample dependency rebuild."""
+    deps = cache_dir / "rust-deps"
+    ready = deps / "externs.json"
+    deps.mkdir(exist_ok=True)
+    with open(cache_dir / "rust-deps.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ready.is_file():
+            return json.loads(ready.read_text())
+        (deps / "src").mkdir(exist_ok=True)
+        (deps / "src" / "lib.rs").write_text("")
+        (deps / "Cargo.toml").write_text(
+            '[package]\nname = "octoray-rust-deps"\nversion = "0.1.0"\nedition = "2021"\n\n'
+            "[dependencies]\n" + "".join(f'{k} = "{v}"\n' for k, v in RUST_DEPS.items()))
+        home = deps / "cargo-home"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            '[source.crates-io]\nreplace-with = "debian"\n\n'
+            f'[source.debian]\ndirectory = "{DEBIAN_CARGO_REGISTRY}"\n')
+        env = {**os.environ, "CARGO_HOME": str(home)}
+        res = subprocess.run(["cargo", "build", "--offline", "--message-format=json"], cwd=deps,
+                             env=env, capture_output=True, text=True, timeout=900)
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr.strip()[-300:] or "cargo failed")
+        externs = []
+        for line in res.stdout.splitlines():
+            msg = json.loads(line) if line.startswith("{") else {}
+            name = msg.get("target", {}).get("name")
+            if msg.get("reason") == "compiler-artifact" and name in RUST_DEPS:
+                rlib = next(f for f in msg["filenames"] if f.endswith(".rlib"))
+                externs.append(f"{name}=@ROOT@/" + str(Path(rlib).relative_to(cache_dir)))
+        if sorted(e.split("=")[0] for e in externs) != sorted(RUST_DEPS):
+            raise RuntimeError(f"cargo built {externs}, expected {sorted(RUST_DEPS)}")
+        for dirpath, dirnames, filenames in os.walk(deps):  # readable, not writable, by samples
+            for name in dirnames:
+                os.chmod(os.path.join(dirpath, name), 0o755)
+        ready.write_text(json.dumps(externs))
+        return externs
+
+
+def _tasks_of_uid(uid: int) -> int:
+    """Threads already running under ``uid`` (RLIMIT_NPROC counts them all)."""
+    count = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                count += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            continue
+    return count

@@ -1,0 +1,558 @@
+"""``octoray filter``: CommitPack rows (``commits/``) -> CommitPackFT instruction data (``sft/``).
+
+Pipeline (Ray Data, streaming; rules in :mod:`octoray.commitpackft_rules`):
+
+1. *Read* every pending input shard with ``include_paths`` so each row knows its shard.
+2. *Rules 1-7* (tasks): vectorised Arrow predicates; each row gets ``_drop``, the number of the
+   first rule it fails (0 = kept). Dropped rows lose their big columns but keep flowing, so the
+   driver can count the funnel and knows when a shard is whole.
+3. *Rules 8-10 + decontamination* (an actor pool): the tokenizer and the HumanEvalPack n-gram
+   index load once per actor; only rows still alive are tokenized.
+4. *Write* (driver): when all rows of an input shard have come back, its kept rows get their
+   ``prompt``/``completion`` and are written atomically as ``OUT/<shard name>``, with the shard's
+   funnel in ``OUT/_funnel/<shard name>.json``; a rerun skips shards that have both. OASST rows
+   (``oasst_file``) become ``OUT/oasst.parquet``. ``stats.json`` and, last, ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from octoray import commitpackft_rules as rules
+from octoray.config import help_lines, load_config, option, split_overrides, to_dict
+from octoray.errors import UserError
+from octoray.outputs import (RESOLVED_CONFIG, atomic_write_json, is_complete, read_manifest,
+                             require_stage_output, write_manifest, write_parquet_atomic,
+                             write_resolved_config)
+
+STAGE = "filter"
+FUNNEL_DIR = "_funnel"  # "_" prefix: Parquet dataset readers skip it
+OASST_SHARD = "oasst.parquet"
+#: Keys of the funnel in stats.json: rows left after each rule, in order.
+FUNNEL_KEYS = ("input", *rules.RULES)
+#: Columns dropped rows keep (the rest are nulled before they travel back to the driver).
+_SKINNY = ("path", "lang", "_drop")
+#: Config fields that change speed, not results: they may differ when resuming.
+_RUNTIME_ONLY = {"actors", "batch_size", "tokenizer_batch_size", "progress", "commits", "out"}
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Options of ``octoray filter`` (``key=value`` on the command line, or a ``filter:`` YAML section)."""
+
+    commits: str = option("", "input directory written by 'octoray mine' (commits/)")
+    out: str = option("", "output directory (sft/)")
+    model: str = option("bigcode/starcoder", "hub id or local path of the model whose tokenizer rule 8 uses")
+    tokenizer_rule: bool = option(True, "apply rule 8 (token length of old + eos + new)")
+    min_tokens: int = option(50, "rule 8: fewest tokens kept (inclusive)")
+    max_tokens: int = option(768, "rule 8: most tokens kept (inclusive)")
+    verbs_file: str | None = option(None, "imperative verbs, one per line (default: octoray's table; "
+                                          "OctoPack's good_starts_en.txt reproduces the original)")
+    bad_subjects_file: str | None = option(None, "JSON with bad_subject_exact / bad_subject_substrings "
+                                                 "(default: octoray's table, same format as OctoPack's)")
+    languages_file: str | None = option(None, "JSON {language: [extensions]} for rule 3 instead of Linguist "
+                                              "(e.g. CommitPack's programming_languages.json)")
+    seed: int = option(0, "seed of the per-commit 90% version-bump drop")
+    decontam: bool = option(True, "drop commits whose code overlaps HumanEvalPack prompts or solutions")
+    decontam_ngram: int = option(13, "decontamination: n of the whitespace-token n-grams")
+    decontam_threshold: float = option(0.2, "decontamination: drop when a commit holds at least this "
+                                            "fraction of one problem's n-grams")
+    decontam_languages: tuple[str, ...] = option(("python", "js", "java", "go", "cpp", "rust"),
+                                                 "HumanEvalPack languages to decontaminate against")
+    humanevalpack_dir: str | None = option(None, "directory of HumanEvalPack <language>.jsonl files "
+                                                 "(default: the hub dataset bigcode/humanevalpack)")
+    template: Literal["octocoder", "commit_tags"] = option(
+        "octocoder", "prompt/completion format: OctoCoder 'Question: ...\\n\\nAnswer: \\n' or "
+                     "<commit_before>/<commit_msg>/<commit_after> tags")
+    oasst_file: str | None = option(None, "JSONL of OASST-style rows {input, output} mixed into the output")
+    oasst_limit: int | None = option(None, "keep only the first N OASST rows")
+    actors: int = option(1, "most actors of the tokenizer/decontamination pool (it scales from 1)")
+    batch_size: int = option(4096, "rows per Ray Data batch")
+    tokenizer_batch_size: int = option(256, "texts per tokenizer call")
+    progress: bool = option(True, "show a progress bar")
+
+    def problems(self) -> list[str]:
+        """Every invalid value, as messages."""
+        found = []
+        if not self.commits:
+            found.append("the input directory (COMMITS_DIR) is required")
+        if not self.out:
+            found.append("--out is required")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            found.append("need 0 <= min_tokens <= max_tokens")
+        if self.decontam_ngram < 1:
+            found.append("decontam_ngram must be >= 1")
+        if not 0 < self.decontam_threshold <= 1:
+            found.append("decontam_threshold must be in (0, 1]")
+        from octoray.evaluation.humanevalpack import LANGUAGES
+
+        bad = [lang for lang in self.decontam_languages if lang not in LANGUAGES]
+        if bad:
+            found.append(f"decontam_languages: unknown {', '.join(bad)} (choose from {', '.join(LANGUAGES)})")
+        if self.oasst_limit is not None and self.oasst_limit < 0:
+            found.append("oasst_limit must be >= 0")
+        for name in ("actors", "batch_size", "tokenizer_batch_size"):
+            if getattr(self, name) < 1:
+                found.append(f"{name} must be >= 1")
+        return found
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``octoray filter``."""
+    parser.add_argument("commits", nargs="*", metavar="COMMITS_DIR",
+                        help="output directory of 'octoray mine'; then optional key=value overrides")
+    parser.add_argument("--out", help="output directory (sft/)")
+    parser.add_argument("--config", help="YAML config (flat, or its 'filter:' section)")
+    parser.epilog = "options (key=value):\n" + "\n".join(help_lines(FilterConfig))
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``octoray filter`` from parsed arguments."""
+    positional, overrides = split_overrides(args.commits)
+    if len(positional) > 1:
+        raise UserError(f"expected one COMMITS_DIR, got {len(positional)}: {' '.join(positional)}")
+    cfg = load_config(FilterConfig, args.config, overrides, section=STAGE,
+                      values={"commits": positional[0] if positional else None, "out": args.out})
+    run(cfg)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(cfg: FilterConfig) -> Path:
+    """Filter ``cfg.commits`` into ``cfg.out``; returns the output directory."""
+    started = time.time()
+    in_dir, out = Path(cfg.commits), Path(cfg.out)
+    in_manifest = require_stage_output(in_dir, "mine", "commits")
+    shards = _input_shards(in_dir, in_manifest)
+    expected = {path.name: _num_rows(path) for path in shards}
+    if sum(expected.values()) == 0:
+        raise UserError(f"{in_dir} holds no commits: nothing to filter")
+    if is_complete(out, STAGE):
+        previous = read_manifest(out) or {}
+        same = _result_config(previous.get("config", {})) == _result_config(to_dict(cfg))
+        note = "" if same else " (with a different config: remove it or pick another --out to redo)"
+        print(f"octoray filter: {out} is already complete ({previous.get('rows', 0)} rows); nothing to do{note}")
+        return out
+
+    # Everything a worker would choke on is checked here first, as one-line errors.
+    tables = rules.load_tables(cfg.verbs_file, cfg.bad_subjects_file)
+    from octoray.languages import language_table
+
+    lang_table = language_table(cfg.languages_file)
+    oasst = _read_oasst(Path(cfg.oasst_file), cfg.oasst_limit) if cfg.oasst_file else None
+    if cfg.tokenizer_rule:
+        from octoray.modeling import load_tokenizer
+
+        load_tokenizer(cfg.model)
+    if cfg.decontam:
+        _check_problems(cfg)
+
+    _prepare_out(out, cfg)
+    done = {name for name in expected if _shard_done(out, name)}
+    pending = [path for path in shards if path.name not in done]
+    schema = _output_schema(shards[0])
+    if pending:
+        _filter_shards(cfg, pending, expected, out, schema, tables, lang_table)
+    files = [name for name in expected if (out / name).is_file()]
+    if oasst is not None:
+        write_parquet_atomic(_oasst_table(oasst, schema), out / OASST_SHARD)
+        files.append(OASST_SHARD)
+    elif (out / OASST_SHARD).is_file():
+        (out / OASST_SHARD).unlink()
+    stats = _aggregate(out, list(expected), len(oasst or ()))
+    atomic_write_json(out / "stats.json", stats)
+    manifest = write_manifest(out, STAGE, cfg, rows=stats["rows"], files=files, started=started,
+                              inputs={"commits": {"dir": str(in_dir.resolve()), "rows": in_manifest.get("rows"),
+                                                  "started_at": in_manifest.get("started_at")}},
+                              extra={"tables": tables.source, "languages": cfg.languages_file or "linguist (go-enry)"})
+    _print_summary(out, stats, manifest["seconds"])
+    return out
+
+
+def _input_shards(in_dir: Path, manifest: dict[str, Any]) -> list[Path]:
+    names = manifest.get("files") or sorted(p.name for p in in_dir.glob("*.parquet"))
+    shards = [in_dir / name for name in names if name.endswith(".parquet")]
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+        raise UserError(f"{in_dir} lacks shards its manifest lists ({', '.join(missing[:3])}): rerun 'octoray mine'")
+    if not shards:
+        raise UserError(f"{in_dir} holds no Parquet shards: nothing to filter")
+    return shards
+
+
+def _num_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a torn file
+        raise UserError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _result_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in _RUNTIME_ONLY}
+
+
+def _prepare_out(out: Path, cfg: FilterConfig) -> None:
+    """Resume a partial output written with the same rules; otherwise start it over."""
+    import yaml
+
+    previous = out / RESOLVED_CONFIG
+    if previous.is_file():
+        try:
+            old = yaml.safe_load(previous.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            old = {}
+        if _result_config(old) != _result_config(to_dict(cfg)):
+            print(f"octoray filter: {out} holds a partial output of another config; starting over", file=sys.stderr)
+            shutil.rmtree(out / FUNNEL_DIR, ignore_errors=True)
+            for stale in out.glob("*.parquet"):
+                stale.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(out, cfg)
+
+
+def _shard_done(out: Path, name: str) -> bool:
+    sidecar = out / FUNNEL_DIR / f"{name}.json"
+    if not sidecar.is_file():
+        return False
+    try:
+        kept = json.loads(sidecar.read_text(encoding="utf-8")).get("rows", 0)
+    except json.JSONDecodeError:
+        return False
+    return kept == 0 or (out / name).is_file()
+
+
+def _output_schema(first_shard: Path) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(first_shard)
+    schema = pa.schema([f for f in schema if f.name not in ("prompt", "completion", "source")])
+    for name in ("prompt", "completion", "source"):
+        schema = schema.append(pa.field(name, pa.string()))
+    return schema.remove_metadata()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data
+
+
+def _filter_shards(cfg: FilterConfig, pending: list[Path], expected: dict[str, int], out: Path, schema: Any,
+                   tables: rules.Tables, lang_table: Any) -> None:
+    """Run the pending shards through Ray Data and write each one as soon as it is whole."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False, include_dashboard=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours counts rows, Ray's counts blocks per operator
+    ctx.print_on_execution_start = False
+
+    ds = ray.data.read_parquet([str(p) for p in pending], include_paths=True)
+    ds = ds.map_batches(_first_rules, batch_format="pyarrow", batch_size=cfg.batch_size,
+                        fn_kwargs={"extensions_for": lang_table.extensions_for})
+    ds = ds.map_batches(
+        _LaterRules, batch_format="pyarrow", batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+        fn_constructor_kwargs={"cfg": cfg, "tables": tables},
+    )
+
+    seen: Counter = Counter()
+    kept: dict[str, list[Any]] = defaultdict(list)
+    codes: dict[str, Counter] = defaultdict(Counter)  # shard -> (lang, code) -> rows
+    remaining = {p.name for p in pending}
+    bar = _progress(sum(expected[p.name] for p in pending), cfg.progress)
+    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        names = [Path(p).name for p in block.column("path").to_pylist()]
+        for name, lang, code in zip(names, block.column("lang").to_pylist(), block.column("_drop").to_pylist()):
+            codes[name][(lang, code)] += 1
+            seen[name] += 1
+        _collect_kept(block, names, kept)
+        bar.update(block.num_rows)
+        for name in [n for n in remaining if seen[n] == expected[n]]:
+            _write_shard(out, name, kept.pop(name, []), codes.pop(name), expected[name], schema, cfg.template)
+            remaining.discard(name)
+    bar.close()
+    if remaining:
+        raise RuntimeError(f"octoray bug: rows of {sorted(remaining)} never came back from the pipeline")
+
+
+def _first_rules(batch: Any, extensions_for: Any) -> Any:
+    """Rules 1-7 on one batch: adds ``_drop`` and the cleaned ``subject``; slims dropped rows."""
+    import numpy as np
+    import pyarrow as pa
+
+    subject = batch.column("subject")
+    cleaned = rules.clean_subject(subject)
+    masks = [
+        ("content", lambda: rules.rule_content(batch.column("old_contents"), batch.column("new_contents"))),
+        ("no_hash", lambda: rules.rule_no_hash(subject)),
+        ("extension", lambda: rules.rule_extension(batch.column("new_file"), batch.column("lang"), extensions_for)),
+        ("no_file_name", lambda: rules.rule_no_file_name(batch.column("new_file"), subject)),
+        ("subject_length", lambda: rules.rule_subject_length(subject)),
+        ("clean_subject", lambda: rules.rule_subject_length(cleaned)),
+        ("capitalized", lambda: rules.rule_capitalized(cleaned)),
+    ]
+    drop = _apply(pa.array(np.zeros(batch.num_rows, dtype=np.int8)), masks)
+    batch = batch.set_column(batch.schema.get_field_index("subject"), "subject", cleaned)
+    return _slim(batch.append_column("_drop", drop))
+
+
+def _apply(drop: Any, masks: Iterable[tuple[str, Any]]) -> Any:
+    """Set ``drop`` to the rule's code where a still-alive row fails it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for name, mask in masks:
+        alive = pc.equal(drop, 0)
+        if not pc.any(alive).as_py():
+            break
+        drop = pc.if_else(pc.and_(alive, pc.invert(mask())), pa.scalar(rules.CODE[name], pa.int8()), drop)
+    return drop
+
+
+def _slim(batch: Any) -> Any:
+    """Null the columns of dropped rows the driver does not need (they are only counted)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    alive = pc.equal(batch.column("_drop"), 0)
+    n_alive = pc.sum(alive).as_py() or 0
+    if n_alive == batch.num_rows:
+        return batch
+    live, dead = batch.filter(alive), batch.filter(pc.invert(alive))
+    dead = pa.table({f.name: dead.column(f.name) if f.name in _SKINNY else pa.nulls(dead.num_rows, f.type)
+                     for f in batch.schema}, schema=batch.schema)
+    return pa.concat_tables([live, dead])
+
+
+class _LaterRules:
+    """Rules 8-10 and decontamination, in an actor: the tokenizer and n-gram index load once."""
+
+    def __init__(self, cfg: FilterConfig, tables: rules.Tables) -> None:
+        self.cfg, self.tables = cfg, tables
+        # Built here rather than shipped from the driver: ~100k n-grams are cheaper to rebuild
+        # than to pass through the object store as constructor arguments.
+        self.index = _decontam_index(cfg) if cfg.decontam else None
+        self.tokenizer = None
+        if cfg.tokenizer_rule:
+            from octoray.modeling import load_tokenizer
+
+            self.tokenizer = load_tokenizer(cfg.model)
+            self.eos = self.tokenizer.eos_token or ""
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow.compute as pc
+
+        alive = pc.equal(batch.column("_drop"), 0)
+        if not pc.any(alive).as_py():
+            return batch
+        live, dead = batch.filter(alive), batch.filter(pc.invert(alive))
+        subject = live.column("subject")
+        masks = []
+        if self.tokenizer is not None:
+            masks.append(("token_length", lambda: rules.token_length_ok(
+                self._token_lengths(live), self.cfg.min_tokens, self.cfg.max_tokens)))
+        masks += [
+            ("imperative", lambda: rules.rule_imperative(subject, self.tables)),
+            ("second_pass", lambda: rules.rule_second_pass(subject, live.column("commit"), self.cfg.seed)),
+        ]
+        if self.index is not None:
+            masks.append(("decontam", lambda: rules.rule_decontam(
+                live.column("old_contents"), live.column("new_contents"), self.index, self.cfg.decontam_threshold)))
+        drop = _apply(live.column("_drop"), masks)
+        live = live.set_column(live.schema.get_field_index("_drop"), "_drop", drop)
+        live = live.set_column(live.schema.get_field_index("subject"), "subject", rules.second_pass_subject(subject))
+        import pyarrow as pa
+
+        return _slim(pa.concat_tables([live, dead]))
+
+    def _token_lengths(self, live: Any) -> list[int]:
+        """Token counts of ``old + eos + new`` (no special tokens added, as for StarCoder)."""
+        texts = [f"{o}{self.eos}{n}" for o, n in zip(live.column("old_contents").to_pylist(),
+                                                     live.column("new_contents").to_pylist())]
+        lengths: list[int] = []
+        step = self.cfg.tokenizer_batch_size
+        for start in range(0, len(texts), step):
+            ids = self.tokenizer(texts[start:start + step], add_special_tokens=False,
+                                 return_attention_mask=False)["input_ids"]
+            lengths.extend(len(x) for x in ids)
+        return lengths
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _collect_kept(block: Any, names: list[str], kept: dict[str, list[Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    alive = pc.equal(block.column("_drop"), 0)
+    if not pc.any(alive).as_py():
+        return
+    live = block.filter(alive)
+    live_names = pc.filter(pa.array(names), alive).to_pylist()
+    for name in set(live_names):
+        kept[name].append(live.filter(pc.equal(pa.array(live_names), name)))
+
+
+def _write_shard(out: Path, name: str, parts: list[Any], codes: Counter, n_input: int, schema: Any,
+                 template: str) -> None:
+    """Write one input shard's kept rows (if any) and then its funnel sidecar."""
+    import pyarrow as pa
+
+    rows = sum(t.num_rows for t in parts)
+    if rows:
+        table = pa.concat_tables(parts).drop_columns(["path", "_drop"]).sort_by("commit")
+        table = add_prompts(table, template)
+        write_parquet_atomic(table.select(schema.names).cast(schema), out / name)
+    funnel, by_lang = _funnel(codes, n_input)
+    atomic_write_json(out / FUNNEL_DIR / f"{name}.json",
+                      {"file": name if rows else None, "rows": rows, "funnel": funnel, "funnel_by_language": by_lang})
+
+
+def add_prompts(table: Any, template: str) -> Any:
+    """Add ``prompt``, ``completion`` (the OctoCoder or commit-tag template) and ``source``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    subject, old, new = table.column("subject"), table.column("old_contents"), table.column("new_contents")
+    if template == "octocoder":
+        prompt = pc.binary_join_element_wise("Question: ", subject, "\n", old, "\n\nAnswer: \n", "")
+    else:
+        prompt = pc.binary_join_element_wise("<commit_before>", old, "<commit_msg>", subject, "<commit_after>", "")
+    table = table.append_column("prompt", pc.cast(prompt, pa.string()))
+    table = table.append_column("completion", pc.cast(new, pa.string()))
+    return table.append_column("source", pa.array(["commitpackft"] * table.num_rows, pa.string()))
+
+
+def _funnel(codes: Counter, n_input: int) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Rows left after each rule, overall and per language, from first-failing-rule counts."""
+    def left(counter: dict[int, int], total: int) -> dict[str, int]:
+        funnel, remaining = {"input": total}, total
+        for name in rules.RULES:
+            remaining -= counter.get(rules.CODE[name], 0)
+            funnel[name] = remaining
+        return funnel
+
+    per_lang: dict[str, Counter] = defaultdict(Counter)
+    for (lang, code), count in codes.items():
+        per_lang[lang or ""][code] += count
+    overall: Counter = Counter()
+    for counter in per_lang.values():
+        overall.update(counter)
+    return left(overall, n_input), {lang: left(c, sum(c.values())) for lang, c in sorted(per_lang.items())}
+
+
+def _aggregate(out: Path, names: list[str], oasst_rows: int) -> dict[str, Any]:
+    """Sum the per-shard funnels into stats.json."""
+    funnel: Counter = Counter()
+    by_lang: dict[str, Counter] = defaultdict(Counter)
+    for name in names:
+        shard = json.loads((out / FUNNEL_DIR / f"{name}.json").read_text(encoding="utf-8"))
+        funnel.update(shard["funnel"])
+        for lang, counts in shard["funnel_by_language"].items():
+            by_lang[lang].update(counts)
+    order = lambda c: {k: c.get(k, 0) for k in FUNNEL_KEYS}  # noqa: E731 - keep rule order
+    commits = funnel.get(rules.RULES[-1], 0)
+    return {"funnel": order(funnel), "funnel_by_language": {lang: order(c) for lang, c in sorted(by_lang.items())},
+            "commitpackft_rows": commits, "oasst_rows": oasst_rows, "rows": commits + oasst_rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# Decontamination index, OASST rows
+
+
+def _check_problems(cfg: FilterConfig) -> None:
+    """Load the HumanEvalPack problems once in the driver, so a bad path fails as one line."""
+    from octoray.evaluation.humanevalpack import load_problems
+
+    for language in cfg.decontam_languages:
+        load_problems(language, cfg.humanevalpack_dir)
+
+
+def _decontam_index(cfg: FilterConfig) -> rules.NgramIndex:
+    """N-grams of every HumanEvalPack problem: prompt + canonical solution, declaration + buggy one."""
+    from octoray.evaluation.humanevalpack import load_problems
+
+    texts = []
+    for language in cfg.decontam_languages:
+        for problem in load_problems(language, cfg.humanevalpack_dir):
+            texts.append((problem["task_id"], f"{problem['prompt']}\n{problem['canonical_solution']}\n"
+                                              f"{problem['declaration']}\n{problem['buggy_solution']}"))
+    return rules.build_ngram_index(texts, cfg.decontam_ngram)
+
+
+def _read_oasst(path: Path, limit: int | None) -> list[tuple[str, str]]:
+    """``(input, output)`` pairs of a JSONL file, with a one-line error naming the bad line."""
+    if not path.is_file():
+        raise UserError(f"oasst_file not found: {path}")
+    pairs: list[tuple[str, str]] = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if limit is not None and len(pairs) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            if not (isinstance(row, dict) and isinstance(row.get("input"), str) and isinstance(row.get("output"), str)):
+                raise UserError(f"{path}:{line_no}: expected an object with string fields 'input' and 'output'")
+            pairs.append((row["input"], row["output"]))
+    return pairs
+
+
+def _oasst_table(pairs: list[tuple[str, str]], schema: Any) -> Any:
+    import pyarrow as pa
+
+    n = len(pairs)
+    columns = {f.name: pa.nulls(n, f.type) for f in schema}
+    columns["prompt"] = pa.array([f"Question: {q}\n\nAnswer: \n" for q, _ in pairs], pa.string())
+    columns["completion"] = pa.array([a for _, a in pairs], pa.string())
+    columns["source"] = pa.array(["oasst"] * n, pa.string())
+    return pa.table(columns, schema=schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="row", desc="filtering", disable=not enabled, file=sys.stderr)
+
+
+def _print_summary(out: Path, stats: dict[str, Any], seconds: float) -> None:
+    funnel = stats["funnel"]
+    print(f"\nfiltered {funnel['input']:,} commits in {seconds:.1f} s -> {out}")
+    print(f"  {'rule':<16}{'rows left':>11}{'dropped':>10}")
+    previous = funnel["input"]
+    for key in FUNNEL_KEYS:
+        print(f"  {key:<16}{funnel[key]:>11,}{previous - funnel[key] if key != 'input' else 0:>10,}")
+        previous = funnel[key]
+    langs = sorted(stats["funnel_by_language"].items(), key=lambda kv: -kv[1][rules.RULES[-1]])[:8]
+    if langs:
+        print("  kept per language: " + ", ".join(f"{lang or '?'} {c[rules.RULES[-1]]:,}" for lang, c in langs))
+    if stats["oasst_rows"]:
+        print(f"  + {stats['oasst_rows']:,} OASST rows")
+    print(f"  rows written {stats['rows']:,}")

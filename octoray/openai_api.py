@@ -1,0 +1,298 @@
+"""The OpenAI completions protocol: request validation, error bodies, responses, SSE chunks.
+
+Pure Python (no torch, no ray, no web framework), so every rule here is unit-tested without a
+server. :mod:`octoray.serving` parses each request with :func:`parse_completion_request`, turns
+an :class:`APIError` into its HTTP status and OpenAI-style body, and builds its answers with the
+``*_response`` / ``*_chunk`` helpers below.
+
+Field names, defaults and limits follow the OpenAI legacy ``/v1/completions`` API (the one
+code-LLM harnesses such as bigcode-evaluation-harness use): ``max_tokens`` defaults to 16,
+``temperature`` and ``top_p`` to 1, ``n`` to 1. One deliberate difference: up to 16 stop
+sequences (OpenAI: 4), as vLLM allows, because HumanEvalPack's Python task needs 8.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+#: OpenAI's default for a completion without ``max_tokens``.
+DEFAULT_MAX_TOKENS = 16
+#: OpenAI accepts up to 4 stop sequences; vLLM has no limit, and HumanEvalPack's Python stop
+#: list alone has 8, so this server takes up to 16.
+MAX_STOP_SEQUENCES = 16
+#: The ``data:`` line that closes every stream.
+SSE_DONE = b"data: [DONE]\n\n"
+
+# Fields the OpenAI API defines that this server accepts only at their "off" value: a client
+# that sends them switched on gets a clear 400 rather than silently different behaviour.
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "echo": (False,),
+    "logprobs": (None,),
+    "suffix": (None,),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": ({},),
+}
+_FIELDS = frozenset({"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
+                     "stream", "stream_options", "user", "best_of", *_OFF_VALUES})
+
+
+class APIError(Exception):
+    """A request the server refuses, with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None) -> None:  # noqa: A002 - the OpenAI field is called "type"
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None,  # noqa: A002
+               code: str | None = None) -> dict[str, Any]:
+    """An OpenAI-style error object."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class CompletionParams:
+    """A validated ``/v1/completions`` request."""
+
+    prompts: tuple[str, ...]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    n: int
+    stop: tuple[str, ...]
+    seed: int | None
+    stream: bool
+    include_usage: bool
+    model: str | None
+
+
+def parse_completion_request(raw: bytes, *, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                             max_choices: int = 128) -> CompletionParams:
+    """Parse and check a request body; raise :class:`APIError` (400) naming the first bad field.
+
+    ``max_choices`` bounds ``len(prompts) * n``, the number of sequences one request may start.
+    Context-length checks need the tokenizer and are done by the server.
+    """
+    body = _json_object(raw)
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0],
+                       code="unknown_parameter")
+    for name, off in _OFF_VALUES.items():
+        if name in body and body[name] is not None and not any(_same(body[name], v) for v in off):
+            raise APIError(400, f"'{name}' is not supported by this server (leave it unset)", param=name,
+                           code="unsupported_parameter")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    prompts = _prompts(body.get("prompt"))
+    max_tokens = _integer(body, "max_tokens", default_max_tokens, low=1)
+    temperature = _number(body, "temperature", 1.0, low=0.0, high=2.0)
+    top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0)
+    if top_p == 0.0:
+        raise APIError(400, "top_p must be greater than 0 and at most 1", param="top_p", code="invalid_value")
+    n = _integer(body, "n", 1, low=1, high=max_choices)
+    best_of = _integer(body, "best_of", n, low=1)
+    if best_of != n:
+        raise APIError(400, "'best_of' different from 'n' is not supported by this server", param="best_of",
+                       code="unsupported_parameter")
+    seed = _integer(body, "seed", None)
+    stop = _stop(body.get("stop"))
+    stream = _boolean(body, "stream", False)
+    include_usage = _stream_options(body.get("stream_options"), stream)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _type_error("user", "a string", user)
+    if len(prompts) * n > max_choices:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} completions; "
+                            f"this server allows at most {max_choices} per request", param="n",
+                       code="invalid_value")
+    return CompletionParams(prompts=prompts, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                            n=n, stop=stop, seed=seed, stream=stream, include_usage=include_usage,
+                            model=model)
+
+
+def completion_response(request_id: str, created: int, model: str, choices: list[tuple[str, str | None]],
+                        prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """A ``text_completion`` object; ``choices`` are ``(text, finish_reason)`` in index order."""
+    return {
+        "id": request_id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                    for i, (text, reason) in enumerate(choices)],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def completion_chunk(request_id: str, created: int, model: str, index: int, text: str,
+                     finish_reason: str | None) -> dict[str, Any]:
+    """One streamed piece of choice ``index``."""
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(request_id: str, created: int, model: str, prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
+    """The last chunk of a stream when ``stream_options.include_usage`` is set: no choices, usage."""
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """The ``usage`` object."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def models_response(model: str, created: int, max_model_len: int) -> dict[str, Any]:
+    """``GET /v1/models``: the one model this server hosts."""
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
+                                        "owned_by": "octoray", "max_model_len": max_model_len}]}
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    """One server-sent event: ``data: {json}`` and a blank line."""
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def new_request_id() -> tuple[str, int]:
+    """A fresh ``cmpl-...`` id and the ``created`` timestamp."""
+    return f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+
+# --- validation helpers ------------------------------------------------------------------------
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "We could not parse the JSON body of your request: it must be a JSON object "
+                            "(send Content-Type: application/json)", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"The request body must be a JSON object, not {_json_type(body)}",
+                       code="invalid_json")
+    return body
+
+
+def _prompts(value: Any) -> tuple[str, ...]:
+    if value is None:
+        raise APIError(400, "you must provide a prompt parameter", param="prompt",
+                       code="missing_required_parameter")
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(p, str) for p in items):
+        raise _type_error("prompt", "a string or a list of strings", value)
+    if not items:
+        raise APIError(400, "prompt must not be an empty list", param="prompt", code="invalid_value")
+    if any(p == "" for p in items):
+        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+    return tuple(items)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise _type_error("stop", "a string or a list of strings", value)
+    if len(items) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"stop takes at most {MAX_STOP_SEQUENCES} sequences, got {len(items)}", param="stop",
+                       code="invalid_value")
+    if any(s == "" for s in items):
+        raise APIError(400, "stop sequences must not be empty", param="stop", code="invalid_value")
+    return tuple(dict.fromkeys(items))  # drop duplicates, keep order
+
+
+def _stream_options(value: Any, stream: bool) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, dict):
+        raise _type_error("stream_options", "an object", value)
+    if not stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
+                       code="invalid_value")
+    unknown = sorted(set(value) - {"include_usage"})
+    if unknown:
+        raise APIError(400, f"Unrecognized stream_options field: {unknown[0]}", param="stream_options",
+                       code="unknown_parameter")
+    include = value.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise _type_error("stream_options.include_usage", "true or false", include)
+    return include
+
+
+def _integer(body: dict[str, Any], name: str, default: Any, low: int | None = None,
+             high: int | None = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(name, "an integer", value)
+    _check_range(name, value, low, high)
+    return value
+
+
+def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _type_error(name, "a number", value)
+    _check_range(name, value, low, high)
+    return float(value)
+
+
+def _boolean(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _type_error(name, "true or false", value)
+    return value
+
+
+def _check_range(name: str, value: float, low: float | None, high: float | None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = (f"between {low} and {high}" if low is not None and high is not None
+                  else f"at least {low}" if low is not None else f"at most {high}")
+        raise APIError(400, f"{name} must be {bounds}, got {value}", param=name, code="invalid_value")
+
+
+def _type_error(name: str, expected: str, value: Any) -> APIError:
+    return APIError(400, f"{name} must be {expected}, got {_json_type(value)}", param=name, code="invalid_type")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: ``0`` is not ``false`` (Python's ``0 == False`` would say it is)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return type(a) is type(b) and a == b

@@ -1,0 +1,231 @@
+"""``octoray pipeline CONFIG``: mine -> filter -> [tune] -> train -> serve -> eval -> report.
+
+Every stage writes its own directory under ``out`` and is skipped when that output is complete,
+so a pipeline killed anywhere (say, during training) is rerun with the same command and picks up
+where it stopped: mining and filtering are not redone, training resumes from its last checkpoint.
+All stages share one Ray: the embedded local one on a laptop, the cluster inside a Ray Job.
+
+The config is a jobs/ YAML file: a ``pipeline:`` section (below) plus one section per stage
+(``mine:``, ``filter:``, ``tune:``, ``train:``, ``serve:``, ``eval:``). Overrides on the command
+line are ``key=value`` for the pipeline section and ``stage.key=value`` for a stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from octoray.config import help_lines, load_config, option, split_overrides
+from octoray.errors import UserError
+from octoray.outputs import atomic_write_json, is_complete
+
+STAGES = ("mine", "filter", "tune", "train", "serve", "eval", "report")
+LATENCY_FILE = "latency.json"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The ``pipeline:`` section of a jobs/ YAML file."""
+
+    name: str = option("demo", "run name")
+    out: str = option("", "root directory of every stage's output (default runs/<name>)")
+    sources: tuple[str, ...] = option((".",), "repositories to mine (paths, URLs or list files)")
+    stages: tuple[str, ...] = option(("mine", "filter", "train", "serve", "eval", "report"),
+                                     "stages to run, in pipeline order (add 'tune' to search hyperparameters first)")
+    humanevalpack_dir: str | None = option(None, "HumanEvalPack <language>.jsonl directory (default: the hub)")
+    allow_code_execution: bool = option(True, "the eval stage executes generated code in the sandbox; "
+                                              "false refuses, as 'octoray eval' does without the flag")
+    latency_requests: int = option(32, "requests of the serving-latency probe run after evaluation")
+    latency_concurrency: int = option(4, "concurrent requests of the latency probe")
+
+    def problems(self) -> list[str]:
+        """Every invalid value, as messages."""
+        found = [f"stages: unknown '{s}' (choose from {', '.join(STAGES)})" for s in self.stages if s not in STAGES]
+        if "eval" in self.stages and "serve" not in self.stages:
+            found.append("stages: 'eval' queries the served model, so it needs 'serve'")
+        if self.latency_requests < 1 or self.latency_concurrency < 1:
+            found.append("latency_requests and latency_concurrency must be >= 1")
+        return found
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``octoray pipeline``."""
+    parser.add_argument("config", help="jobs/ YAML file (pipeline: and per-stage sections)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="pipeline keys, or stage.key=value for a stage (train.max_steps=5)")
+    parser.add_argument("--out", help="root output directory (default runs/<name>)")
+    parser.add_argument("--data-dir", help="HumanEvalPack <language>.jsonl directory (default: the hub)")
+    parser.epilog = "pipeline keys:\n" + "\n".join(help_lines(PipelineConfig))
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``octoray pipeline``."""
+    positional, overrides = split_overrides(args.overrides)
+    if positional:
+        raise UserError(f"unexpected arguments: {' '.join(positional)} (overrides are key=value)")
+    run(args.config, overrides, out=args.out, data_dir=args.data_dir)
+    return 0
+
+
+def run(config_path: str | Path, overrides: list[str] = (), *, out: str | None = None,  # type: ignore[assignment]
+        data_dir: str | None = None) -> Path:
+    """Run the pipeline described by ``config_path``; returns the output root."""
+    started = time.time()
+    by_stage: dict[str, list[str]] = {}
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        stage = key.split(".", 1)[0] if "." in key else "pipeline"
+        if stage != "pipeline" and stage not in STAGES:
+            raise UserError(f"override '{item}': unknown stage '{stage}' (choose from {', '.join(STAGES)})")
+        by_stage.setdefault(stage, []).append(item.split(".", 1)[1] if stage != "pipeline" else item)
+    cfg = load_config(PipelineConfig, config_path, by_stage.get("pipeline", []), section="pipeline",
+                      values={"out": out, "humanevalpack_dir": data_dir})
+    root = Path(cfg.out or f"runs/{cfg.name}")
+    dirs = {stage: root / name for stage, name in
+            (("mine", "commits"), ("filter", "sft"), ("tune", "tune"), ("train", "train"),
+             ("serve", "serve"), ("eval", "eval"), ("report", "report"))}
+    stage_cfgs = _stage_configs(config_path, by_stage, cfg, dirs)  # every config checked before any work
+    wanted = [s for s in STAGES if s in cfg.stages]
+    print(f"octoray pipeline: {cfg.name} -> {root}  (stages: {' -> '.join(wanted)})", flush=True)
+
+    from octoray.raylocal import ensure_ray
+
+    ensure_ray()
+    for stage in ("mine", "filter", "tune", "train"):
+        if stage in wanted:
+            _banner(stage, dirs[stage])
+            _run_stage(stage, stage_cfgs)
+    if "serve" in wanted:
+        _banner("serve + eval", dirs["eval"])
+        _serve_and_evaluate(cfg, stage_cfgs, dirs, evaluate="eval" in wanted)
+    if "report" in wanted:
+        from octoray import report
+
+        _banner("report", dirs["report"])
+        path = report.write_report(root, dirs["report"])
+        print(f"report: {path}")
+    print(f"\noctoray pipeline: done in {time.time() - started:.0f} s -> {root}")
+    return root
+
+
+def _banner(stage: str, out: Path) -> None:
+    print(f"\n== {stage} -> {out}", flush=True)
+
+
+def _stage_configs(config_path: str | Path, by_stage: dict[str, list[str]], cfg: PipelineConfig,
+                   dirs: dict[str, Path]) -> dict[str, Any]:
+    """Each wanted stage's typed config, wired to the previous stage's directory."""
+    from octoray import filtering, mining
+
+    configs: dict[str, Any] = {}
+    problems: list[str] = []
+
+    def load(stage: str, cls: type, values: dict[str, Any]) -> None:
+        try:
+            configs[stage] = load_config(cls, config_path, by_stage.get(stage, []), section=stage, values=values)
+        except UserError as exc:
+            problems.append(f"[{stage}] {exc}")
+
+    wanted = set(cfg.stages)
+    if "mine" in wanted:
+        load("mine", mining.MineConfig, {"sources": list(cfg.sources), "out": str(dirs["mine"])})
+    if "filter" in wanted:
+        load("filter", filtering.FilterConfig, {"commits": str(dirs["mine"]), "out": str(dirs["filter"]),
+                                                "humanevalpack_dir": cfg.humanevalpack_dir})
+    if wanted & {"train", "tune", "serve"}:
+        from octoray import training
+
+        load("train", training.TrainConfig, {"data": str(dirs["filter"]), "out": str(dirs["train"])})
+    if "tune" in wanted:
+        from octoray import tuning
+
+        load("tune", tuning.TuneConfig, {"data": str(dirs["filter"]), "out": str(dirs["tune"])})
+    if "serve" in wanted:
+        from octoray import serving
+
+        load("serve", serving.ServeConfig, {"model": str((dirs["train"] / "model").resolve()),
+                                            "model_name": cfg.name})
+    if "eval" in wanted:
+        from octoray.evaluation.cli import EvalConfig
+
+        load("eval", EvalConfig, {"generator": "endpoint:http://placeholder/v1", "out": str(dirs["eval"]),
+                                  "data_dir": cfg.humanevalpack_dir,
+                                  "allow_code_execution": cfg.allow_code_execution})
+    if problems:
+        raise UserError("; ".join(problems))
+    return configs
+
+
+def _run_stage(stage: str, stage_cfgs: dict[str, Any]) -> None:
+    """Run one stage; each stage itself skips work its output already holds."""
+    if stage == "mine":
+        from octoray import mining
+
+        mining.run(stage_cfgs["mine"])
+    elif stage == "filter":
+        from octoray import filtering
+
+        filtering.run(stage_cfgs["filter"])
+    elif stage == "tune":
+        from octoray import tuning
+
+        tuning.run(stage_cfgs["tune"], stage_cfgs["train"])  # trials start from the train: section
+    elif stage == "train":
+        from octoray import training
+
+        training.run(stage_cfgs["train"])
+
+
+def _serve_and_evaluate(cfg: PipelineConfig, stage_cfgs: dict[str, Any], dirs: dict[str, Path],
+                        evaluate: bool) -> None:
+    """Serve the trained model, evaluate through the endpoint, probe latency, stop the server."""
+    latency_file = dirs["serve"] / LATENCY_FILE
+    if (not evaluate or is_complete(dirs["eval"], "eval")) and latency_file.is_file():
+        print("serve + eval: already complete; nothing to do")
+        return
+    from octoray import serving
+
+    url = serving.start(stage_cfgs["serve"])
+    print(f"serving {cfg.name} at {url}", flush=True)
+    try:
+        if evaluate:
+            from octoray.evaluation import cli as evaluation
+
+            evaluation.run(replace(stage_cfgs["eval"], generator=f"endpoint:{url}"))
+        latency = measure_latency(url, cfg.name, cfg.latency_requests, cfg.latency_concurrency)
+        atomic_write_json(latency_file, latency)
+        print(f"serving latency: p50 {latency['p50_s']:.3f} s, p99 {latency['p99_s']:.3f} s over "
+              f"{latency['requests']} requests at concurrency {latency['concurrency']}")
+    finally:
+        serving.shutdown()
+
+
+def measure_latency(url: str, model: str, requests: int, concurrency: int, max_tokens: int = 32) -> dict[str, Any]:
+    """Latency of ``requests`` completion calls at ``concurrency``, measured from the client."""
+    import requests as http
+
+    prompt = "Question: Write a function that returns the sum of a list.\n\nAnswer:\ndef total(xs):"
+
+    def one(i: int) -> tuple[float, int]:
+        start = time.perf_counter()
+        response = http.post(f"{url}/completions", timeout=300, json={
+            "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.2, "seed": i})
+        response.raise_for_status()
+        return time.perf_counter() - start, response.json()["usage"]["completion_tokens"]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - started
+    latencies = sorted(r[0] for r in results)
+    return {
+        "requests": requests, "concurrency": concurrency, "max_tokens": max_tokens,
+        "p50_s": statistics.median(latencies), "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "mean_s": statistics.fmean(latencies), "requests_per_s": requests / wall,
+        "tokens_per_s": sum(r[1] for r in results) / wall, "latencies_s": latencies,
+    }

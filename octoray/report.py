@@ -1,0 +1,157 @@
+"""The run report: ``report.md`` and its PNGs, from the stage directories of one pipeline run.
+
+Sections: the data funnel (mining drops, then the CommitPackFT rules), the loss curve, pass@k per
+task x language beside OctoCoder's published pass@1, and serving latency. A stage that did not run
+gets a line saying so rather than a missing section.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from octoray.outputs import atomic_write_text
+
+#: OctoCoder pass@1 (%) from the OctoPack paper (COMMITPACKFT.md), task -> language -> value.
+OCTOCODER_PASS1 = {
+    "fix": {"python": 30.4, "js": 28.4, "java": 30.6, "go": 30.2, "cpp": 26.1, "rust": 16.5},
+    "explain": {"python": 35.1, "js": 24.5, "java": 27.3, "go": 21.1, "cpp": 24.1, "rust": 14.8},
+    "synthesize": {"python": 46.2, "js": 39.2, "java": 38.2, "go": 30.4, "cpp": 35.6, "rust": 23.4},
+}
+LANGUAGE_ORDER = ("python", "js", "java", "go", "cpp", "rust")
+
+
+def write_report(root: Path, out: Path) -> Path:
+    """Write ``out/report.md`` (+ PNGs) from the stage directories under ``root``; returns its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    sections = [f"# octoray run report: `{root}`\n",
+                _funnel_section(root / "commits", root / "sft", out),
+                _training_section(root / "train", out),
+                _eval_section(root / "eval", out),
+                _latency_section(root / "serve", out)]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(sections))
+    return path
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on workers or CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _funnel_section(commits: Path, sft: Path, out: Path) -> str:
+    mined, filtered = _read_json(commits / "stats.json"), _read_json(sft / "stats.json")
+    if mined is None and filtered is None:
+        return "## Data funnel\n\nMining and filtering did not run.\n"
+    steps: list[tuple[str, int]] = []
+    if mined:
+        left = mined["commits_seen"]
+        steps.append(("commits seen", left))
+        for rule, count in mined["dropped"].items():
+            if count:
+                left -= count
+                steps.append((f"mine: {rule}", left))
+    if filtered:
+        funnel = filtered["funnel"]
+        steps += [(f"filter: {rule}" if rule != "input" else "CommitPack rows", n) for rule, n in funnel.items()]
+    lines = ["## Data funnel\n", "| step | rows left |", "|---|---:|"]
+    lines += [f"| {name} | {n:,} |" for name, n in steps]
+    if filtered:
+        lines.append(f"\nCommitPackFT rows: {filtered.get('commitpackft_rows', 0):,}; OASST rows mixed in: "
+                     f"{filtered.get('oasst_rows', 0):,}.")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * len(steps))))
+    names = [s[0] for s in steps][::-1]
+    ax.barh(names, [max(s[1], 0) for s in steps][::-1], color="#4c72b0")
+    ax.set_xlabel("rows left after the step")
+    ax.set_title("CommitPack -> CommitPackFT funnel")
+    fig.tight_layout()
+    fig.savefig(out / "funnel.png", dpi=100)
+    plt.close(fig)
+    return "\n".join(lines) + "\n\n![funnel](funnel.png)\n"
+
+
+def _training_section(run_dir: Path, out: Path) -> str:
+    from octoray.run_metrics import plot_loss, read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    if not rows:
+        return "## Training\n\nTraining did not run.\n"
+    plot_loss(run_dir / "metrics.jsonl", out / "loss.png")
+    first, last = rows[0], rows[-1]
+    tps = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+    lines = ["## Training\n", f"Steps: {last['step']}; loss {first['loss']:.3f} -> {last['loss']:.3f}."]
+    if tps:
+        lines.append(f"Throughput: {sum(tps) / len(tps):,.0f} tokens/s (mean over logged steps).")
+    mfu = [r["mfu"] for r in rows if r.get("mfu") is not None]
+    if mfu:
+        lines.append(f"MFU: {sum(mfu) / len(mfu):.1%}.")
+    return "\n".join(lines) + "\n\n![loss](loss.png)\n"
+
+
+def _eval_section(eval_dir: Path, out: Path) -> str:
+    metrics = _read_json(eval_dir / "metrics.json")
+    if not metrics:
+        return "## HumanEvalPack\n\nEvaluation did not run.\n"
+    lines = ["## HumanEvalPack\n", "pass@k in % (OctoCoder's published pass@1 beside it; problems x samples).\n",
+             "| task | language | pass@1 | pass@10 | OctoCoder pass@1 | problems | samples |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    bars: list[tuple[str, float, float | None]] = []
+    for task, by_lang in metrics.items():
+        for lang in sorted(by_lang, key=lambda l: LANGUAGE_ORDER.index(l) if l in LANGUAGE_ORDER else 99):
+            m = by_lang[lang]
+            ours = m.get("pass@1")
+            p10 = m.get("pass@10")
+            ref = OCTOCODER_PASS1.get(task, {}).get(lang)
+            lines.append(f"| {task} | {lang} | {_pct(ours)} | {_pct(p10)} | {ref if ref is not None else '-'} | "
+                         f"{m.get('n_problems', 0)} | {m.get('n_samples', 0)} |")
+            bars.append((f"{task}\n{lang}", 100 * (ours or 0.0), ref))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(bars)), 4))
+    xs = range(len(bars))
+    ax.bar([x - 0.2 for x in xs], [b[1] for b in bars], width=0.4, label="this run")
+    ax.bar([x + 0.2 for x in xs], [b[2] or 0 for b in bars], width=0.4, label="OctoCoder (paper)")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([b[0] for b in bars], fontsize=8)
+    ax.set_ylabel("pass@1 (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "passk.png", dpi=100)
+    plt.close(fig)
+    return "\n".join(lines) + "\n\n![pass@k](passk.png)\n"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _latency_section(serve_dir: Path, out: Path) -> str:
+    latency = _read_json(serve_dir / "latency.json")
+    if not latency:
+        return "## Serving\n\nThe server was not probed.\n"
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(latency["latencies_s"], bins=min(20, len(latency["latencies_s"])), color="#55a868")
+    ax.set_xlabel("request latency (s)")
+    ax.set_ylabel("requests")
+    ax.set_title(f"{latency['requests']} requests, concurrency {latency['concurrency']}")
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=100)
+    plt.close(fig)
+    return ("## Serving\n\n| requests | concurrency | max_tokens | p50 s | p99 s | requests/s | tokens/s |\n"
+            "|---:|---:|---:|---:|---:|---:|---:|\n"
+            f"| {latency['requests']} | {latency['concurrency']} | {latency['max_tokens']} | {latency['p50_s']:.3f} | "
+            f"{latency['p99_s']:.3f} | {latency['requests_per_s']:.2f} | {latency['tokens_per_s']:.1f} |\n\n"
+            "![latency](latency.png)\n")

@@ -1,0 +1,120 @@
+"""Per-step training metrics: JSONL + TensorBoard on rank 0, MFU, and the loss-curve PNG.
+
+Ray Train V2 keeps only metrics reported together with a checkpoint, so octoray logs every step
+itself. A resumed run truncates ``metrics.jsonl`` back to the checkpoint it restarts from, so the
+file holds each step exactly once however many times the workers restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+LOSS_PNG = "loss.png"
+
+#: Dense bf16 peak FLOP/s per GPU by device-name fragment (vendor datasheets, no sparsity).
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("A10G", 125e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("V100", 125e12),  # fp16 tensor cores; V100 has no bf16
+)
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of a GPU named ``device_name``, or None when unknown."""
+    for fragment, flops in PEAK_BF16_FLOPS:
+        if fragment.lower() in device_name.lower():
+            return flops
+    return None
+
+
+def mfu(n_params: int, tokens_per_s_per_device: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation ``6 * N * tokens/s / peak`` (PaLM's estimate), None without a peak."""
+    if not peak or tokens_per_s_per_device <= 0:
+        return None
+    return 6.0 * n_params * tokens_per_s_per_device / peak
+
+
+class MetricsLog:
+    """Append-only per-step log for rank 0; a no-op on other ranks."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int = 0) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Steps after the checkpoint we resume from are redone; drop their stale lines.
+        kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / TB_DIR), purge_step=resume_step + 1)
+        except ImportError:  # tensorboard is optional at runtime; the JSONL log is the record
+            self._tb = None
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Record one step's metrics (``row["step"]`` is required)."""
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not math.isnan(float(value)):
+                    self._tb.add_scalar(f"train/{key}", value, row["step"])
+
+    def close(self) -> None:
+        """Flush TensorBoard."""
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics JSONL file (a torn last line from a crash is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_loss(metrics_path: Path, png_path: Path) -> bool:
+    """Write the loss curve (train, and validation where logged) as a PNG; False if no rows."""
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: workers and CI have no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    val = [r for r in rows if r.get("val_loss") is not None]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return True

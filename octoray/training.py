@@ -1,0 +1,586 @@
+"""``octoray train``: fine-tune a causal LM on CommitPackFT with Ray Train + DeepSpeed.
+
+Reads top to bottom: the config, :func:`run` (the driver: check inputs, pick the model, build the
+packed Ray datasets, :func:`fit`, plot, manifest), then :func:`train_loop_per_worker` (what each
+Ray Train worker runs: DeepSpeed engine, resume, the step loop, checkpoints, export) and its helpers.
+
+``octoray tune`` drives the very same :func:`fit` / :func:`train_loop_per_worker` per trial.
+
+RUN_DIR layout: Ray Train's run (``checkpoint_<step>/`` with every rank's DeepSpeed shard,
+Ray's own state files), ``metrics.jsonl``, ``tb/``, ``loss.png``, ``config.yaml``, ``model/``
+(Hugging Face format, tokenizer included), ``base_model/`` (demo only) and ``manifest.json`` last.
+RUN_DIR must be on storage every worker sees (local disk for one node, NFS/EFS for a cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+from octoray.config import help_lines, load_config, option, split_overrides, to_dict
+from octoray.errors import UserError
+from octoray.outputs import is_complete, require_stage_output, write_manifest, write_resolved_config
+from octoray.run_metrics import LOSS_PNG, METRICS_FILE, MetricsLog, mfu, peak_flops, plot_loss
+
+STAGE = "train"
+#: DeepSpeed checkpoint tag inside every Ray checkpoint directory.
+CKPT_TAG = "ds"
+#: octoray's own resume state (step, tokens) next to the DeepSpeed shards.
+STATE_FILE = "octoray_state.json"
+#: Marker that makes the ``fail_at_step`` test hook fire only once per run directory.
+FAIL_MARKER = ".fail_at_step_done"
+DEMO = "demo"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``octoray train`` reads; the ``train:`` section of a jobs/ YAML file."""
+
+    data: Optional[Path] = option(None, "sft/ directory written by 'octoray filter' (or --data)")
+    out: Optional[Path] = option(None, "run directory RUN_DIR: checkpoints, metrics, model/ (or --out)")
+    model: str = option(DEMO, "hub id or local path of a causal LM (e.g. bigcode/starcoder), or 'demo' for a tiny GPTBigCode built from the SFT text")
+    demo_layers: int = option(2, "demo model: transformer layers")
+    demo_embd: int = option(128, "demo model: hidden size")
+    demo_vocab: int = option(2048, "demo model: BPE vocabulary trained on the SFT text")
+    seq_len: int = option(512, "tokens per packed training sequence (OctoCoder: 2048)")
+    target_only: bool = option(False, "loss on completions only (OctoCoder trains on the whole sequence)")
+    oasst_ratio: Optional[float] = option(None, "fraction of training rows drawn from OASST (source=oasst), e.g. 0.63 for ~8.6k OASST per 5k commits; null keeps the rows as filtered")
+    val_fraction: float = option(0.0, "fraction of packed sequences held out for validation loss (0 = none)")
+    num_workers: int = option(2, "Ray Train workers (one per GPU on a GPU cluster)")
+    cpus_per_worker: int = option(1, "CPUs reserved per worker")
+    device: Literal["auto", "cpu", "gpu"] = option("auto", "gpu when the cluster has GPUs (auto), else cpu")
+    precision: Literal["auto", "bf16", "fp32"] = option("auto", "bf16 on GPUs that have it (auto), fp32 on CPU")
+    zero_stage: Literal[0, 1, 2, 3] = option(2, "DeepSpeed ZeRO stage")
+    offload_optimizer: bool = option(False, "ZeRO optimizer state offload to CPU memory")
+    offload_params: bool = option(False, "ZeRO-3 parameter offload to CPU memory")
+    batch_size: int = option(4, "global batch in sequences = micro_batch x grad_accum x num_workers (OctoCoder: 32)")
+    micro_batch: int = option(1, "sequences per worker per forward pass")
+    lr: float = option(5e-4, "peak learning rate (AdamW)")
+    warmup_steps: int = option(2, "linear warmup steps before the cosine decay")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of lr")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient norm clipping (0 = off)")
+    max_steps: int = option(35, "optimizer steps (OctoCoder: 35)")
+    lora: bool = option(False, "train LoRA adapters (peft) instead of all weights; merged into model/ on export")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_targets: tuple[str, ...] = option(("c_attn", "c_proj"), "module names LoRA wraps (GPTBigCode attention projections)")
+    checkpoint_every: int = option(10, "save a checkpoint (and compute validation loss) every N steps and at the end")
+    keep_checkpoints: int = option(2, "checkpoints kept on disk (CheckpointConfig.num_to_keep)")
+    max_failures: int = option(3, "worker-group restarts from the last checkpoint before giving up (-1 = forever)")
+    export: bool = option(True, "write the final model in Hugging Face format to RUN_DIR/model")
+    seed: int = option(0, "seed for shuffling, OASST sampling and init")
+    fail_at_step: int = option(0, "testing hook: the last worker exits abruptly once before this step (0 = never)")
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step on each worker."""
+        return max(1, self.batch_size // max(1, self.micro_batch * self.num_workers))
+
+    def problems(self) -> list[str]:
+        """Every inconsistency in the config, for one ConfigError."""
+        out = []
+        for name in ("seq_len", "num_workers", "cpus_per_worker", "batch_size", "micro_batch", "max_steps",
+                     "checkpoint_every", "keep_checkpoints", "lora_r", "lora_alpha", "demo_layers", "demo_embd"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        per_step = self.micro_batch * self.num_workers
+        if per_step >= 1 and self.batch_size % per_step:
+            out.append(f"batch_size {self.batch_size} is not divisible by micro_batch x num_workers = "
+                       f"{self.micro_batch} x {self.num_workers} (global batch = micro_batch x grad_accum x num_workers)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            out.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.oasst_ratio is not None and not 0.0 <= self.oasst_ratio < 1.0:
+            out.append(f"oasst_ratio must be in [0, 1) or null, got {self.oasst_ratio}")
+        if self.lr <= 0:
+            out.append(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_steps < max(1, self.max_steps):
+            out.append(f"warmup_steps must be in [0, max_steps), got {self.warmup_steps}")
+        if self.offload_params and self.zero_stage != 3:
+            out.append("offload_params needs zero_stage 3")
+        if self.precision == "bf16" and self.device == "cpu":
+            out.append("precision bf16 needs device gpu (CPU training runs in fp32)")
+        if self.lora and not self.lora_targets:
+            out.append("lora_targets must name at least one module")
+        return out
+
+
+def run(cfg: TrainConfig) -> Path:
+    """Train per ``cfg`` and return RUN_DIR; a complete RUN_DIR is left as is, a partial one resumes."""
+    started = time.time()
+    data_dir, run_dir = _require_paths(cfg)
+    sft_manifest = require_stage_output(data_dir, "filter", "SFT data")
+    if is_complete(run_dir, STAGE):
+        print(f"octoray train: {run_dir} is already complete (manifest.json); nothing to do")
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(run_dir, cfg)
+    model_path = resolve_model(cfg, data_dir, run_dir)
+    _init_ray()
+    datasets, counts = prepare_datasets(cfg, data_dir, model_path)
+    fit(cfg, model_path=model_path, datasets=datasets, run_dir=run_dir)
+    plot_loss(run_dir / METRICS_FILE, run_dir / LOSS_PNG)
+    files = [METRICS_FILE, LOSS_PNG, "config.yaml"] + (["model"] if cfg.export else [])
+    write_manifest(run_dir, STAGE, cfg, rows=counts["train_sequences"], files=files, started=started,
+                   inputs={"sft": {"path": str(data_dir), "rows": sft_manifest.get("rows")}},
+                   extra={"model_path": model_path, "counts": counts, "last_metrics": _last_metrics(run_dir)})
+    return run_dir
+
+
+def _require_paths(cfg: TrainConfig) -> tuple[Path, Path]:
+    if cfg.data is None:
+        raise UserError("no SFT data given: pass --data SFT_DIR (the output of 'octoray filter')")
+    if cfg.out is None:
+        raise UserError("no run directory given: pass --out RUN_DIR")
+    return Path(cfg.data).resolve(), Path(cfg.out).resolve()
+
+
+def _init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (set by Ray Jobs) joins a cluster; otherwise a local one starts.
+        ray.init(log_to_driver=True)
+
+
+def resolve_model(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> str:
+    """The model to fine-tune: a hub id / local path checked up front, or the demo model built once."""
+    if cfg.model == DEMO:
+        base = run_dir / "base_model"
+        if not (base / "config.json").is_file():  # reruns reuse it so a resume trains the same model
+            from octoray.modeling import build_demo_model
+
+            texts = sft_texts(data_dir, limit=20_000)
+            build_demo_model(base, texts, vocab_size=cfg.demo_vocab, n_layer=cfg.demo_layers,
+                             n_embd=cfg.demo_embd, n_positions=max(cfg.seq_len, 64), seed=cfg.seed)
+        return str(base)
+    if cfg.model.startswith(("/", "./", "../", "~")) and not Path(cfg.model).expanduser().is_dir():
+        raise UserError(f"model directory not found: {cfg.model} (give a hub id, a local model directory, or 'demo')")
+    from transformers import AutoConfig
+
+    from octoray.modeling import load_tokenizer
+
+    try:  # the config is a few KB: a cheap check that the model exists before Ray starts workers
+        config = AutoConfig.from_pretrained(cfg.model)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model '{cfg.model}': {str(exc).strip().splitlines()[0]}") from None
+    load_tokenizer(cfg.model)
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if positions and cfg.seq_len > positions:
+        raise UserError(f"seq_len {cfg.seq_len} exceeds the model's context of {positions} tokens")
+    return cfg.model
+
+
+def sft_files(data_dir: Path) -> list[str]:
+    """The Parquet shards of an ``sft/`` directory."""
+    files = sorted(str(p) for p in Path(data_dir).rglob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        raise UserError(f"no Parquet shards in {data_dir}")
+    return files
+
+
+def sft_texts(data_dir: Path, limit: int) -> list[str]:
+    """Up to ``limit`` prompt+completion strings, to train the demo tokenizer on."""
+    import pyarrow.parquet as pq
+
+    texts: list[str] = []
+    for path in sft_files(data_dir):
+        table = pq.read_table(path, columns=["prompt", "completion"])
+        texts.extend(p + c for p, c in zip(table["prompt"].to_pylist(), table["completion"].to_pylist()))
+        if len(texts) >= limit:
+            break
+    return texts[:limit]
+
+
+def prepare_datasets(cfg: TrainConfig, data_dir: Path, model_path: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """Ray Data: read ``sft/``, mix in OASST at ``oasst_ratio``, shuffle, pack, split off validation."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from octoray.packing import pack_batch
+
+    files = sft_files(data_dir)
+    schema = pq.read_schema(files[0])
+    missing = [c for c in ("prompt", "completion") if c not in schema.names]
+    if missing:
+        raise UserError(f"{data_dir} lacks column(s) {', '.join(missing)}: is it the output of 'octoray filter'?")
+    has_source = "source" in schema.names
+    columns = ["prompt", "completion"] + (["source"] if has_source else [])
+    ds = ray.data.read_parquet(files).select_columns(columns)
+    counts: dict[str, int] = {}
+    if cfg.oasst_ratio is not None and has_source:
+        ds, counts = _mix_oasst(ds, files, cfg.oasst_ratio, cfg.seed)
+    ds = ds.random_shuffle(seed=cfg.seed)
+    packed = ds.map_batches(pack_batch, batch_format="numpy", batch_size=512,
+                            fn_kwargs={"tokenizer_path": model_path, "seq_len": cfg.seq_len,
+                                       "target_only": cfg.target_only}).materialize()
+    total = packed.count()
+    datasets = {"train": packed}
+    n_val = 0
+    if cfg.val_fraction > 0:
+        train, val = packed.train_test_split(test_size=cfg.val_fraction)
+        n_val = val.count()
+        if n_val < cfg.num_workers:
+            raise UserError(f"val_fraction {cfg.val_fraction} leaves {n_val} validation sequences for "
+                            f"{cfg.num_workers} workers: raise it or add data")
+        datasets = {"train": train.materialize(), "val": val.materialize()}
+    n_train = total - n_val
+    if n_train < cfg.micro_batch * cfg.num_workers:
+        raise UserError(f"only {n_train} packed training sequences of {cfg.seq_len} tokens, fewer than "
+                        f"micro_batch x num_workers = {cfg.micro_batch * cfg.num_workers}: add data or lower seq_len")
+    counts.update({"train_sequences": n_train, "val_sequences": n_val})
+    return datasets, counts
+
+
+def _mix_oasst(ds: Any, files: list[str], ratio: float, seed: int) -> tuple[Any, dict[str, int]]:
+    """Keep every commit row and a seeded sample of OASST rows so they make up ~``ratio`` of the mix.
+
+    Each OASST row is kept when a hash of (seed, row) falls under ``take / n_oasst``: one fused
+    filter in the read tasks instead of filter + shuffle + limit + union, and the same rows on
+    every rerun (the driver counts them with the same rule for the manifest).
+    """
+    import pyarrow.parquet as pq
+
+    oasst_rows: list[tuple[str, str]] = []
+    n_total = 0
+    for f in files:
+        table = pq.read_table(f, columns=["source", "prompt", "completion"])
+        n_total += table.num_rows
+        oasst_rows.extend((p, c) for s, p, c in zip(table["source"].to_pylist(), table["prompt"].to_pylist(),
+                                                   table["completion"].to_pylist()) if s == "oasst")
+    n_oasst, n_commits = len(oasst_rows), n_total - len(oasst_rows)
+    wanted = round(ratio / (1.0 - ratio) * n_commits)
+    if wanted > n_oasst:
+        print(f"octoray train: oasst_ratio {ratio} wants {wanted} OASST rows, only {n_oasst} exist; using all")
+    keep = min(1.0, wanted / n_oasst) if n_oasst else 0.0
+    rule = functools.partial(_keep_row, keep=keep, seed=seed)
+    kept = sum(rule({"source": "oasst", "prompt": p, "completion": c}) for p, c in oasst_rows)
+    return ds.filter(rule), {"commit_rows": n_commits, "oasst_rows": kept}
+
+
+def _keep_row(row: dict[str, Any], *, keep: float, seed: int) -> bool:
+    if row["source"] != "oasst":
+        return True
+    digest = zlib.crc32(f"{seed}\0{row['prompt']}\0{row['completion']}".encode("utf-8"))
+    return digest / 2**32 < keep
+
+
+def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir: Path,
+        callbacks: Sequence[Any] = ()) -> Any:
+    """Run :func:`train_loop_per_worker` on ``cfg.num_workers`` Ray Train workers; return the Result.
+
+    ``RunConfig(storage_path=RUN_DIR's parent, name=RUN_DIR's name)`` makes a rerun of the same
+    command find Ray Train's checkpoint state in RUN_DIR and resume from its latest checkpoint;
+    ``FailureConfig`` restarts the worker group from it after a worker dies.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = _use_gpu(cfg)
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir), "model_path": model_path},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent),
+            # With a validation split keep the best checkpoints by val_loss (Ray keeps the latest
+            # as well, for resuming); without one, the most recent.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute="val_loss" if cfg.val_fraction > 0 else None,
+                checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=list(callbacks)),
+        datasets=datasets,
+    )
+    return trainer.fit()
+
+
+def _use_gpu(cfg: TrainConfig) -> bool:
+    if cfg.device != "auto":
+        return cfg.device == "gpu"
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _last_metrics(run_dir: Path) -> dict[str, Any]:
+    from octoray.run_metrics import read_metrics
+
+    rows = read_metrics(run_dir / METRICS_FILE)
+    return rows[-1] if rows else {}
+
+
+# --------------------------------------------------------------------------------------------
+# The Ray Train worker
+# --------------------------------------------------------------------------------------------
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: build the DeepSpeed engine, resume, train, checkpoint, export.
+
+    ``config`` holds the resolved TrainConfig as a dict, the run directory and the model path.
+    Inside ``octoray tune`` ``config`` also carries the trial's hyperparameters (already merged).
+    """
+    import deepspeed  # imported here: the driver and `octoray --help` never pay for it
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from octoray.config import from_mapping
+    from octoray.deepspeed_config import build_deepspeed_config, warmup_cosine
+
+    cfg = from_mapping(TrainConfig, config["cfg"])
+    run_dir, model_path = Path(config["run_dir"]), config["model_path"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cuda = torch.cuda.is_available()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    torch.manual_seed(cfg.seed)
+
+    ds_config = build_deepspeed_config(
+        zero_stage=cfg.zero_stage, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world_size=world,
+        lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16,
+        offload_optimizer=cfg.offload_optimizer, offload_params=cfg.offload_params, cuda=cuda)
+    model, hf_ds_config = _load_model(cfg, model_path, ds_config, bf16)
+    schedule = functools.partial(warmup_cosine, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                                 min_lr_ratio=cfg.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+
+    step, tokens_seen = _maybe_resume(engine, ray.train.get_checkpoint())
+    start_step = step  # logged with every row: shows where a (re)started worker group resumed
+    log = MetricsLog(run_dir, enabled=rank == 0, resume_step=step)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if cfg.val_fraction > 0 else None
+    batches = _endless_batches(train_shard, cfg.micro_batch)
+    progress = _progress(rank, step, cfg.max_steps)
+
+    while step < cfg.max_steps:
+        _maybe_fail(cfg, run_dir, step + 1, rank, world)
+        engine.train()
+        lr = engine.get_lr()[0]
+        started = time.perf_counter()
+        sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, tokens
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            engine.backward(loss)
+            engine.step()
+            sums[0] += loss.detach().double()
+            sums[1] += batch["input_ids"].numel()
+        dist.all_reduce(sums)  # one small collective: the logged loss is the global mean
+        seconds = time.perf_counter() - started
+        step += 1
+        step_tokens = int(sums[1].item())
+        tokens_seen += step_tokens
+        row = {"step": step, "loss": float(sums[0].item()) / (cfg.grad_accum * world), "lr": lr,
+               "tokens_per_s": step_tokens / seconds, "step_seconds": seconds, "tokens": tokens_seen,
+               "mfu": mfu(n_params, step_tokens / seconds / world, peak), "start_step": start_step}
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if val_shard is not None:
+                row["val_loss"] = _evaluate(engine, val_shard, cfg.micro_batch)
+            log.log(row)
+            _save_and_report(engine, row, step, tokens_seen, rank)
+        else:
+            log.log(row)
+        progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        progress.update(1)
+    progress.close()
+    log.close()
+    if cfg.export:
+        _export(engine, cfg, model_path, run_dir / "model", rank)
+    del hf_ds_config  # kept alive until here: transformers reads it while ZeRO-3 is active
+
+
+def _load_model(cfg: TrainConfig, model_path: str, ds_config: dict[str, Any], bf16: bool) -> tuple[Any, Any]:
+    import torch
+
+    hf_ds_config = None
+    if cfg.zero_stage == 3:
+        # With this object alive, from_pretrained builds the model under deepspeed.zero.Init, so
+        # each rank materialises only its partition (a 15.5B model never sits whole on one GPU).
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+    from octoray.modeling import load_model
+
+    model = load_model(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets)))
+    return model, hf_ds_config
+
+
+def _maybe_resume(engine: Any, checkpoint: Any) -> tuple[int, int]:
+    """Load the latest Ray checkpoint into the engine; return (step, tokens) reached."""
+    if checkpoint is None:
+        return 0, 0
+    with checkpoint.as_directory() as ckpt_dir:
+        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG)
+        if load_path is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint '{CKPT_TAG}' in {ckpt_dir}")
+        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+    return int(state["step"]), int(state["tokens"])
+
+
+def _endless_batches(shard: Any, micro_batch: int):
+    """Micro-batches forever, epoch after epoch (shards are equal-sized, so ranks stay in lockstep)."""
+    while True:
+        seen = 0
+        for batch in shard.iter_torch_batches(batch_size=micro_batch, drop_last=True):
+            seen += 1
+            yield batch
+        if not seen:
+            raise RuntimeError("this worker's data shard holds fewer sequences than micro_batch")
+
+
+def _evaluate(engine: Any, shard: Any, micro_batch: int) -> float:
+    """Mean per-token validation loss over every worker's validation shard."""
+    import torch
+    import torch.distributed as dist
+
+    from octoray.packing import IGNORE_INDEX
+
+    engine.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=micro_batch, drop_last=False):
+            loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the model shifts labels by one
+            sums[0] += loss.double() * n
+            sums[1] += n
+    dist.all_reduce(sums)
+    engine.train()
+    return float(sums[0] / sums[1].clamp(min=1))
+
+
+def _save_and_report(engine: Any, metrics: dict[str, Any], step: int, tokens: int, rank: int) -> None:
+    """Every rank writes its DeepSpeed shard into one Ray checkpoint directory and reports it."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="octoray-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=CKPT_TAG)
+        if rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, "tokens": tokens}))
+        reported = {k: v for k, v in metrics.items() if v is not None}
+        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+
+def _maybe_fail(cfg: TrainConfig, run_dir: Path, next_step: int, rank: int, world: int) -> None:
+    """Test hook: the last rank dies abruptly once, to exercise FailureConfig + resume."""
+    if cfg.fail_at_step != next_step or rank != world - 1:
+        return
+    marker = run_dir / FAIL_MARKER
+    if marker.exists():
+        return
+    marker.write_text(f"worker {rank} exited before step {next_step}\n")
+    # Ray's controller registers a reported checkpoint when it next polls the workers (every 2 s);
+    # a death right after the report could beat that and lose the checkpoint, which a real crash
+    # hours into a run would not. Wait (bounded) until Ray's snapshot names the last checkpoint.
+    last = (next_step - 1) // cfg.checkpoint_every * cfg.checkpoint_every
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 120
+    while last and time.time() < deadline:
+        if snapshot.is_file() and f"checkpoint_{last:06d}" in snapshot.read_text(errors="replace"):
+            break
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _progress(rank: int, step: int, total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=step, desc="train", unit="step", disable=rank != 0, mininterval=1.0)
+
+
+def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank: int) -> None:
+    """Write the trained model (LoRA merged) + tokenizer in Hugging Face format on rank 0.
+
+    Parameters are gathered one at a time (whole under ZeRO-3, a no-op otherwise), so no rank
+    ever holds a second full copy on the GPU; rank 0 assembles them on the CPU.
+    """
+    import deepspeed
+    import torch
+
+    state: dict[str, Any] = {}
+    module = engine.module
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], enabled=cfg.zero_stage == 3):
+            if rank == 0:
+                state[name] = param.detach().to("cpu", copy=True)
+    if rank == 0:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from octoray.modeling import load_tokenizer
+
+        hf_config = AutoConfig.from_pretrained(model_path)
+        dtype = next(iter(state.values())).dtype
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        if cfg.lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets)))
+        missing = set(dict(model.named_parameters())) - set(state)
+        if missing:
+            raise RuntimeError(f"export: trained state lacks {sorted(missing)[:3]}")
+        model.load_state_dict(state, strict=False)  # buffers (attention masks) come from the config
+        if cfg.lora:
+            model = model.merge_and_unload()
+        model.config.use_cache = True
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        model.save_pretrained(tmp)
+        load_tokenizer(model_path).save_pretrained(tmp)
+        if out_dir.exists():
+            import shutil
+
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)  # a crash mid-export never leaves a half model/ behind
+    torch.distributed.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``octoray train CONFIG.yaml --data SFT_DIR --out RUN_DIR [key=value ...]``."""
+    parser.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
+                        help="a YAML config (its train: section) and key=value overrides")
+    parser.add_argument("--data", help="sft/ directory written by 'octoray filter'")
+    parser.add_argument("--out", help="run directory (checkpoints, metrics, model/)")
+    parser.epilog = "config keys:\n" + "\n".join(help_lines(TrainConfig))
+
+
+def load_train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig that ``args`` (CONFIG.yaml, --data, --out, overrides) describe."""
+    positional, overrides = split_overrides(args.args)
+    if len(positional) > 1:
+        raise UserError(f"expected one config file, got {len(positional)}: {' '.join(positional)}")
+    return load_config(TrainConfig, positional[0] if positional else None, overrides, section="train",
+                       values={"data": args.data, "out": args.out})
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``octoray train``."""
+    run_dir = run(load_train_config(args))
+    print(f"octoray train: model in {run_dir / 'model'}")
+    return 0

@@ -1,0 +1,115 @@
+"""Program assembly (fast) and oracle correctness per language (toolchain): canonical solutions
+pass and buggy ones fail on a sample of HumanEvalPack problems. The full 164 x 6 check is
+``benchmarks/oracle_check.py``."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+from octoray.evaluation.execution import LANGUAGES, TIMEOUTS_S, ExecutionResult, Sandbox
+from octoray.evaluation.programs import build_program
+
+# Problems per language in the default run (Rust/32 and Rust/50 need rand 0.7: avoided).
+SAMPLE = {"python": (0, 41, 82, 123, 163), "js": (0, 41, 82, 123, 163),
+          "go": (0, 41, 82, 123, 163), "cpp": (0, 41, 82, 162, 163),
+          "java": (10, 100, 162), "rust": (10, 100, 162)}
+
+
+@lru_cache(maxsize=None)
+def _problems(shared: Path, language: str) -> list[dict]:
+    path = shared / "humanevalpack" / f"{language}.jsonl"
+    return [json.loads(line) for line in path.open()]
+
+
+# -- program assembly (no execution) -------------------------------------------------------------
+
+GO_PROBLEM = {"test_setup": 'package main\n\nimport (\n    "testing"\n'
+                            '    "github.com/stretchr/testify/assert"\n)\n',
+              "test": "func TestF(t *testing.T) {\n    assert.Equal(t, 1, F())\n}\n"}
+
+
+def test_go_adds_used_and_drops_unused_imports() -> None:
+    code = ('import (\n    "strings"\n    "math"\n)\n\n'
+            "// a list of strings.\nfunc F() int {\n    return int(math.Abs(-1))\n}\n")
+    src = build_program("go", GO_PROBLEM, code).source
+    assert '"strings"' not in src  # only named in a comment: Go would refuse the import
+    assert src.count('"math"') == 1 and src.startswith("package main")
+    src = build_program("go", GO_PROBLEM,
+                        "func F() int {\n    return len(strconv.Itoa(7))\n}\n").source
+    assert '"strconv"' in src
+    src = build_program("go", GO_PROBLEM, "func F() int {\n    return rand.Intn(1) + 1\n}\n").source
+    assert '"math/rand"' in src
+
+
+def test_rust_gets_main_and_missing_declaration_lines() -> None:
+    problem = {"declaration": "\nuse rand::Rng;\nuse md5;\n\nfn f(x: i32) -> i32{\n", "test": ""}
+    src = build_program("rust", problem, "use md5;\nfn f(x: i32) -> i32{\n    x\n}\n").source
+    assert src.startswith("fn main(){}\nuse rand::Rng;\n")
+    assert src.count("use md5;") == 1 and src.count("fn f(") == 1
+    twice = "fn f(x: i32) -> i32{ x }\nfn main() {}\nfn main() {}\n"
+    assert build_program("rust", problem, twice).source.count("fn main()") == 1  # 2nd cut off
+
+
+def test_cpp_java_python_js_wrapping() -> None:
+    cpp = build_program("cpp", {"test": "int main(){}"}, "int f(){return 1;}\nint main(){}").source
+    assert cpp.startswith("using namespace std;") and cpp.count("int main") == 1
+    java = build_program("java", {"test": "public class Main {}"},
+                         "class Solution {}\npublic class Main {\n    }").source
+    assert java.count("public class Main") == 1
+    py = build_program("python", {"test": "check(f)"}, "def f(): pass").source
+    assert py.startswith("import math") and py.endswith("def f(): pass\n\ncheck(f)")
+    assert build_program("js", {"test": "t()"}, "const f = 1").source == "const f = 1\n\nt()"
+    with pytest.raises(ValueError):
+        build_program("cobol", {"test": ""}, "")
+
+
+def test_timeouts_are_the_reference_ones() -> None:
+    assert TIMEOUTS_S == {"python": 10, "js": 10, "java": 10, "go": 20, "cpp": 60, "rust": 300}
+    assert set(TIMEOUTS_S) == set(LANGUAGES)
+
+
+# -- oracle correctness (compilers and interpreters run) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Sandbox:
+    # The default cache dir persists between runs: Rust deps / Go cache are built once per machine.
+    return Sandbox()
+
+
+@pytest.mark.toolchain
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_oracle_canonical_passes_buggy_fails(sandbox: Sandbox, shared_dir: Path,
+                                             language: str) -> None:
+    problems = _problems(shared_dir, language)
+    sandbox._toolchain_problem(language)  # warm-up (Rust deps, Go cache) is not a sample
+    for idx in SAMPLE[language]:
+        p = problems[idx]
+        good = sandbox.execute(language, p, p["declaration"] + p["canonical_solution"])
+        assert good.status == "pass", (p["task_id"], good.stderr_tail)
+        bad = sandbox.execute(language, p, p["declaration"] + p["buggy_solution"])
+        assert bad.status in ("fail", "timeout"), (p["task_id"], bad.stderr_tail)
+
+
+@pytest.mark.toolchain
+def test_compile_error_is_fail_and_unknown_language_is_error(sandbox: Sandbox,
+                                                             shared_dir: Path) -> None:
+    p = _problems(shared_dir, "go")[0]
+    res = sandbox.execute("go", p, "func HasCloseElements(numbers []float64, threshold float64)"
+                                   " bool {\n    return notDefined\n}\n")
+    assert res.status == "fail" and "notDefined" in res.stderr_tail
+    res = sandbox.execute("cobol", p, "")
+    assert isinstance(res, ExecutionResult) and res.status == "error"
+
+
+@pytest.mark.toolchain
+def test_js_output_counts_as_failure(sandbox: Sandbox, shared_dir: Path) -> None:
+    p = _problems(shared_dir, "js")[0]
+    code = p["declaration"] + p["canonical_solution"]
+    assert sandbox.execute("js", p, code).status == "pass"
+    res = sandbox.execute("js", p, "console.log('hi');\n" + code)
+    assert res.status == "fail" and "hi" in res.stderr_tail  # exit code 0, but it printed

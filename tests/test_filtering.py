@@ -1,0 +1,433 @@
+"""``octoray filter``: each CommitPackFT rule on hand-made rows, the funnel on a mined repository,
+the tokenizer rule with a tiny local tokenizer, resume, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from octoray import commitpackft_rules as rules
+from octoray.errors import UserError
+from octoray.filtering import FUNNEL_KEYS, FilterConfig, _read_oasst, add_prompts
+from tests.conftest import run_cli
+
+
+def col(*values: object) -> pa.Array:
+    return pa.array(list(values), pa.string())
+
+
+def keep(mask: pa.Array) -> list[bool]:
+    return mask.to_pylist()
+
+
+EXT = {"Python": frozenset({".py", ".pyw"}), "TypeScript": frozenset({".ts", ".d.ts"})}
+
+
+def ext_for(lang: str) -> frozenset[str]:
+    return EXT.get(lang, frozenset())
+
+
+@pytest.fixture(scope="module")
+def shipped() -> rules.Tables:
+    return rules.load_tables()
+
+
+@pytest.fixture(scope="module")
+def original(shared_dir: Path) -> rules.Tables:
+    return rules.load_tables(shared_dir / "commitpack/good_starts_en.txt", shared_dir / "commitpack/bad_subjects.json")
+
+
+# ------------------------------------------------------------------------------- rules one by one
+
+
+def test_rule_content() -> None:
+    old = col("a", "a", "a", "x" * 49_999, "x" * 50_000)
+    new = col("b", "", "a", "y", "y")
+    assert keep(rules.rule_content(old, new)) == [True, False, False, True, False]
+
+
+def test_rule_no_hash() -> None:
+    assert keep(rules.rule_no_hash(col("Fix crash in the parser", "Fix #12 in the parser", None))) == [True, False, False]
+
+
+def test_rule_extension_uses_the_rows_language() -> None:
+    files = col("src/a.py", "src/a.PY", "src/a.js", "Makefile", "types/x.d.ts", "a.py")
+    langs = col("Python", "Python", "Python", "Python", "TypeScript", "Ruby")
+    assert keep(rules.rule_extension(files, langs, ext_for)) == [True, True, False, False, True, False]
+
+
+def test_rule_no_file_name() -> None:
+    files = col("src/parser.py", "src/parser.py", "src/a.test.js", ".bashrc", "src/io.py")
+    subjects = col("Fix the parser crash", "Fix the tokenizer crash", "Speed up a.test runs", "Add alias for git", "Fix IO")
+    assert keep(rules.rule_no_file_name(files, subjects)) == [False, True, False, True, True]
+
+
+def test_rule_subject_length() -> None:
+    subjects = col("Fix a b c d", "Fix a b c", "Fix it up a", "Fix" + " a" * 497, "Fix" + " a" * 498,
+                   "Fix    the  parser   crash   now")
+    # 11 chars/5 words; 4 words; 11 chars/4 words; 997 chars; 999 chars; extra spaces are no words
+    assert keep(rules.rule_subject_length(subjects)) == [True, False, False, True, True, True]
+    assert keep(rules.rule_subject_length(col("Fix" + " a" * 499))) == [False]  # 1001 chars
+
+
+def test_clean_subject_matches_the_original_cleaning() -> None:
+    subjects = ["[core] parser: Fix the crash [skip ci]", "[a] [b]", "x: y: Fix it", "Fix the crash [#12]",
+                "  Fix   spaced\tout words ", "[ui]", "module.py: Handle None in the loader", ""]
+    cleaned = rules.clean_subject(col(*subjects)).to_pylist()
+    assert cleaned == [rules.reference_clean_subject(s) for s in subjects]
+    assert cleaned[0] == "Fix the crash" and cleaned[2] == "y: Fix it" and cleaned[4] == "Fix spaced out words"
+
+
+def test_rule_capitalized() -> None:
+    assert keep(rules.rule_capitalized(col("Fix it", "fix it", "1 fix", "Élargir", ""))) == [True, False, False, True, False]
+
+
+def test_token_length_bounds_are_inclusive() -> None:
+    assert keep(rules.token_length_ok([49, 50, 768, 769], 50, 768)) == [False, True, True, False]
+
+
+def test_rule_imperative_with_shipped_and_original_tables(shipped: rules.Tables, original: rules.Tables) -> None:
+    subjects = col("Add retry to the client", "Added retry to the client", "Update readme", "Merge branch 'dev' into x",
+                   "1.2.3 release of the thing", "v2.0.1", "deadbeef-0123", "Deal with empty input files",
+                   "Avoid a crash on empty input", "Add <?xml header to output", "Fix signed-off-by parsing")
+    expected_original = [True, False, False, False, False, False, False, True, False, False, False]
+    assert keep(rules.rule_imperative(subjects, original)) == expected_original
+    # octoray's table extends the original verbs ("avoid"); everything else decides the same.
+    assert keep(rules.rule_imperative(subjects, shipped)) == [*expected_original[:8], True, False, False]
+    assert len(original.verbs) == 257 and original.verbs <= shipped.verbs
+
+
+def test_version_regex_matches_the_original_lookahead() -> None:
+    import re
+
+    for text in ["1.2.3", "1.2.3 fix the build now", "1.2.34 fix the build now", "v1.2.3-rc1", "10.20.3a"]:
+        python = re.match(r"(?:v)?\d+\.\d+\.\d+(?=$|\S)", text) is not None
+        arrow = rules._pc().match_substring_regex(col(text), rules.VERSION_RE).to_pylist()[0]
+        assert arrow == python, text
+
+
+def test_rule_second_pass() -> None:
+    subjects = col(
+        "Fix the crash in the parser",                  # kept
+        "Fix crash (cherry picked from commit abc)",     # cherry-pick
+        "Revert " + "a" * 40 + " in parser",             # SHA
+        "Fix the crash in the parser [ci skip]",         # kept, tag removed
+        "Fix what i broke yesterday",                    # first person
+        "Add thanks to Bob for the fix",                 # thanks to ... for
+        "Apply code review comments",                    # code review
+        "Fix issue 42 in the parser",                    # issue number
+        "Fix bug 7 in the parser",                        # bug number
+        "Add WIP parser for the format",                 # wip as a word
+        "Wipe caches before each test",                  # "wip" inside a word: kept (octoray)
+        "Add link https://example.com to docs",          # URL
+        "Solve Two Sum | LeetCode",                      # leetcode
+        "Fix the parser [ci skip]",                      # 3 words after cleaning
+        "Put the thingie in the thingie",                # joke subject
+    )
+    commits = col(*[f"{i:040x}" for i in range(len(subjects))])
+    assert keep(rules.rule_second_pass(subjects, commits, seed=0)) == [
+        True, False, False, True, False, False, False, False, False, False, True, False, False, False, False]
+    assert rules.second_pass_subject(col("Fix the crash [ci skip]")).to_pylist() == ["Fix the crash"]
+
+
+def test_version_bump_drop_is_seeded_per_commit() -> None:
+    n = 2000
+    subjects = col(*(["Bump version of parser to 2"] * n))
+    commits = col(*[f"{i:040x}" for i in range(n)])
+    first = keep(rules.rule_second_pass(subjects, commits, seed=0))
+    assert 0.07 < sum(first) / n < 0.13  # ~10% kept
+    # Same decision per commit whatever the batch order; another seed draws other commits.
+    reversed_ = keep(rules.rule_second_pass(col(*reversed(subjects.to_pylist())),
+                                            col(*reversed(commits.to_pylist())), seed=0))
+    assert reversed_[::-1] == first
+    assert keep(rules.rule_second_pass(subjects, commits, seed=1)) != first
+    assert keep(rules.rule_second_pass(col("Bumping the parser is not it"), col("0" * 40), 0)) == [True]
+
+
+def test_decontamination_against_humanevalpack(shared_dir: Path) -> None:
+    from octoray.evaluation.humanevalpack import load_problems
+
+    problems = {lang: load_problems(lang, shared_dir / "humanevalpack") for lang in ("python", "java")}
+    texts = [(p["task_id"], p["prompt"] + p["canonical_solution"]) for ps in problems.values() for p in ps]
+    index = rules.build_ngram_index(texts, 13)
+    py0, java5 = problems["python"][0], problems["java"][5]
+    copied = "import os\n\n" + py0["prompt"] + py0["canonical_solution"] + "\n\nprint('hi')\n"
+    partial = java5["prompt"]  # the prompt alone: ~47% of the problem's n-grams
+    unrelated = "def add(a, b):\n    return a + b\n" * 20
+    boilerplate = "import java.util.*;\nimport java.lang.*;\n\nclass Solution {\n    public int f() { return 1; }\n}\n"
+    assert rules.overlap([copied], index)[1] == "Python/0"
+    threshold = FilterConfig().decontam_threshold
+    mask = rules.rule_decontam(col("", "", "", ""), col(copied, partial, unrelated, boilerplate), index, threshold)
+    assert keep(mask) == [False, False, True, True]
+    assert keep(rules.rule_decontam(col(partial), col(""), index, 0.5)) == [True]  # below a stricter bar
+
+
+# ------------------------------------------------------------------------------- vectorised == per-row
+
+
+def _rows() -> list[dict]:
+    subjects = ["Add retry to the client loop", "[net] client: Add retry to the loop", "add retry to the client loop",
+                "Fix #3 in client loop handling", "Fix the client.py loop handling", "Refactoring client loop code",
+                "Bump version to 1.2.4 for release", "Fix what i broke in the loop", "Update readme", "Fix it",
+                "Add retry to the client loop [ci skip]", "Use issue 7 workaround in loop", "Fix WIP loop retry code",
+                "Avoid retry storms in the loop", "Handle empty input in loop again"]
+    rows = []
+    for i, subject in enumerate(subjects):
+        for j, (path, lang) in enumerate([("src/client.py", "Python"), ("src/x.ts", "Python"), ("lib/y.d.ts", "TypeScript")]):
+            rows.append({"commit": f"{i * 10 + j:040x}", "subject": subject, "new_file": path, "lang": lang,
+                         "old_contents": "a = 1\n" * (j + 1), "new_contents": "" if (i + j) % 7 == 0 else "a = 2\n"})
+    return rows
+
+
+@pytest.mark.parametrize("table_kind", ["shipped", "original"])
+def test_vectorised_rules_match_the_per_row_reference(table_kind: str, request: pytest.FixtureRequest) -> None:
+    import numpy as np
+
+    from octoray.filtering import _first_rules
+
+    tables = request.getfixturevalue(table_kind)
+    rows = _rows()
+    batch = pa.Table.from_pylist(rows)
+    # Dropped rows come back slimmed to (path, lang, _drop): a per-row "path" keeps them apart.
+    batch = batch.append_column("path", batch.column("commit"))
+    out = _first_rules(batch, ext_for)
+    drop = np.array(out.column("_drop").to_pylist())
+    alive = out.filter(pa.array(drop == 0))
+    later = np.zeros(alive.num_rows, dtype=int)
+    subject = alive.column("subject")
+    for name, mask in [("imperative", rules.rule_imperative(subject, tables)),
+                       ("second_pass", rules.rule_second_pass(subject, alive.column("commit"), 0))]:
+        later = np.where((later == 0) & ~np.array(mask.to_pylist()), rules.CODE[name], later)
+    final = dict(zip(out.column("path").to_pylist(), drop.tolist()))
+    final.update(zip(alive.column("path").to_pylist(), later.tolist()))
+    expected = {r["commit"]: rules.reference_decision(r, tables, ext_for)[0] for r in rows}
+    assert final == expected
+    assert 0 < sum(v == 0 for v in final.values()) < len(rows)
+
+
+# ------------------------------------------------------------------------------- tables, templates, OASST, config
+
+
+def test_table_files_are_checked(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text('{"bad_subject_exact": "x"}')
+    with pytest.raises(UserError, match="bad_subject_exact"):
+        rules.load_tables(None, tmp_path / "bad.json")
+    with pytest.raises(UserError, match="not found"):
+        rules.load_tables(tmp_path / "missing.txt")
+
+
+def test_templates() -> None:
+    table = pa.table({"subject": col("Fix it"), "old_contents": col("a\n"), "new_contents": col("b\n")})
+    octo = add_prompts(table, "octocoder").to_pylist()[0]
+    assert octo["prompt"] + octo["completion"] == "Question: Fix it\na\n\n\nAnswer: \nb\n"
+    assert octo["source"] == "commitpackft"
+    tags = add_prompts(table, "commit_tags").to_pylist()[0]
+    assert tags["prompt"] == "<commit_before>a\n<commit_msg>Fix it<commit_after>" and tags["completion"] == "b\n"
+
+
+def test_oasst_rows_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "oasst.jsonl"
+    good.write_text('{"input": "What is 2+2?", "output": "4"}\n\n{"input": "Hi", "output": "Hello"}\n')
+    assert _read_oasst(good, None) == [("What is 2+2?", "4"), ("Hi", "Hello")]
+    assert _read_oasst(good, 1) == [("What is 2+2?", "4")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "output": "b"}\n{"input": "a"\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
+        _read_oasst(bad, None)
+    bad.write_text('{"input": "a", "output": 3}\n')
+    with pytest.raises(UserError, match=r":1: expected an object"):
+        _read_oasst(bad, None)
+
+
+def test_config_problems_are_listed_together() -> None:
+    from octoray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(FilterConfig, None, ["min_tokens=900", "decontam_threshold=2", "decontam_languages=[py]"],
+                    values={"commits": "c", "out": "o"})
+    text = str(err.value)
+    assert "min_tokens" in text and "decontam_threshold" in text and "decontam_languages" in text
+
+
+def _fake_mine_dir(path: Path, rows: int) -> Path:
+    from octoray.mining import _schema
+    from octoray.outputs import write_manifest, write_parquet_atomic
+
+    table = _schema().empty_table()
+    write_parquet_atomic(table, path / "commits-00000.parquet")
+    write_manifest(path, "mine", FilterConfig(), rows=rows, files=["commits-00000.parquet"], started=0.0)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "not_mine", "empty", "bad_option", "bad_oasst"])
+def test_cli_bad_input_is_one_line(case: str, tmp_path: Path) -> None:
+    commits, out = tmp_path / "commits", tmp_path / "sft"
+    extra: list[str] = ["decontam=false", "tokenizer_rule=false"]
+    if case == "not_mine":
+        commits.mkdir()
+        (commits / "manifest.json").write_text(json.dumps({"stage": "train", "complete": True}))
+    elif case != "missing":
+        commits.mkdir()
+        _fake_mine_dir(commits, 0)
+    if case == "bad_option":
+        extra.append("min_tokenz=3")
+    if case == "bad_oasst":
+        (tmp_path / "o.jsonl").write_text("not json\n")
+        extra.append(f"oasst_file={tmp_path / 'o.jsonl'}")
+        # a non-empty (but row-less) mine output, so the OASST file is what fails
+        import pyarrow.parquet as pq
+
+        from octoray.mining import _schema
+        pq.write_table(pa.Table.from_pylist([{"commit": "0" * 40, "subject": "Fix it"}], schema=_schema()),
+                       commits / "commits-00000.parquet")
+    result = run_cli("filter", commits, "--out", out, *extra)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("octoray filter: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    expected = {"missing": "not found", "not_mine": "not an output of 'octoray mine'", "empty": "no commits",
+                "bad_option": "did you mean 'min_tokens'", "bad_oasst": "o.jsonl:1: not valid JSON"}[case]
+    assert expected in lines[0]
+
+
+# ------------------------------------------------------------------------------- the funnel on a mined repository
+
+BODY = "\n".join(f"def helper_{i}(value):\n    return value * {i} + offset_{i}" for i in range(8)) + "\n"
+
+
+def _git(repo: Path, *args: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@x", "GIT_AUTHOR_DATE": "2024-01-01T00:00:00Z",
+           "GIT_COMMITTER_DATE": "2024-01-01T00:00:00Z"}
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, env=env)
+
+
+def _commit(repo: Path, path: str, text: str, message: str) -> None:
+    (repo / path).write_text(text)
+    _git(repo, "add", path)
+    _git(repo, "commit", "-q", "-m", message)
+
+
+def _build_repo(repo: Path, shared_dir: Path) -> dict[str, str]:
+    """One commit per rule (plus two keepers); returns message -> the rule expected to drop it."""
+    from octoray.evaluation.humanevalpack import load_problems
+
+    repo.mkdir()
+    _git(repo, "init", "-q", "-b", "main")
+    files = {"LICENSE": "MIT License\n\nCopyright (c) 2024 t\n\nPermission is hereby granted, free of charge, to any "
+                        "person obtaining a copy of this software and associated documentation files (the "
+                        "\"Software\"), to deal in the Software without restriction, including without limitation "
+                        "the rights to use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies "
+                        "of the Software, and to permit persons to whom the Software is furnished to do so, subject "
+                        "to the following conditions:\n\nThe above copyright notice and this permission notice shall "
+                        "be included in all copies or substantial portions of the Software.\n\nTHE SOFTWARE IS "
+                        "PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING BUT NOT "
+                        "LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND "
+                        "NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, "
+                        "DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING "
+                        "FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE "
+                        "SOFTWARE.\n",
+             "src/net.py": BODY, "lib/util.js": BODY.replace("def ", "function ").replace(":\n", " {\n"),
+             "src/big.py": "x = 1\n" * 10_000, "CMakeLists.txt": "cmake_minimum_required(VERSION 3.10)\nproject(x)\n",
+             "src/tiny.py": "x = 1\n", "src/closeness.py": "import math\n"}
+    for path, text in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text)
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "Import the project files")  # many files: mining drops it
+    py0 = load_problems("python", shared_dir / "humanevalpack")[0]
+    plan = [  # (file, new text, message, rule expected to drop it or "")
+        ("src/net.py", BODY + "RETRIES = 3\n", "Add retry limit to the download helper", ""),
+        ("lib/util.js", files["lib/util.js"] + "const EMPTY = [];\n", "Handle empty input in the tokenizer loop", ""),
+        ("src/big.py", "x = 2\n" * 10_000, "Change every constant in the table", "content"),
+        ("src/net.py", BODY + "RETRIES = 4\n", "Fix #12 crash in the download helper", "no_hash"),
+        ("CMakeLists.txt", "cmake_minimum_required(VERSION 3.20)\nproject(x)\n", "Raise the minimum CMake version now",
+         "extension"),
+        ("src/net.py", BODY + "RETRIES = 5\n", "Make net timeouts configurable per request", "no_file_name"),
+        ("src/net.py", BODY + "RETRIES = 6\n", "Fix it right now", "subject_length"),
+        ("lib/util.js", files["lib/util.js"] + "const NONE = [];\n", "[ui] core: Fix the loop", "clean_subject"),
+        ("lib/util.js", files["lib/util.js"] + "const ALL = [];\n", "add caching of parsed results to the loader",
+         "capitalized"),
+        ("src/tiny.py", "x = 2\n", "Change the default value of the flag", "token_length"),
+        ("src/net.py", BODY + "RETRIES = 7\n", "Refactoring of the download helper internals", "imperative"),
+        ("src/net.py", BODY + "RETRIES = 8\n", "Add retry support, see issue 42 for details", "second_pass"),
+        ("src/closeness.py", "import math\n\n" + py0["prompt"] + py0["canonical_solution"],
+         "Add a helper to compare nearby numbers", "decontam"),
+    ]
+    for path, text, message, _ in plan:
+        _commit(repo, path, text, message)
+    return {message: rule for _, _, message, rule in plan}
+
+
+@pytest.mark.ray
+def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_local) -> None:
+    import pyarrow.parquet as pq
+
+    from octoray import filtering, mining
+    from octoray.config import load_config
+    from octoray.modeling import load_tokenizer, train_bpe_tokenizer
+
+    expected = _build_repo(tmp_path / "repo", shared_dir)
+    commits = mining.run(load_config(mining.MineConfig, None, ["allow_unlicensed=true", "shard_rows=8", "progress=false"],
+                                     values={"sources": [str(tmp_path / "repo")], "out": str(tmp_path / "commits")}))
+    mined = pa.concat_tables([pq.read_table(p) for p in sorted(commits.glob("*.parquet"))])
+    assert sorted(mined.column("subject").to_pylist()) == sorted(expected)  # every planned commit was mined
+    assert len(list(commits.glob("*.parquet"))) == 2
+
+    # A tiny byte-level BPE tokenizer, saved and loaded back like a hub model.
+    tok_dir = tmp_path / "tok"
+    train_bpe_tokenizer(mined.column("old_contents").to_pylist() * 2, vocab_size=512).save_pretrained(tok_dir)
+    tok = load_tokenizer(str(tok_dir))
+    lengths = {r["subject"]: len(tok(r["old_contents"] + tok.eos_token + r["new_contents"],
+                                     add_special_tokens=False)["input_ids"]) for r in mined.to_pylist()}
+    assert lengths["Change the default value of the flag"] < 50
+    assert all(50 <= lengths[m] <= 768 for m, rule in expected.items() if rule in ("", "decontam", "second_pass"))
+
+    oasst = tmp_path / "oasst.jsonl"
+    oasst.write_text('{"input": "What is Ray?", "output": "A framework."}\n{"input": "Hi", "output": "Hello"}\n')
+    cfg = load_config(FilterConfig, None, [f"model={tok_dir}", f"humanevalpack_dir={shared_dir / 'humanevalpack'}",
+                                           f"oasst_file={oasst}", "oasst_limit=1", "progress=false"],
+                      values={"commits": str(commits), "out": str(tmp_path / "sft")})
+    out = filtering.run(cfg)
+
+    stats = json.loads((out / "stats.json").read_text())
+    order = list(FUNNEL_KEYS)
+    assert list(stats["funnel"]) == order
+    n = len(expected)
+    dropped_by = {rule: sum(r == rule for r in expected.values()) for rule in rules.RULES}
+    left, want = n, {"input": n}
+    for rule in rules.RULES:
+        left -= dropped_by[rule]
+        want[rule] = left
+    assert stats["funnel"] == want
+    assert stats["funnel_by_language"]["JavaScript"]["decontam"] == 1
+    assert stats["rows"] == 3 and stats["oasst_rows"] == 1
+
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    table = pa.concat_tables([pq.read_table(out / f) for f in files])
+    by_source = {s: table.filter(pa.compute.equal(table.column("source"), s)) for s in ("commitpackft", "oasst")}
+    assert sorted(by_source["commitpackft"].column("subject").to_pylist()) == sorted(
+        m for m, rule in expected.items() if rule == "")
+    row = by_source["commitpackft"].to_pylist()[0]
+    assert row["prompt"] == f"Question: {row['subject']}\n{row['old_contents']}\n\nAnswer: \n"
+    assert row["completion"] == row["new_contents"]
+    assert by_source["oasst"].to_pylist()[0]["prompt"] == "Question: What is Ray?\n\nAnswer: \n"
+
+    # Rerun on a complete output: nothing to do (no Ray needed, so through the CLI).
+    again = run_cli("filter", commits, "--out", out, f"model={tok_dir}", f"oasst_file={oasst}", "oasst_limit=1",
+                    f"humanevalpack_dir={shared_dir / 'humanevalpack'}", "progress=false")
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+    # A partial output resumes: only the shard without its funnel sidecar is filtered again.
+    first, second = sorted(p.name for p in commits.glob("*.parquet"))
+    (out / "manifest.json").unlink()
+    (out / "_funnel" / f"{second}.json").unlink()
+    kept_mtime = (out / "_funnel" / f"{first}.json").stat().st_mtime_ns
+    filtering.run(cfg)
+    assert (out / "_funnel" / f"{first}.json").stat().st_mtime_ns == kept_mtime
+    assert json.loads((out / "stats.json").read_text()) == stats

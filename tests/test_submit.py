@@ -1,0 +1,296 @@
+"""``octoray submit/status/logs/stop``: fast checks of how a job is built, then a real Ray head
+(``ray start --head`` with token auth, its own ports and temp dir) that runs submitted jobs.
+
+The head is stopped by killing its own process group, never with ``ray stop`` (which kills every
+Ray process on the machine, including other people's local clusters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from octoray import jobs
+from octoray.errors import UserError
+from tests.conftest import REPO_ROOT, run_cli
+
+# --- fast: building the job ----------------------------------------------------------------------
+
+
+def test_pipeline_entrypoint_makes_config_relative_to_the_upload(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "demo.yaml").write_text("train: {}\n")
+    monkeypatch.chdir(tmp_path / "jobs")  # the user runs from a sub-directory
+    command = jobs.entrypoint(["demo.yaml", "lr=1e-3"], None, None, tmp_path)
+    assert command == "python -m octoray.cli pipeline jobs/demo.yaml lr=1e-3"
+
+
+def test_stage_entrypoint_passes_any_verb_and_appends_config(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("c.yaml").write_text("train: {}\n")
+    command = jobs.entrypoint(["c.yaml", "max_steps=2"], "train --data /nfs/sft --out '/nfs/runs/a b'", None, tmp_path)
+    assert command == "python -m octoray.cli train --data /nfs/sft --out '/nfs/runs/a b' c.yaml max_steps=2"
+
+
+@pytest.mark.parametrize("stage", ["submit", "frobnicate", "  "])
+def test_stage_must_be_a_runnable_verb(stage: str, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--stage"):
+        jobs.entrypoint([], stage, None, tmp_path)
+
+
+def test_pipeline_needs_an_existing_config(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="config file not found"):
+        jobs.entrypoint([str(tmp_path / "missing.yaml")], None, None, tmp_path)
+    with pytest.raises(UserError, match="one CONFIG"):
+        jobs.entrypoint([], None, None, tmp_path)
+
+
+def test_runtime_env_pip_auto_is_the_project_deps_without_ray() -> None:
+    cfg = jobs.SubmitConfig(env_vars=("A=1=2",))
+    env = jobs.runtime_env(cfg, REPO_ROOT)
+    packages = env["pip"]["packages"]
+    assert "torch==2.13.0" in packages and any(p.startswith("deepspeed") for p in packages)
+    assert not [p for p in packages if p.lower().startswith("ray")]
+    assert env["working_dir"] == str(REPO_ROOT) and ".venv/" in env["excludes"]
+    assert env["env_vars"] == {"PYTHONUNBUFFERED": "1", "A": "1=2"}
+    assert "pip" not in jobs.runtime_env(jobs.SubmitConfig(pip=("none",)), REPO_ROOT)
+    assert jobs.runtime_env(jobs.SubmitConfig(pip=("tqdm",)), REPO_ROOT)["pip"]["packages"] == ["tqdm"]
+
+
+def test_submit_section_of_the_config_is_read_and_checked(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {lr: 1.0}\nsubmit:\n  pip: none\n  env_vars: {HF_HOME: /nfs/hf}\n  bogus: 1\n")
+    result = run_cli("submit", str(config), "--address", "http://127.0.0.1:1")
+    assert result.returncode == 2
+    assert "unknown key 'bogus'" in result.stderr and "Traceback" not in result.stderr
+    config.write_text("train: {lr: 1.0}\nsubmit:\n  pip: none\n  env_vars: {HF_HOME: /nfs/hf}\n")
+    args = _parse("submit", str(config), "--num-gpus", "1")
+    cfg = jobs._submit_config(args)
+    assert cfg.pip == ("none",) and cfg.env_vars == ("HF_HOME=/nfs/hf",) and cfg.entrypoint_num_gpus == 1.0
+
+
+def test_address_and_token_precedence(tmp_path: Path, monkeypatch) -> None:
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert jobs.resolve_address(None) == jobs.DEFAULT_ADDRESS
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:8265")
+    assert jobs.resolve_address(None) == "http://10.0.0.5:8265"
+    assert jobs.resolve_address("https://head:8265/") == "https://head:8265"
+    with pytest.raises(UserError, match="dashboard"):
+        jobs.resolve_address("ray://head:10001")
+    assert jobs.resolve_token(None) is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-file\n")
+    assert jobs.resolve_token(None) == "from-file"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert jobs.resolve_token(None) == "from-env"
+    assert jobs.resolve_token("flag") == "flag"
+
+
+def test_unreachable_cluster_is_one_line_exit_2() -> None:
+    port = _free_port()  # nothing listens there
+    for args in (("status", "x"), ("submit", "--entrypoint", "true", "--pip", "none")):
+        result = run_cli(*args, "--address", f"http://127.0.0.1:{port}")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().count("\n") == 0 and "cannot reach the Ray dashboard" in result.stderr
+
+
+# --- a real Ray head -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A private Ray head with the dashboard (Jobs API) and token auth; yields (url, token)."""
+    temp_dir = tempfile.mkdtemp(prefix="ocj", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    token = secrets.token_hex(16)
+    ports = {name: _free_port() for name in (
+        "port", "dashboard-port", "node-manager-port", "object-manager-port", "ray-client-server-port",
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")}
+    ray_bin = Path(sys.executable).parent / "ray"
+    command = [str(ray_bin), "start", "--head", "--block", "--num-cpus=1", "--include-dashboard=true",
+               "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+               "--object-store-memory=100000000", *(f"--{name}={port}" for name, port in ports.items())]
+    env = {**_env_without_ray(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - closed in teardown
+    # Own session = own process group: teardown kills exactly this head and what it spawned.
+    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        _wait_for_dashboard(url, head, Path(temp_dir) / "head.log", timeout_s=150)
+        yield url, token
+    finally:
+        if head.poll() is not None:  # died under the tests: say why
+            print(f"ray head exited early ({head.returncode}):\n{(Path(temp_dir) / 'head.log').read_text()[-3000:]}")
+        _kill_head(head, temp_dir)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _cli(url: str, token: str | None, *args: str, timeout: float = 300):
+    env = {"RAY_AUTH_TOKEN": token} if token else {}
+    return run_cli(*args, "--address", url, env=env, timeout=timeout)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_submit_runs_the_uploaded_checkout_and_streams_logs(ray_head) -> None:
+    url, token = ray_head
+    probe = "import octoray; print('octoray-from', octoray.__file__)"
+    result = _cli(url, token, "submit", "--pip", "none", "--entrypoint", f'python -c "{probe}"')
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("octoray-from"))
+    # imported from the uploaded package, not from this checkout
+    assert "_ray_pkg_" in line and str(REPO_ROOT / "octoray") not in line
+    assert "SUCCEEDED" in result.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_submit_a_real_stage_mines_a_repository(ray_head, tmp_path: Path) -> None:
+    from octoray.outputs import read_manifest
+    from tests.gitrepo import MIT, GitRepo
+
+    url, token = ray_head
+    repo = GitRepo(tmp_path / "repo")
+    repo.commit("Add license and code", {"LICENSE": MIT, "app.py": "def f():\n    return 1\n"})
+    repo.commit("Return two from f", {"app.py": "def f():\n    return 2\n"})
+    out = tmp_path / "commits"
+    result = _cli(url, token, "submit", "--pip", "none", "--stage", f"mine {repo.path} --out {out}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    manifest = read_manifest(out)  # written by the job, on this machine's file system
+    assert manifest is not None and manifest["stage"] == "mine"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_failing_stage_exits_1_with_its_error_in_the_logs(ray_head) -> None:
+    url, token = ray_head
+    result = _cli(url, token, "submit", "--pip", "none", "--stage", "mine /nonexistent/repo --out /nonexistent/out")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "octoray mine: error:" in result.stdout  # the remote command's own one-line error, streamed
+    assert "FAILED" in result.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_no_wait_then_status_logs_stop(ray_head) -> None:
+    url, token = ray_head
+    sleeper = "import time; print('tick', flush=True); time.sleep(300)"
+    result = _cli(url, token, "submit", "--pip", "none", "--no-wait", "--entrypoint", f'python -c "{sleeper}"')
+    assert result.returncode == 0, result.stderr[-2000:]
+    job_id = result.stdout.strip()
+    assert job_id.startswith("raysubmit_")
+
+    client = jobs.connect(url, token)  # poll in-process: a CLI run per poll costs seconds
+    deadline = time.monotonic() + 120
+    while "tick" not in client.get_job_logs(job_id):
+        assert time.monotonic() < deadline, "the job printed nothing in 120 s"
+        time.sleep(0.5)
+    logs = _cli(url, token, "logs", job_id)
+    assert logs.returncode == 0 and "tick" in logs.stdout, logs.stderr
+    status = _cli(url, token, "status", job_id)
+    assert status.returncode == 0 and "RUNNING" in status.stdout
+
+    stopped = _cli(url, token, "stop", job_id)
+    assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+    follow = _cli(url, token, "logs", job_id, "--follow")
+    assert follow.returncode == 130 and "tick" in follow.stdout
+    listing = _cli(url, token, "status")
+    assert job_id in listing.stdout and "STOPPED" in listing.stdout
+    missing = _cli(url, token, "status", "raysubmit_nosuchjob")
+    assert missing.returncode == 2 and "no job 'raysubmit_nosuchjob'" in missing.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_token_is_required_and_checked(ray_head, tmp_path: Path) -> None:
+    url, _ = ray_head
+    env = {"HOME": str(tmp_path), "RAY_AUTH_TOKEN": ""}  # no token anywhere
+    missing = run_cli("status", "--address", url, env=env)
+    assert missing.returncode == 2 and "RAY_AUTH_TOKEN" in missing.stderr, missing.stderr
+    assert missing.stderr.strip().count("\n") == 0
+    wrong = run_cli("status", "--address", url, "--token", "not-the-token", env=env)
+    assert wrong.returncode == 2 and "refused" in wrong.stderr, wrong.stderr
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _parse(verb: str, *argv: str):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"octoray {verb}")
+    jobs.add_arguments(parser)
+    args = parser.parse_intermixed_args(list(argv))
+    args.command = verb
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env_without_ray() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+
+
+def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Until ``ray start`` reports the node up and the dashboard answers HTTP (401 counts: it is
+    up and enforcing the token). On a loaded machine the dashboard can answer before the node
+    has finished starting, and a node that then times out takes the dashboard down with it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if head.poll() is not None:
+            pytest.fail(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}")
+        if "Ray runtime started" in log.read_text(errors="replace"):
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the Ray head did not come up in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _kill_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """SIGTERM the head's process group, SIGKILL what is left; then any stray process of this temp dir."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            head.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:
+            with contextlib.suppress(OSError):
+                os.killpg(head.pid, signal.SIGKILL)  # children that outlived the head
+        break
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any(temp_dir in part for part in (proc.info["cmdline"] or [])):
+            with contextlib.suppress(psutil.Error, OSError):
+                proc.kill()
+
