@@ -75,7 +75,7 @@ class FilterConfig:
     oasst_file: str | None = option(None, "JSONL of OASST-style rows {input, output} mixed into the output")
     oasst_limit: int | None = option(None, "keep only the first N OASST rows")
     actors: int = option(1, "most actors of the tokenizer/decontamination pool (it scales from 1)")
-    batch_size: int = option(4096, "rows per Ray Data batch")
+    batch_size: int = option(8192, "rows per Ray Data batch (bigger batches amortise per-kernel overhead)")
     tokenizer_batch_size: int = option(256, "texts per tokenizer call")
     progress: bool = option(True, "show a progress bar")
 

@@ -54,9 +54,11 @@ TERMINAL = frozenset(EXIT_CODES)
 #: A freshly started head answers HTTP before its dashboard agent is registered and refuses
 #: submissions meanwhile ("No available agent"); keep retrying this long.
 AGENT_WAIT_S = 180.0
-#: Paths never worth uploading: environments, caches, git metadata and stage outputs.
+#: Paths never worth uploading (gitignore syntax): environments, caches, git metadata anywhere,
+#: and stage outputs of local runs at the top of the checkout (anchored, so a package directory
+#: that happens to be called ``eval`` deeper down still travels).
 DEFAULT_EXCLUDES = (".venv/", "venv/", ".git/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
-                    ".toolchains/", ".whl/", ".gl/", "runs/", "commits/", "sft/", "eval/", "outputs/")
+                    ".toolchains/", "/.whl/", "/.gl/", "/runs/", "/commits/", "/sft/", "/eval/", "/outputs/")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import tempfile
 import time
 import zlib
@@ -581,6 +582,16 @@ def load_train_config(args: argparse.Namespace) -> TrainConfig:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``octoray train``."""
-    run_dir = run(load_train_config(args))
+    cfg = load_train_config(args)
+    try:
+        run_dir = run(cfg)
+    except Exception as exc:  # noqa: BLE001 - only Ray Train's final failure is turned into a hint
+        if type(exc).__name__ != "TrainingFailedError":
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"octoray train: error: training failed after {cfg.max_failures} restart(s): {first}\n"
+              f"octoray train: rerun the same command to resume from the last checkpoint in {cfg.out}",
+              file=sys.stderr)
+        return 1
     print(f"octoray train: model in {run_dir / 'model'}")
     return 0

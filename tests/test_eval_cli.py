@@ -49,6 +49,11 @@ def test_bad_generator_and_key(tmp_path) -> None:
                     "did you mean 'n_samples'")
 
 
+def test_endpoint_alias_conflicts_with_another_generator() -> None:
+    _one_line_error(run_cli("eval", "--endpoint", "http://127.0.0.1:9/v1", "--generator", "oracle:canonical",
+                            "--allow-code-execution"), "either --generator or --endpoint")
+
+
 def test_file_generator_bad_row_names_its_line(tmp_path, shared_dir) -> None:
     samples = tmp_path / "samples.jsonl"
     samples.write_text(json.dumps({"task_id": "Python/0", "task": "fix", "completion": "\n    return 1"})
@@ -213,13 +218,14 @@ def _run_in_process(out: Path, data_dir: Path, *extra: str, **values):
 
 
 @pytest.fixture(scope="module")
-def canonical_out(tmp_path_factory, shared_dir) -> Path:
+def canonical_out(ray_local, tmp_path_factory, shared_dir) -> Path:
+    """The CLI as a user runs it, attached to the session's Ray (``ray_address``) rather than
+    starting a second local cluster on the 2 shared cores."""
     out = tmp_path_factory.mktemp("eval") / "canonical"
-    # A generous raylet start wait: the CI machine is shared and Ray start-up can crawl under load.
+    address = ray_local.get_runtime_context().gcs_address
     result = run_cli("eval", "--generator", "oracle:canonical", "--tasks", "fix,synthesize",
                      "--languages", ALL_LANGUAGES, "--data-dir", shared_dir / "humanevalpack",
-                     "--allow-code-execution", "--out", out, "--limit", "3", SCALE,
-                     env={"RAY_raylet_start_wait_time_s": "180"})
+                     "--allow-code-execution", "--out", out, "--limit", "3", SCALE, f"ray_address={address}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| fix | 100.0 |" in result.stdout  # the table is printed
     return out

@@ -178,7 +178,7 @@ def test_zero2_worker_failure_resumes_and_loss_falls(tmp_path: Path, ray_local) 
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, [r["loss"] for r in rows]
     assert all(r["mfu"] is None for r in rows) and all(r["tokens_per_s"] > 0 for r in rows)
     assert [r["step"] for r in rows if "val_loss" in r] == [4, 8, 10]
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_000008", "checkpoint_000010"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_000008", "checkpoint_000010"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["complete"] and 5 <= manifest["counts"]["oasst_rows"] <= 40  # ~27 wanted (0.1 of the mix)
     assert (run_dir / "loss.png").stat().st_size > 1000 and any((run_dir / "tb").iterdir())
