@@ -138,16 +138,19 @@ def run(cfg: FilterConfig) -> Path:
     started = time.time()
     in_dir, out = Path(cfg.commits), Path(cfg.out)
     in_manifest = require_stage_output(in_dir, "mine", "commits")
+    if out.resolve() == in_dir.resolve():
+        raise UserError("--out must differ from the input directory (the filter would overwrite its input)")
     shards = _input_shards(in_dir, in_manifest)
     expected = {path.name: _num_rows(path) for path in shards}
     if sum(expected.values()) == 0:
         raise UserError(f"{in_dir} holds no commits: nothing to filter")
+    source = {"dir": str(in_dir.resolve()), "rows": in_manifest.get("rows"), "started_at": in_manifest.get("started_at")}
     if is_complete(out, STAGE):
         previous = read_manifest(out) or {}
-        same = _result_config(previous.get("config", {})) == _result_config(to_dict(cfg))
-        note = "" if same else " (with a different config: remove it or pick another --out to redo)"
-        print(f"octoray filter: {out} is already complete ({previous.get('rows', 0)} rows); nothing to do{note}")
-        return out
+        if (_result_config(previous.get("config", {})) == _result_config(to_dict(cfg))
+                and previous.get("inputs", {}).get("commits") == source):
+            print(f"octoray filter: {out} is already complete ({previous.get('rows', 0)} rows); nothing to do")
+            return out
 
     # Everything a worker would choke on is checked here first, as one-line errors.
     tables = rules.load_tables(cfg.verbs_file, cfg.bad_subjects_file)
@@ -162,7 +165,7 @@ def run(cfg: FilterConfig) -> Path:
     if cfg.decontam:
         _check_problems(cfg)
 
-    _prepare_out(out, cfg)
+    _prepare_out(out, cfg, source)
     done = {name for name in expected if _shard_done(out, name)}
     pending = [path for path in shards if path.name not in done]
     schema = _output_schema(shards[0])
@@ -177,8 +180,7 @@ def run(cfg: FilterConfig) -> Path:
     stats = _aggregate(out, list(expected), len(oasst or ()))
     atomic_write_json(out / "stats.json", stats)
     manifest = write_manifest(out, STAGE, cfg, rows=stats["rows"], files=files, started=started,
-                              inputs={"commits": {"dir": str(in_dir.resolve()), "rows": in_manifest.get("rows"),
-                                                  "started_at": in_manifest.get("started_at")}},
+                              inputs={"commits": source},
                               extra={"tables": tables.source, "languages": cfg.languages_file or "linguist (go-enry)"})
     _print_summary(out, stats, manifest["seconds"])
     return out
@@ -208,23 +210,26 @@ def _result_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in _RUNTIME_ONLY}
 
 
-def _prepare_out(out: Path, cfg: FilterConfig) -> None:
-    """Resume a partial output written with the same rules; otherwise start it over."""
+def _prepare_out(out: Path, cfg: FilterConfig, source: dict[str, Any]) -> None:
+    """Resume an output begun with the same rules on the same input; otherwise start it over."""
     import yaml
 
-    previous = out / RESOLVED_CONFIG
-    if previous.is_file():
+    previous, marker = out / RESOLVED_CONFIG, out / FUNNEL_DIR / "_input.json"
+    if previous.is_file() or marker.is_file():
         try:
             old = yaml.safe_load(previous.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            old = {}
-        if _result_config(old) != _result_config(to_dict(cfg)):
-            print(f"octoray filter: {out} holds a partial output of another config; starting over", file=sys.stderr)
+            old_source = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, json.JSONDecodeError):
+            old, old_source = {}, {}
+        if _result_config(old) != _result_config(to_dict(cfg)) or old_source != source:
+            print(f"octoray filter: {out} was written from another input or config; starting over", file=sys.stderr)
+            (out / "manifest.json").unlink(missing_ok=True)
             shutil.rmtree(out / FUNNEL_DIR, ignore_errors=True)
             for stale in out.glob("*.parquet"):
                 stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out, cfg)
+    atomic_write_json(marker, source)
 
 
 def _shard_done(out: Path, name: str) -> bool:

@@ -95,25 +95,31 @@ class ServeConfig:
 # --- starting and stopping ---------------------------------------------------------------------
 
 _started_ray = False
+_serving_at: Optional[tuple[str, int]] = None  # (host, port) of the proxy start() opened
 
 
 def start(cfg: ServeConfig) -> str:
     """Deploy the model on Ray Serve without blocking; return the API base URL ``http://HOST:PORT/v1``.
 
     Connects to ``cfg.ray_address`` (or RAY_ADDRESS) when Ray is not initialised yet, else starts
-    a local Ray; returns once the endpoint answers. Stop it with :func:`shutdown`.
+    a local Ray; returns once the endpoint answers. Called again on the same host and port, it
+    redeploys the application in place (new config, same proxy). Stop it with :func:`shutdown`.
     """
-    global _started_ray
+    global _started_ray, _serving_at
     import ray
     from ray import serve
 
-    _check_port_free(cfg.host, cfg.port)
+    redeploy = _serving_at == (cfg.host, cfg.port)
+    if not redeploy:
+        _check_port_free(cfg.host, cfg.port)
     cfg = resolve(cfg)  # a bad model fails here, in one line, before any Ray process starts
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, log_to_driver=False)
         _started_ray = True
     app = build_app(cfg)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    if not redeploy:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        _serving_at = (cfg.host, cfg.port)
     try:
         serve.run(app, name=cfg.app_name, route_prefix="/", blocking=False)
     except RuntimeError as exc:  # a replica that fails to start: keep the cause, drop Serve's traceback dump
@@ -126,8 +132,11 @@ def start(cfg: ServeConfig) -> str:
 
 
 def shutdown() -> None:
-    """Stop Ray Serve (every application, and the HTTP proxy), and Ray if :func:`start` started it."""
-    global _started_ray
+    """Stop Ray Serve (every application, and the HTTP proxy), and Ray if :func:`start` started it.
+
+    Returns once the port is free again, so a following :func:`start` can bind it.
+    """
+    global _started_ray, _serving_at
     import ray
     from ray import serve
 
@@ -136,6 +145,15 @@ def shutdown() -> None:
         if _started_ray:
             ray.shutdown()
             _started_ray = False
+    if _serving_at is not None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                _check_port_free(*_serving_at)
+                break
+            except UserError:
+                time.sleep(0.5)
+        _serving_at = None
 
 
 def resolve(cfg: ServeConfig) -> ServeConfig:

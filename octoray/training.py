@@ -353,6 +353,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         zero_stage=cfg.zero_stage, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world_size=world,
         lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16,
         offload_optimizer=cfg.offload_optimizer, offload_params=cfg.offload_params, cuda=cuda)
+    # Adopt the process group Ray Train set up, before anything reads the world size: under
+    # ZeRO-3 from_pretrained already runs zero.Init, which checks the batch against it.
+    deepspeed.init_distributed()
     model, hf_ds_config = _load_model(cfg, model_path, ds_config, bf16)
     schedule = functools.partial(warmup_cosine, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                  min_lr_ratio=cfg.min_lr_ratio)

@@ -286,6 +286,16 @@ def rayjob_problems(doc: dict[str, Any]) -> list[str]:
         problems.append(f"entrypoint {doc['spec'].get('entrypoint')!r} is not 'octoray <stage> CONFIG'")
     elif not (REPO_ROOT / words[2]).is_file():
         problems.append(f"entrypoint config {words[2]} is not a file of this repository")
+    elif words[1] == "pipeline":  # its pipeline-level key=value overrides must be PipelineConfig keys
+        from octoray.config import load_config
+        from octoray.errors import UserError
+        from octoray.pipeline import PipelineConfig
+
+        try:
+            load_config(PipelineConfig, REPO_ROOT / words[2], [w for w in words[3:] if "." not in w.split("=")[0]],
+                        section="pipeline")
+        except UserError as exc:
+            problems.append(f"entrypoint: {exc}")
     problems += _runtime_env_problems(yaml.safe_load(doc["spec"].get("runtimeEnvYAML") or "{}"))
     return problems
 
@@ -388,6 +398,8 @@ def test_semantic_checks_reject_broken_copies(shared_dir: Path) -> None:
     bad_job = copy.deepcopy(job)
     bad_job["spec"]["entrypoint"] = "octoray pipeline jobs/nope.yaml"
     assert any("not a file" in p for p in rayjob_problems(bad_job))
+    bad_job["spec"]["entrypoint"] = "octoray pipeline jobs/octocoder.yaml outt=/mnt/shared"
+    assert any("outt" in p for p in rayjob_problems(bad_job))
     bad_job["spec"]["entrypoint"] = "octoray submit jobs/octocoder.yaml"
     assert any("is not 'octoray <stage> CONFIG'" in p for p in rayjob_problems(bad_job))
 
@@ -413,7 +425,7 @@ def test_kuberay_manifests_share_one_image_and_worker_shape() -> None:
     shapes = {name: [(g["groupName"], g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                      for g in spec["workerGroupSpecs"]] for name, spec in specs.items()}
     assert shapes["raycluster.yaml"] == shapes["rayjob.yaml"] == shapes["rayservice.yaml"]
-    assert _manifest("rayjob.yaml")["spec"]["entrypoint"] == "octoray pipeline jobs/octocoder.yaml"
+    assert _manifest("rayjob.yaml")["spec"]["entrypoint"].startswith("octoray pipeline jobs/octocoder.yaml")
 
 
 def _at(doc: Any, path: tuple) -> Any:

@@ -45,6 +45,24 @@ def test_go_adds_used_and_drops_unused_imports() -> None:
     assert '"math/rand"' in src
 
 
+def test_go_gets_helpers_from_the_prompt() -> None:
+    problem = {**GO_PROBLEM, "entry_point": "F",
+               "prompt": "// helper\nfunc Helper() int {\n    return 1\n}\nfunc F() int {\n"}
+    src = build_program("go", problem, "func F() int {\n    return Helper()\n}\n").source
+    assert src.count("func Helper() int {") == 1
+    src = build_program("go", problem, "func F() int {\n    return 1\n}\n").source
+    assert "Helper" not in src  # not called: not added
+
+
+def test_cpp_declaration_with_body_lines_is_not_repeated() -> None:
+    # CPP/38: the declaration ends with the first lines of the body, which the solution repeats.
+    decl = "int f(int x){\n    int y=x;\n    {\n"
+    problem = {"declaration": decl, "test": "int main(){}"}
+    code = decl + "    int y=x;\n    {\n    }\n    return y;\n}\n"
+    src = build_program("cpp", problem, code).source
+    assert src.count("int y=x;") == 1 and src.count("{") == src.count("}")
+
+
 def test_rust_gets_main_and_missing_declaration_lines() -> None:
     problem = {"declaration": "\nuse rand::Rng;\nuse md5;\n\nfn f(x: i32) -> i32{\n", "test": ""}
     src = build_program("rust", problem, "use md5;\nfn f(x: i32) -> i32{\n    x\n}\n").source

@@ -254,6 +254,24 @@ def test_config_problems_are_listed_together() -> None:
     assert "min_tokens" in text and "decontam_threshold" in text and "decontam_languages" in text
 
 
+def test_partial_output_resumes_only_with_the_same_input_and_rules(tmp_path: Path) -> None:
+    from octoray.filtering import _prepare_out
+
+    out = tmp_path / "sft"
+    source = {"dir": "/c", "rows": 10, "started_at": "2026-01-01T00:00:00Z"}
+    cfg = FilterConfig(commits="/c", out=str(out))
+    _prepare_out(out, cfg, source)
+    (out / "commits-00000.parquet").write_bytes(b"x")
+    (out / "_funnel" / "commits-00000.parquet.json").write_text("{}")
+    _prepare_out(out, FilterConfig(commits="/c", out=str(out), actors=4), source)  # speed only: resume
+    assert (out / "commits-00000.parquet").is_file()
+    _prepare_out(out, cfg, {**source, "rows": 11})  # re-mined input: start over
+    assert not (out / "commits-00000.parquet").exists()
+    (out / "commits-00000.parquet").write_bytes(b"x")
+    _prepare_out(out, FilterConfig(commits="/c", out=str(out), seed=1), {**source, "rows": 11})  # other rules
+    assert not (out / "commits-00000.parquet").exists() and not (out / "_funnel" / "commits-00000.parquet.json").exists()
+
+
 def _fake_mine_dir(path: Path, rows: int) -> Path:
     from octoray.mining import _schema
     from octoray.outputs import write_manifest, write_parquet_atomic

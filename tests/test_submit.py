@@ -27,6 +27,9 @@ from octoray import jobs
 from octoray.errors import UserError
 from tests.conftest import REPO_ROOT, run_cli
 
+# Ray's own log-tail client passes ssl=None to aiohttp, which warns; nothing octoray can change.
+pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
+
 # --- fast: building the job ----------------------------------------------------------------------
 
 

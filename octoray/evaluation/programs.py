@@ -9,6 +9,10 @@ Differences from the reference, all of which only turn would-be compile errors i
 
 * Go: imports that the code declares but never uses are dropped (Go refuses unused imports);
   the reference adds missing standard packages but never drops any.
+* Go: helper functions defined in the problem's prompt that the code calls but does not
+  define are prepended (Go/10, 32, 38, 50: their declarations, unlike Python's, lack them).
+* C++: when ``code`` is ``declaration + ...`` and the declaration already ends with body lines
+  that the rest repeats (CPP/38's declaration holds 6 lines of the body), the repeat is cut.
 * Python: the reference header also imports ``numpy``; those two lines are left out when the
   interpreter has no numpy (the reference would then fail every sample).
 """
@@ -84,8 +88,33 @@ def _java(problem: dict, code: str, test: str) -> str:
 
 
 def _cpp(problem: dict, code: str, test: str) -> str:
+    code = _drop_seam_repeat(problem, code)
     # The test defines main(); a generated one would clash.
     return ("\n".join(CPP_HEADER) + "\n" + code.split("int main")[0]).strip()
+
+
+def _drop_seam_repeat(problem: dict, code: str) -> str:
+    """CPP/38's declaration already holds the first body lines of the function (a data quirk),
+    so ``declaration + canonical_solution`` repeats them; drop the repeat at the seam."""
+    decl = problem.get("declaration", "")
+    if not decl or not code.startswith(decl):
+        return code
+    decl_lines = decl.rstrip("\n").split("\n")
+    sig = max((i for i, ln in enumerate(decl_lines) if ln.rstrip().endswith("{")
+               and "(" in ln and not ln.startswith(" ")), default=len(decl_lines) - 1)
+    body = [ln.strip() for ln in decl_lines[sig + 1:] if ln.strip()]
+    rest = code[len(decl):].split("\n")
+    if not body:
+        return code
+    head = [ln.strip() for ln in rest if ln.strip()][: len(body)]
+    if head != body:
+        return code
+    seen = 0
+    for i, ln in enumerate(rest):  # cut the repeated lines (blank lines between them too)
+        seen += bool(ln.strip())
+        if seen == len(body):
+            return decl + "\n".join(rest[i + 1:])
+    return code
 
 
 def _rust(problem: dict, code: str, test: str) -> str:
@@ -108,7 +137,7 @@ _GO_IMPORT_LINE = re.compile(r'^import\s+("[^"]+")\s*$', re.M)
 
 
 def _go(problem: dict, code: str, test: str) -> str:
-    code = _drop_unused_go_imports(code, test)
+    code = _drop_unused_go_imports(_with_go_helpers(problem, code, test), test)
     setup = problem["test_setup"] + "\n"
     for line in setup.split("\n"):
         # Imports the code already has are removed from the test setup (duplicates are errors).
@@ -130,6 +159,28 @@ def _go(problem: dict, code: str, test: str) -> str:
     if "package main" in code and "package main" in setup:
         code = code.replace("package main", "")
     return setup + extra + code
+
+
+_GO_FUNC = re.compile(r"^func (\w+)\(", re.M)
+
+
+def _with_go_helpers(problem: dict, code: str, test: str) -> str:
+    """Prepend helper functions the problem's prompt defines, the code or test calls and the
+    code lacks.
+
+    Go/10, 32, 38 and 50 call a helper (IsPalindrome, Poly, EncodeCyclic, EncodeShift) that is
+    in the prompt but not in the declaration (Python's declarations do carry their helpers)."""
+    prompt = problem.get("prompt", "")
+    helpers = []
+    for match in _GO_FUNC.finditer(prompt):
+        name = match.group(1)
+        if (name == problem.get("entry_point") or f"func {name}(" in code
+                or f"{name}(" not in code + test):
+            continue
+        end = prompt.find("\n}", match.start())
+        if end != -1:
+            helpers.append(prompt[match.start(): end + 2] + "\n")
+    return "".join(helpers) + code if helpers else code
 
 
 def _drop_unused_go_imports(code: str, test: str) -> str:
