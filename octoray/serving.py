@@ -259,9 +259,15 @@ class CompletionServer:
         self.created = int(time.time())
         #: served so far by this replica, shown by /healthz (the benchmark reads the batch sizes)
         self.stats = {"requests": 0, "sequences": 0, "completion_tokens": 0, "batches": 0, "largest_batch": 0}
-        # serve.batch on the bound method, so max_batch_size can come from the config
+        # serve.batch on the bound method, so max_batch_size can come from the config. Serve forms
+        # the next batch as soon as requests arrive, not when the model is free, so several small
+        # batches can wait at once: they all enter _generate_batch (max_concurrent_batches) and
+        # are merged there, up to max_batch_size, into the decode batch that runs next.
+        self._waiting: list[Sequence] = []
+        self._model_lock = asyncio.Lock()
         self._generate = serve.batch(max_batch_size=self.cfg.max_batch_size,
-                                     batch_wait_timeout_s=self.cfg.batch_wait_timeout_s)(self._generate_batch)
+                                     batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
+                                     max_concurrent_batches=self.cfg.max_ongoing_requests)(self._generate_batch)
 
     def __serve_build_asgi_app__(self) -> Any:
         """The Starlette app with the three routes; called by Ray Serve after ``__init__``."""
@@ -378,20 +384,47 @@ class CompletionServer:
                 task.cancel()
 
     async def _generate_batch(self, seqs: list[Sequence]) -> list[Sequence]:
-        """``@serve.batch`` target: decode a batch of sequences together until each one finishes.
+        """``@serve.batch`` target: queue ``seqs``; whoever holds the model decodes what waits.
+
+        Each turn takes up to ``max_batch_size`` waiting sequences (oldest first, from any batch
+        Serve formed) and decodes them together until each one finishes; a call returns once
+        its own sequences are done, whichever call's turn decoded them.
+        """
+        self._waiting.extend(seqs)
+        while not all(seq.done for seq in seqs):
+            async with self._model_lock:
+                if all(seq.done for seq in seqs):
+                    break
+                take = self._waiting[:self.cfg.max_batch_size]
+                del self._waiting[:len(take)]
+                if not take:
+                    break  # ours were taken by a turn that failed; reported below
+                await self._decode([seq for seq in take if not seq.done])
+        if any(not seq.done or seq.finish_reason == "error" for seq in seqs):
+            raise RuntimeError("generation failed in this request's batch (see the replica log)")
+        return seqs
+
+    async def _decode(self, live: list[Sequence]) -> None:
+        """Decode ``live`` together until each one finishes.
 
         The forward passes run in a worker thread so the event loop keeps taking requests and
         flushing streamed pieces; sequence bookkeeping (detokenising, stop strings) stays here.
         """
-        live = [seq for seq in seqs if not seq.done]
-        if live:
-            self.stats["batches"] += 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
+        if not live:
+            return
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
+        try:
             batch = await asyncio.to_thread(self.decoder.prefill, live)
             while keep := self.decoder.advance(batch):
                 await asyncio.to_thread(self.decoder.step, batch, keep)
+        except BaseException:
+            for seq in live:  # no caller may wait forever on a row of a failed batch
+                if not seq.done:
+                    seq.finish_reason = "error"
+            raise
+        finally:
             self.stats["completion_tokens"] += sum(seq.generated for seq in live)
-        return seqs
 
 
 # --- batched decoding (torch) ------------------------------------------------------------------

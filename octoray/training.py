@@ -405,9 +405,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         progress.update(1)
     progress.close()
     log.close()
+    # Training is over: stop transformers from building models under zero.Init, or rank 0's fresh
+    # export model would start ZeRO-3 collectives the other ranks never join (a deadlock).
+    del hf_ds_config
+    if cfg.zero_stage == 3:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     if cfg.export:
         _export(engine, cfg, model_path, run_dir / "model", rank)
-    del hf_ds_config  # kept alive until here: transformers reads it while ZeRO-3 is active
 
 
 def _load_model(cfg: TrainConfig, model_path: str, ds_config: dict[str, Any], bf16: bool) -> tuple[Any, Any]:
