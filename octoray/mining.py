@@ -76,7 +76,8 @@ class MineConfig:
     out: str = option("", "output directory (commits/)")
     ref: str = option("HEAD", "the history to mine: a ref or revision range passed to git rev-list")
     workers: int = option(0, "parallel mining tasks (0 = every CPU of the Ray cluster)")
-    chunk_commits: int = option(2000, "most commits per mining task; big histories are split into such ranges")
+    chunk_commits: int = option(2000, "most commits per mining task (and per output shard); big histories "
+                                      "are split into such ranges")
     languages_file: str | None = option(None, "JSON {language: [extensions]} to use instead of Linguist "
                                               "(e.g. CommitPack's programming_languages.json)")
     permissive_licenses: tuple[str, ...] = option(tuple(sorted(PERMISSIVE)), "SPDX ids kept (CommitPack's list)")
@@ -88,7 +89,6 @@ class MineConfig:
     non_utf8: Literal["drop", "replace"] = option("drop", "file contents that are not UTF-8: drop the commit, "
                                                           "or decode with U+FFFD replacements")
     clone_dir: str | None = option(None, "where URLs are cloned (default OUT/.repos)")
-    shard_rows: int = option(20_000, "rows per output Parquet shard")
     progress: bool = option(True, "show a progress bar")
 
     def problems(self) -> list[str]:
@@ -98,7 +98,7 @@ class MineConfig:
             found.append("no repositories given")
         if not self.out:
             found.append("--out is required")
-        for name in ("chunk_commits", "max_file_bytes", "shard_rows"):
+        for name in ("chunk_commits", "max_file_bytes"):
             if getattr(self, name) <= 0:
                 found.append(f"{name} must be positive")
         if self.workers < 0:
@@ -199,7 +199,7 @@ def run(cfg: MineConfig) -> Path:
             repo_stats[key] = json.loads((work / key / "done.json").read_text())
     failed = {s["name"]: s["error"] for s in repo_stats.values() if s.get("error")}
     finished = [s for s in repo_stats.values() if not s.get("error")]
-    rows, files, duplicates = _finalize(out, work, [s["key"] for s in finished], cfg.shard_rows)
+    rows, files, duplicates = _finalize(out, work, [s["key"] for s in finished])
     stats = _aggregate_stats(repo_stats.values(), duplicates, rows)
     atomic_write_json(out / "stats.json", stats)
     manifest = write_manifest(out, STAGE, cfg, rows=rows, files=files, started=started,
@@ -382,7 +382,9 @@ def _mine_chunk(chunk: dict[str, Any], cfg: MineConfig, work: Path) -> dict[str,
         return {**base, "error": str(exc) or type(exc).__name__, "dropped": {}, "kept": 0}
     import pyarrow as pa
 
-    write_parquet_atomic(pa.Table.from_pylist(rows, schema=_schema()), part)
+    schema = _schema()
+    columns = {name: [row[name] for row in rows] for name in schema.names}
+    write_parquet_atomic(pa.table(columns, schema=schema), part)
     result = {"dropped": dict(dropped), "kept": len(rows)}
     atomic_write_json(sidecar, result)
     return {**base, **result}
@@ -538,34 +540,63 @@ def _finish_repo(work: Path, plan: dict[str, Any], results: list[dict]) -> dict[
     return stats
 
 
-def _finalize(out: Path, work: Path, keys: list[str], shard_rows: int) -> tuple[int, list[str], int]:
-    """Deduplicate every finished repository's rows by commit and write the output shards."""
+def _finalize(out: Path, work: Path, keys: list[str]) -> tuple[int, list[str], int]:
+    """Deduplicate every finished repository's rows by commit and publish the output shards.
+
+    Only the small ``commit``/``repo`` columns are read to find duplicates. A chunk shard without
+    duplicates or forks is published as it is (a hard link, no rewrite of file contents); only
+    shards that lose a duplicate row or gain fork names in ``repos`` are rewritten.
+    """
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     parts = [p for key in keys for p in sorted((work / key).glob("part-*.parquet"))]
-    tables = [pq.read_table(p) for p in parts]
-    table = pa.concat_tables(tables) if tables else _schema().empty_table()
-    duplicates = 0
-    if table.num_rows:
-        # Keep each commit's first row; its `repos` lists every repository holding it (forks).
-        indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
-        grouped = indexed.group_by("commit").aggregate([("_row", "min"), ("repo", "distinct")])
-        duplicates = table.num_rows - grouped.num_rows
-        order = pc.sort_indices(grouped, [("_row_min", "ascending")])
-        grouped = grouped.take(order)
-        table = table.take(grouped["_row_min"])
-        repos = [",".join(sorted(names)) for names in grouped["repo_distinct"].to_pylist()]
-        table = table.set_column(table.schema.get_field_index("repos"), "repos", pa.array(repos, pa.string()))
+    first_seen: dict[str, int] = {}
+    holders: dict[str, set[str]] = {}
+    keep_masks: list[list[bool]] = []
+    for index, part in enumerate(parts):
+        meta = pq.read_table(part, columns=["commit", "repo"])
+        mask = []
+        for commit, repo in zip(meta["commit"].to_pylist(), meta["repo"].to_pylist()):
+            holders.setdefault(commit, set()).add(repo)
+            mask.append(commit not in first_seen)
+            first_seen.setdefault(commit, index)
+        keep_masks.append(mask)
     for old in out.glob("commits-*.parquet"):
         old.unlink()
-    files = []
-    for i, start in enumerate(range(0, max(table.num_rows, 1), shard_rows)):
-        name = f"commits-{i:05d}.parquet"
-        write_parquet_atomic(table.slice(start, shard_rows), out / name)
+    files: list[str] = []
+    rows = 0
+    for index, (part, mask) in enumerate(zip(parts, keep_masks)):
+        if not any(mask):
+            continue
+        name = f"commits-{len(files):05d}.parquet"
+        commits = pq.read_table(part, columns=["commit"])["commit"].to_pylist()
+        forked = any(len(holders[c]) > 1 for c, keep in zip(commits, mask) if keep)
+        if all(mask) and not forked:
+            _publish(part, out / name)
+        else:
+            table = pq.read_table(part).filter(pa.array(mask))
+            repos = [",".join(sorted(holders[c])) for c in table["commit"].to_pylist()]
+            table = table.set_column(table.schema.get_field_index("repos"), "repos", pa.array(repos, pa.string()))
+            write_parquet_atomic(table, out / name)
         files.append(name)
-    return table.num_rows, files, duplicates
+        rows += sum(mask)
+    if not files:  # readers still get a shard with the schema
+        write_parquet_atomic(_schema().empty_table(), out / "commits-00000.parquet")
+        files.append("commits-00000.parquet")
+    duplicates = sum(len(m) for m in keep_masks) - rows
+    return rows, files, duplicates
+
+
+def _publish(part: Path, dest: Path) -> None:
+    """Put a finished chunk shard into the output without copying its bytes where possible."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(part, tmp)
+    except OSError:  # another file system, or no hard links: copy
+        shutil.copyfile(part, tmp)
+    os.replace(tmp, dest)
 
 
 def _aggregate_stats(repos: Iterable[dict[str, Any]], duplicates: int, rows: int) -> dict[str, Any]:
