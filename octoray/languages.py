@@ -63,13 +63,20 @@ class LanguageTable:
 
 
 def _linguist_language(path: str, content: bytes | None) -> str | None:
+    name = os.path.basename(path)
+    if content is None:
+        return _linguist_by_name(name)
     import enry
 
-    if content is None:
-        language = enry.get_language_by_extension(os.path.basename(path)).language
-    else:
-        language = enry.get_language(os.path.basename(path), content[:_HEURISTIC_BYTES])
-    return language or None
+    return enry.get_language(name, content[:_HEURISTIC_BYTES]) or None
+
+
+@functools.lru_cache(maxsize=65_536)
+def _linguist_by_name(name: str) -> str | None:
+    """Linguist's first candidate from the file name alone ("Makefile", then the extension)."""
+    import enry
+
+    return enry.get_language_by_filename(name).language or enry.get_language_by_extension(name).language or None
 
 
 @functools.lru_cache(maxsize=4096)
