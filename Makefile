@@ -8,7 +8,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: setup toolchains demo test test-fast bench
+.PHONY: setup toolchains demo test test-fast
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ toolchains:
 	bash scripts/install_toolchains.sh
 
 demo: setup
-	bash scripts/demo.sh
+	SHARED=$(SHARED) bash scripts/demo.sh
 
 test: setup toolchains
 	$(VENV)/bin/pytest -q

@@ -161,8 +161,10 @@ def resolve_model(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> str:
             from octoray.modeling import build_demo_model
 
             texts = sft_texts(data_dir, limit=20_000)
+            # The context is StarCoder's 2048 whatever seq_len trains: the served model must take
+            # HumanEvalPack prompts (hundreds of tokens with a small BPE vocabulary).
             build_demo_model(base, texts, vocab_size=cfg.demo_vocab, n_layer=cfg.demo_layers,
-                             n_embd=cfg.demo_embd, n_positions=max(cfg.seq_len, 64), seed=cfg.seed)
+                             n_embd=cfg.demo_embd, n_positions=max(cfg.seq_len, 2048), seed=cfg.seed)
         return str(base)
     if cfg.model.startswith(("/", "./", "../", "~")) and not Path(cfg.model).expanduser().is_dir():
         raise UserError(f"model directory not found: {cfg.model} (give a hub id, a local model directory, or 'demo')")

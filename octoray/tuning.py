@@ -154,8 +154,9 @@ def _run_tuner(tcfg: TuneConfig, base: Any, model_path: str, datasets: dict[str,
     reports = math.ceil(base.max_steps / base.checkpoint_every)  # one val_loss per checkpoint
     trainable = tune.with_parameters(_trial, base=to_dict(base), model_path=model_path,
                                      trials_dir=str(out_dir / "trials"), datasets=datasets)
-    # The trial function only waits on its TorchTrainer; the workers hold the CPUs/GPUs.
-    trainable = tune.with_resources(trainable, {"cpu": 0})
+    # The trial function only waits on its TorchTrainer; the workers hold the CPUs/GPUs. Tune
+    # refuses an all-zero bundle, so the driver reserves 1 MiB of memory instead of a CPU.
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 2**20})
     tuner = tune.Tuner(
         trainable,
         param_space=search_space(tcfg),

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The demo pipeline on an embedded local Ray: mines this project's own git history (always
-# present), filters it into CommitPackFT rows, and prints where everything went.
+# The demo pipeline (jobs/demo.yaml) on an embedded local Ray: mines this project's own git
+# history, filters it, trains a tiny model, serves it, evaluates a HumanEvalPack slice through the
+# endpoint and writes runs/demo/report/report.md. Rerunning skips every finished stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/demo}
-.venv/bin/octoray mine . --out "$OUT/commits" allow_unlicensed=true
-.venv/bin/octoray filter "$OUT/commits" --out "$OUT/sft" tokenizer_rule=false
-echo "demo outputs: $OUT/commits (CommitPack rows), $OUT/sft (CommitPackFT rows)"
+SHARED=${SHARED:-../shared}
+data_dir=()
+if [ -d "$SHARED/humanevalpack" ]; then
+  data_dir=(--data-dir "$SHARED/humanevalpack")   # the local copy; without it, the hub
+fi
+exec .venv/bin/octoray pipeline jobs/demo.yaml "${data_dir[@]}" "$@"

@@ -60,7 +60,7 @@ class EvalConfig:
     concurrency: int = option(8, "endpoint: most requests in flight")
     retries: int = option(5, "endpoint: retries per request on connection errors, 429 and 5xx")
     request_timeout_s: float = option(600.0, "endpoint: seconds per HTTP request")
-    num_actors: int = option(0, "execution actors, each one sandbox and 1 CPU; 0 = one per CPU in the cluster")
+    num_actors: int = option(0, "execution actors, each one sandbox and 1 CPU; 0 = one per free CPU in the cluster")
     in_flight_per_actor: int = option(2, "samples queued per execution actor (bounds in-flight work)")
     flush_every: int = option(64, "results per appended Parquet part file (the resume granularity)")
     sandbox_cache: Optional[Path] = option(None, "sandbox cache dir (work dirs, prebuilt Rust deps); unset = the sandbox default in $TMPDIR")

@@ -80,7 +80,9 @@ def execute(samples: Sequence[dict[str, Any]], problems: dict[str, dict[str, Any
     done = {key_of(r): r for r in read_results(out_dir) if key_of(r) in wanted}
     pending = [s for s in samples if key_of(s) not in done]
     if pending:
-        num_actors = num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # One per *free* CPU: CPUs held by others (a Serve replica in the pipeline) would leave
+        # extra actors pending forever, with samples queued on them.
+        num_actors = num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
         num_actors = min(num_actors, len(pending))
         # Only the problems this run touches travel, once, through the object store.
         needed = {s["task_id"] for s in pending}
