@@ -261,14 +261,9 @@ def _output_schema(first_shard: Path) -> Any:
 def _filter_shards(cfg: FilterConfig, pending: list[Path], expected: dict[str, int], out: Path, schema: Any,
                    tables: rules.Tables, lang_table: Any) -> None:
     """Run the pending shards through Ray Data and write each one as soon as it is whole."""
-    import ray
+    from octoray.raylocal import ensure_ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, include_dashboard=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours counts rows, Ray's counts blocks per operator
-    ctx.print_on_execution_start = False
-
+    ray = ensure_ray()  # quiet Ray Data: our bar counts rows, Ray's counts blocks per operator
     ds = ray.data.read_parquet([str(p) for p in pending], include_paths=True)
     ds = ds.map_batches(_first_rules, batch_format="pyarrow", batch_size=cfg.batch_size,
                         fn_kwargs={"extensions_for": lang_table.extensions_for})
