@@ -29,7 +29,7 @@ from typing import Any, Iterable, Literal
 from octoray import commitpackft_rules as rules
 from octoray.config import help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
-from octoray.outputs import (RESOLVED_CONFIG, atomic_write_json, is_complete, read_manifest,
+from octoray.outputs import (RESOLVED_CONFIG, atomic_write_json, is_complete, iter_jsonl, read_manifest,
                              require_stage_output, write_manifest, write_parquet_atomic,
                              write_resolved_config)
 
@@ -505,19 +505,12 @@ def _read_oasst(path: Path, limit: int | None) -> list[tuple[str, str]]:
     if not path.is_file():
         raise UserError(f"oasst_file not found: {path}")
     pairs: list[tuple[str, str]] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if limit is not None and len(pairs) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if not (isinstance(row, dict) and isinstance(row.get("input"), str) and isinstance(row.get("output"), str)):
-                raise UserError(f"{path}:{line_no}: expected an object with string fields 'input' and 'output'")
-            pairs.append((row["input"], row["output"]))
+    for where, row in iter_jsonl(path):
+        if limit is not None and len(pairs) >= limit:
+            break
+        if not (isinstance(row, dict) and isinstance(row.get("input"), str) and isinstance(row.get("output"), str)):
+            raise UserError(f"{where}: expected an object with string fields 'input' and 'output'")
+        pairs.append((row["input"], row["output"]))
     return pairs
 
 

@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from octoray import __version__
 from octoray.config import dump_yaml, to_dict
@@ -134,3 +134,18 @@ def write_manifest(
     }
     atomic_write_json(Path(out_dir) / MANIFEST, manifest)
     return manifest
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, value)`` per non-blank line of a JSONL file; ``where`` is ``path:line`` for errors.
+
+    A line that is not JSON stops with a one-line UserError naming the file and line.
+    """
+    with Path(path).open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{line_no}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None

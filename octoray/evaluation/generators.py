@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from octoray.errors import UserError
 from octoray.evaluation import humanevalpack as hep
+from octoray.outputs import iter_jsonl
 
 GENERATOR_KINDS = ("hf", "endpoint", "oracle", "file")
 ORACLES = {"canonical": "canonical_solution", "buggy": "buggy_solution"}
@@ -106,39 +107,31 @@ def file_samples(path: Path, problems: Problems, all_problems: Problems, tasks: 
     known = {p["task_id"] for items in all_problems.values() for p in items}
     counters: dict[tuple[str, str], int] = {}
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(item, dict):
-                raise UserError(f"{where}: expected an object with task_id, task, completion")
-            for key in ("task_id", "task", "completion"):
-                if not isinstance(item.get(key), str):
-                    raise UserError(f"{where}: '{key}' must be a string (rows are {{task_id, task, completion}})")
-            task, task_id = item["task"], item["task_id"]
-            if task not in hep.TASKS:
-                raise UserError(f"{where}: unknown task '{task}' (choose from {', '.join(hep.TASKS)})")
-            try:
-                language = hep.language_of_task_id(task_id)
-            except UserError as exc:
-                raise UserError(f"{where}: {exc}") from None
-            if language in all_problems and task_id not in known:
-                raise UserError(f"{where}: no problem '{task_id}' in HumanEvalPack")
-            problem = selected.get((language, task_id))
-            if problem is None or task not in tasks:
-                continue
-            description = str(item.get("description") or "")
-            completion = _strip_echoed_start(item["completion"], hep.function_start(problem, language, task))
-            idx = counters.get((task_id, task), 0)
-            counters[(task_id, task)] = idx + 1
-            rows.append(_row(problem, language, task, idx,
-                             hep.code_prompt(problem, language, task, template, description), completion,
-                             hep.completion_to_code(problem, language, task, completion), description))
+    for where, item in iter_jsonl(path):
+        if not isinstance(item, dict):
+            raise UserError(f"{where}: expected an object with task_id, task, completion")
+        for key in ("task_id", "task", "completion"):
+            if not isinstance(item.get(key), str):
+                raise UserError(f"{where}: '{key}' must be a string (rows are {{task_id, task, completion}})")
+        task, task_id = item["task"], item["task_id"]
+        if task not in hep.TASKS:
+            raise UserError(f"{where}: unknown task '{task}' (choose from {', '.join(hep.TASKS)})")
+        try:
+            language = hep.language_of_task_id(task_id)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        if language in all_problems and task_id not in known:
+            raise UserError(f"{where}: no problem '{task_id}' in HumanEvalPack")
+        problem = selected.get((language, task_id))
+        if problem is None or task not in tasks:
+            continue
+        description = str(item.get("description") or "")
+        completion = _strip_echoed_start(item["completion"], hep.function_start(problem, language, task))
+        idx = counters.get((task_id, task), 0)
+        counters[(task_id, task)] = idx + 1
+        rows.append(_row(problem, language, task, idx,
+                         hep.code_prompt(problem, language, task, template, description), completion,
+                         hep.completion_to_code(problem, language, task, completion), description))
     if not rows:
         raise UserError(f"{path} holds no samples for the selected tasks and languages")
     return rows

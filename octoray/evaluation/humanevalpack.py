@@ -6,11 +6,11 @@ OctoPack used); where octoray deviates it says so next to the table.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from octoray.errors import UserError
+from octoray.outputs import iter_jsonl
 
 #: HumanEvalPack languages, in the order the paper reports them.
 LANGUAGES = ("python", "js", "java", "go", "cpp", "rust")
@@ -44,18 +44,11 @@ def load_problems(language: str, data_dir: str | Path | None = None) -> list[dic
     if not path.is_file():
         raise UserError(f"missing HumanEvalPack file {path} (expected one <language>.jsonl per language)")
     problems = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            missing = [key for key in _REQUIRED if key not in row] if isinstance(row, dict) else ["all"]
-            if missing:
-                raise UserError(f"{path}:{line_no}: not a HumanEvalPack row (missing {', '.join(missing)})")
-            problems.append(row)
+    for where, row in iter_jsonl(path):
+        missing = [key for key in _REQUIRED if key not in row] if isinstance(row, dict) else ["all"]
+        if missing:
+            raise UserError(f"{where}: not a HumanEvalPack row (missing {', '.join(missing)})")
+        problems.append(row)
     if not problems:
         raise UserError(f"{path} holds no problems")
     return problems
