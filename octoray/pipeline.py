@@ -89,7 +89,7 @@ def run(config_path: str | Path, overrides: list[str] = (), *, out: str | None =
     dirs = {stage: root / name for stage, name in
             (("mine", "commits"), ("filter", "sft"), ("tune", "tune"), ("train", "train"),
              ("serve", "serve"), ("eval", "eval"), ("report", "report"))}
-    stage_cfgs = _stage_configs(config_path, by_stage, cfg, dirs)  # every config checked before any work
+    stage_cfgs = stage_configs(config_path, by_stage, cfg, dirs)  # every config checked before any work
     wanted = [s for s in STAGES if s in cfg.stages]
     print(f"octoray pipeline: {cfg.name} -> {root}  (stages: {' -> '.join(wanted)})", flush=True)
 
@@ -117,7 +117,7 @@ def _banner(stage: str, out: Path) -> None:
     print(f"\n== {stage} -> {out}", flush=True)
 
 
-def _stage_configs(config_path: str | Path, by_stage: dict[str, list[str]], cfg: PipelineConfig,
+def stage_configs(config_path: str | Path, by_stage: dict[str, list[str]], cfg: PipelineConfig,
                    dirs: dict[str, Path]) -> dict[str, Any]:
     """Each wanted stage's typed config, wired to the previous stage's directory."""
     from octoray import filtering, mining
