@@ -228,7 +228,7 @@ def test_own_history_matches_git_log(tmp_path: Path) -> None:
     stats = _stats(out)["repos"]["main" if REPO_ROOT.name == "main" else REPO_ROOT.name]
     log = subprocess.run(["git", "-C", str(REPO_ROOT), "log", "--no-merges", "--no-renames", "--format=@%H",
                           "--name-status"], capture_output=True, text=True, check=True).stdout
-    commits = [block.strip().splitlines() for block in log.split("@") if block.strip()]
+    commits = [[line for line in block.splitlines() if line.strip()] for block in log.split("@") if block.strip()]
     single_modified = sum(1 for c in commits if len(c) == 2 and c[1].startswith("M\t"))
     merges = int(subprocess.run(["git", "-C", str(REPO_ROOT), "rev-list", "--merges", "--count", "HEAD"],
                                 capture_output=True, text=True, check=True).stdout)
