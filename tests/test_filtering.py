@@ -391,7 +391,7 @@ def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_loca
     from octoray.modeling import load_tokenizer, train_bpe_tokenizer
 
     expected = _build_repo(tmp_path / "repo", shared_dir)
-    commits = mining.run(load_config(mining.MineConfig, None, ["allow_unlicensed=true", "shard_rows=8", "progress=false"],
+    commits = mining.run(load_config(mining.MineConfig, None, ["allow_unlicensed=true", "chunk_commits=8", "progress=false"],
                                      values={"sources": [str(tmp_path / "repo")], "out": str(tmp_path / "commits")}))
     mined = pa.concat_tables([pq.read_table(p) for p in sorted(commits.glob("*.parquet"))])
     assert sorted(mined.column("subject").to_pylist()) == sorted(expected)  # every planned commit was mined
