@@ -140,7 +140,9 @@ def max_concurrent(tcfg: TuneConfig, base: Any) -> int:
     from octoray.training import _use_gpu
 
     resources = ray.cluster_resources()
-    fits = int(resources.get("CPU", 1) // (base.num_workers * base.cpus_per_worker))
+    # One CPU stays free for each trial's Ray Data ingest tasks: trials whose workers take every
+    # CPU starve their own data pipelines and hang.
+    fits = int((resources.get("CPU", 1) - 1) // (base.num_workers * base.cpus_per_worker))
     if _use_gpu(base):
         fits = min(fits, int(resources.get("GPU", 0) // base.num_workers))
     return max(1, fits)
