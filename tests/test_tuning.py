@@ -49,6 +49,8 @@ def test_cli_tune_bad_config_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.skip(reason="known hang, issue 4: on a 2-CPU local Ray the trial's Ray Train worker "
+                         "group never gets its CPU (WorkerGroupStartupTimeoutError); under investigation")
 def test_asha_search_names_best_trial(tmp_path: Path, ray_local) -> None:
     from octoray import tuning
 
