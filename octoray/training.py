@@ -146,11 +146,11 @@ def _require_paths(cfg: TrainConfig) -> tuple[Path, Path]:
 
 
 def _init_ray() -> None:
-    import ray
+    from octoray.raylocal import ensure_ray
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by Ray Jobs) joins a cluster; otherwise a local one starts.
-        ray.init(log_to_driver=True)
+    # RAY_ADDRESS (set by Ray Jobs) joins a cluster; otherwise a local one starts. Workers' logs
+    # (per-step progress) reach the driver.
+    ensure_ray(log_to_driver=True)
 
 
 def resolve_model(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> str:

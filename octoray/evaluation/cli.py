@@ -151,10 +151,9 @@ def run(cfg: EvalConfig) -> Path:
 
 
 def _init_ray(cfg: EvalConfig) -> None:
-    import ray
+    from octoray.raylocal import ensure_ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address or None, include_dashboard=False, log_to_driver=False)
+    ensure_ray(address=cfg.ray_address or None)
 
 
 def _samples_match(out: Path, fingerprint: dict[str, Any]) -> bool:
