@@ -155,13 +155,12 @@ def run(cfg: MineConfig) -> Path:
     started = time.time()
     out = Path(cfg.out)
     sources = resolve_sources(cfg.sources)
-    table = language_table(cfg.languages_file)  # fail fast on a bad languages file
+    language_table(cfg.languages_file)  # fail fast on a bad languages file, before Ray starts
     previous = read_manifest(out)
     if (is_complete(out, STAGE) and previous and previous.get("sources") == [s.spec for s in sources]
             and not previous.get("failed_repos")):
         print(f"octoray mine: {out} is already complete ({previous['rows']} rows); nothing to do")
         return out
-    del table
     out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out, cfg)
     work = out / ".work"
