@@ -95,7 +95,7 @@ def run(config_path: str | Path, overrides: list[str] = (), *, out: str | None =
 
     from octoray.raylocal import ensure_ray
 
-    ensure_ray()
+    ensure_ray(dashboard="tune" in wanted)  # tune needs the State API (octoray.tuning._require_state_api)
     for stage in ("mine", "filter", "tune", "train"):
         if stage in wanted:
             _banner(stage, dirs[stage])

@@ -7,21 +7,33 @@ import warnings
 from typing import Any
 
 
-def ensure_ray(**init_kwargs: Any) -> Any:
+def ensure_ray(*, dashboard: bool = False, **init_kwargs: Any) -> Any:
     """``ray.init()`` once, quietly; returns the ``ray`` module.
 
     Inside a Ray Job (or with ``RAY_ADDRESS`` set) this joins that cluster; on a laptop it starts
-    an embedded local Ray using every CPU.
+    an embedded local Ray using every CPU, with its dashboard only when ``dashboard`` is set (it
+    costs a process and memory; Ray's State API, which some libraries rely on, lives there).
     """
     import ray
 
     if not ray.is_initialized():
         init_kwargs.setdefault("log_to_driver", False)
-        init_kwargs.setdefault("include_dashboard", False)
+        init_kwargs.setdefault("include_dashboard", dashboard)
         init_kwargs.setdefault("logging_level", logging.WARNING)
         ray.init(**init_kwargs)
     quiet_ray_data()
     return ray
+
+
+def has_state_api() -> bool:
+    """Whether the connected Ray answers State API calls (its dashboard is running)."""
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=10)
+    except Exception:  # ServerUnavailable and friends: no dashboard behind the address
+        return False
+    return True
 
 
 def quiet_ray_data() -> None:

@@ -145,12 +145,12 @@ def _require_paths(cfg: TrainConfig) -> tuple[Path, Path]:
     return Path(cfg.data).resolve(), Path(cfg.out).resolve()
 
 
-def _init_ray() -> None:
+def _init_ray(dashboard: bool = False) -> None:
     from octoray.raylocal import ensure_ray
 
     # RAY_ADDRESS (set by Ray Jobs) joins a cluster; otherwise a local one starts. Workers' logs
     # (per-step progress) reach the driver.
-    ensure_ray(log_to_driver=True)
+    ensure_ray(log_to_driver=True, dashboard=dashboard)
 
 
 def resolve_model(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> str:

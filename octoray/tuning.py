@@ -106,7 +106,8 @@ def run(tcfg: TuneConfig, train_cfg: Any) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out_dir, tcfg)
     model_path = resolve_model(base, data_dir, out_dir)
-    _init_ray()
+    _init_ray(dashboard=True)
+    _require_state_api()
     datasets, counts = prepare_datasets(base, data_dir, model_path)
     results = _run_tuner(tcfg, base, model_path, datasets, out_dir)
     best = summarize(results, base)
@@ -117,6 +118,22 @@ def run(tcfg: TuneConfig, train_cfg: Any) -> Path:
                    started=started, inputs={"sft": {"path": str(data_dir), "rows": sft_manifest.get("rows")}},
                    extra={"model_path": model_path, "counts": counts, "train_config": to_dict(base)})
     return out_dir
+
+
+def _require_state_api() -> None:
+    """Refuse to tune on a Ray without its State API rather than hang mid-search.
+
+    When ASHA stops a trial, Tune kills the trial's actor and with it the Ray Train controller;
+    the controller's worker placement group outlives it (placement groups belong to the job, not
+    to the actor) and Ray Train's PlacementGroupCleaner, which removes it, asks the State API
+    whether the controller died. Without the dashboard that question fails, the CPUs stay
+    reserved, and every later trial waits for a worker group that never starts.
+    """
+    from octoray.raylocal import has_state_api
+
+    if not has_state_api():
+        raise UserError("octoray tune needs Ray's State API (the dashboard): start the cluster with "
+                        "its dashboard (ray start --head, the default), or let octoray tune start a local Ray")
 
 
 def search_space(tcfg: TuneConfig) -> dict[str, Any]:
@@ -159,13 +176,16 @@ def _run_tuner(tcfg: TuneConfig, base: Any, model_path: str, datasets: dict[str,
     # The trial function only waits on its TorchTrainer; the workers hold the CPUs/GPUs. Tune
     # refuses an all-zero bundle, so the driver reserves 1 MiB of memory instead of a CPU.
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 2**20})
+    concurrent = max_concurrent(tcfg, base)
     tuner = tune.Tuner(
         trainable,
         param_space=search_space(tcfg),
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="min", num_samples=tcfg.num_samples,
-            max_concurrent_trials=max_concurrent(tcfg, base),
-            search_alg=BasicVariantGenerator(random_state=tcfg.seed),
+            # The limit goes to the generator itself: Tune ignores TuneConfig.max_concurrent_trials
+            # when search_alg is a SearchGenerator, and trials past what the CPUs hold would wait
+            # on their worker groups until Ray Train's startup timeout.
+            search_alg=BasicVariantGenerator(random_state=tcfg.seed, max_concurrent=concurrent),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(1, reports),
                                     grace_period=min(tcfg.grace_period, max(1, reports)),
                                     reduction_factor=tcfg.reduction_factor)),

@@ -27,11 +27,15 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (starting Ray costs seconds on 2 cores)."""
+    """One local Ray for the whole session (starting Ray costs seconds on 2 cores).
+
+    With its dashboard, as ``octoray tune`` requires (Ray Train cleans up stopped trials' placement
+    groups through the State API).
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     yield ray
 
