@@ -1,10 +1,12 @@
 """Training throughput: octoray's Ray Train + DeepSpeed loop vs a plain single-process PyTorch loop.
 
     .venv/bin/python benchmarks/bench_train.py            # CPU (or GPU when CUDA is present)
-    .venv/bin/python benchmarks/bench_train.py --steps 30 --cpus 2
+    .venv/bin/python benchmarks/bench_train.py --steps 100 --rounds 3 --zero-stages 2
 
 Both sides train the same GPTBigCode on the same packed data with AdamW, same micro-batch, same
 threads (CPU) or the same GPU, and report the median tokens/s over the steps after warmup. The
+sides alternate for ``--rounds`` rounds (this machine's load drifts; alternating spreads it over
+both sides) and the overhead is the median of the per-round ratios. The
 octoray side is the real `octoray train` code path (``training.run``: Ray Data packing, TorchTrainer,
 DeepSpeed engine, per-step metrics), 1 worker, at ZeRO-0 and ZeRO-2; its tokens/s is read from
 RUN_DIR/metrics.jsonl (step time, so checkpoints and start-up are excluded on both sides).
@@ -81,10 +83,14 @@ def octoray_tokens_per_s(cfg_values: dict, warmup: int) -> tuple[float, float | 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per side")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating baseline/octoray rounds")
+    parser.add_argument("--zero-stages", type=int, nargs="+", default=[0, 2], help="ZeRO stages to run (CPU)")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
     parser.add_argument("--cpus", type=int, default=2, help="CPU threads for both sides (CPU mode)")
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--n-layer", type=int, default=2, help="CPU model depth (the demo model's is 2)")
+    parser.add_argument("--n-embd", type=int, default=128, help="CPU model width")
     parser.add_argument("--micro-batch", type=int, default=4)
     args = parser.parse_args()
 
@@ -104,16 +110,12 @@ def main() -> int:
         shape = {"n_layer": 24, "n_head": 16, "n_embd": 2048, "n_positions": 2048, "vocab_size": 2048}
         seq_len, micro_batch = 2048, 4
     else:
-        shape = {"n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 512, "vocab_size": 1024}
+        shape = {"n_layer": args.n_layer, "n_head": 4, "n_embd": args.n_embd,
+                 "n_positions": max(512, args.seq_len), "vocab_size": 1024}
         seq_len, micro_batch = args.seq_len, args.micro_batch
     model_dir = build_demo_model(work / "model", texts, **shape)
     packed = pack_examples([r["prompt"] for r in rows], [r["completion"] for r in rows],
                            load_tokenizer(str(model_dir)), seq_len)
-
-    base_tps, n_params = plain_pytorch_tokens_per_s(str(model_dir), packed, micro_batch, args.steps,
-                                                    args.warmup, cuda, args.cpus)
-    peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
-    results = [("plain PyTorch loop, 1 process (baseline)", base_tps, mfu(n_params, base_tps, peak))]
 
     ray.init(num_cpus=None if cuda else args.cpus, include_dashboard=False, log_to_driver=False)
     common = {"model": str(model_dir), "data": str(sft), "seq_len": seq_len, "num_workers": 1,
@@ -121,19 +123,39 @@ def main() -> int:
               "precision": "bf16" if cuda else "fp32", "micro_batch": micro_batch, "batch_size": micro_batch,
               "lr": 1e-4, "warmup_steps": 1, "max_steps": args.steps, "checkpoint_every": 10**6,
               "export": False, "keep_checkpoints": 1}
-    for stage in ((2,) if cuda else (0, 2)):
-        tps, run_mfu = octoray_tokens_per_s({**common, "zero_stage": stage, "out": str(work / f"run-zero{stage}")},
-                                            args.warmup)
-        results.append((f"octoray train: Ray Train + DeepSpeed ZeRO-{stage}, 1 worker", tps, run_mfu))
+    peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
+    stages = (2,) if cuda else tuple(args.zero_stages)
+    # Rounds alternate the sides so that load drifting on a shared machine hits both alike; each
+    # side's figure is the median over rounds of its per-run median step rate.
+    per_round: dict[str, list[float]] = {}
+    mfus: dict[str, float | None] = {}
+    baseline = "plain PyTorch loop, 1 process (baseline)"
+    for round_no in range(args.rounds):
+        tps, n_params = plain_pytorch_tokens_per_s(str(model_dir), packed, micro_batch, args.steps,
+                                                   args.warmup, cuda, args.cpus)
+        per_round.setdefault(baseline, []).append(tps)
+        mfus[baseline] = mfu(n_params, tps, peak)
+        for stage in stages:
+            name = f"octoray train: Ray Train + DeepSpeed ZeRO-{stage}, 1 worker"
+            run_dir = work / f"run-{round_no}-zero{stage}"
+            tps, run_mfu = octoray_tokens_per_s({**common, "zero_stage": stage, "out": str(run_dir)}, args.warmup)
+            per_round.setdefault(name, []).append(tps)
+            mfus[name] = run_mfu
+        print(f"round {round_no + 1}/{args.rounds}: " +
+              ", ".join(f"{name.split(':')[-1].strip()} {rates[-1]:,.0f} tok/s" for name, rates in per_round.items()),
+              flush=True)
 
     device = torch.cuda.get_device_name() if cuda else f"CPU, {args.cpus} threads"
     print(f"\nmodel: GPTBigCode {n_params / 1e6:.1f}M params, seq {seq_len}, micro-batch {micro_batch}, "
-          f"{args.steps} steps (median after {args.warmup}), {device}\n")
-    print("| setup | tokens/s | vs baseline | MFU |")
+          f"{args.steps} steps per run (median after {args.warmup}), {args.rounds} alternating rounds, {device}\n")
+    print("| setup | tokens/s (median of rounds) | time/token vs baseline (median of per-round ratios) | MFU |")
     print("|---|---:|---:|---:|")
-    for name, tps, run_mfu in results:
-        overhead = f"{(base_tps / tps - 1) * 100:+.1f}% time/token" if tps != base_tps else "—"
-        print(f"| {name} | {tps:,.0f} | {overhead} | {f'{run_mfu:.1%}' if run_mfu else 'n/a (CPU)'} |")
+    base_rates = per_round[baseline]
+    for name, rates in per_round.items():
+        ratios = [b / r for b, r in zip(base_rates, rates)]
+        overhead = f"{(statistics.median(ratios) - 1) * 100:+.1f}%" if name != baseline else "—"
+        print(f"| {name} | {statistics.median(rates):,.0f} | {overhead} | "
+              f"{f'{mfus[name]:.1%}' if mfus[name] else 'n/a (CPU)'} |")
     return 0
 
 

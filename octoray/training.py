@@ -381,8 +381,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr = engine.get_lr()[0]
         started = time.perf_counter()
         sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, tokens
+        data_seconds = 0.0  # time spent waiting on the input pipeline: a stall shows up here
         for _ in range(cfg.grad_accum):
+            fetch_started = time.perf_counter()
             batch = next(batches)
+            data_seconds += time.perf_counter() - fetch_started
             loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
             engine.backward(loss)
             engine.step()
@@ -394,7 +397,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step_tokens = int(sums[1].item())
         tokens_seen += step_tokens
         row = {"step": step, "loss": float(sums[0].item()) / (cfg.grad_accum * world), "lr": lr,
-               "tokens_per_s": step_tokens / seconds, "step_seconds": seconds, "tokens": tokens_seen,
+               "tokens_per_s": step_tokens / seconds, "step_seconds": seconds,
+               "data_seconds": data_seconds, "tokens": tokens_seen,
                "mfu": mfu(n_params, step_tokens / seconds / world, peak), "start_step": start_step}
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             if val_shard is not None:
