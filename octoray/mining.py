@@ -38,7 +38,7 @@ from octoray.config import help_lines, load_config, option, split_overrides
 from octoray.errors import UserError
 from octoray.languages import LanguageTable, language_table
 from octoray.licenses import LICENSE_FILE_NAMES, PERMISSIVE, classify_license
-from octoray.raylocal import ensure_ray
+from octoray.raylocal import ensure_ray, unreserved_ray_data
 from octoray.outputs import (atomic_write_json, is_complete, read_manifest, write_manifest,
                              write_parquet_atomic, write_resolved_config)
 
@@ -171,27 +171,30 @@ def run(cfg: MineConfig) -> Path:
     compute = ray.data.TaskPoolStrategy(size=workers)
 
     items = [dataclasses.asdict(s) for s in sources]
-    plans = list(ray.data.from_items(items, override_num_blocks=len(items))
-                 .map(lambda row: _plan_repo(Source(**row), cfg, work, clone_root), compute=compute).iter_rows())
-    chunks = [chunk for plan in plans if not plan.get("error") and not plan.get("done")
-              for chunk in plan["chunks"]]
-    repo_stats = {p["key"]: p for p in plans}
-    pending = {p["key"]: len(p["chunks"]) for p in plans if not p.get("error") and not p.get("done")}
-    chunk_stats: dict[str, list[dict]] = {key: [] for key in pending}
+    # Each dataset below is one map over git work: no per-operator reservation, so every
+    # worker starts at once (octoray.raylocal.unreserved_ray_data).
+    with unreserved_ray_data():
+        plans = list(ray.data.from_items(items, override_num_blocks=len(items))
+                     .map(lambda row: _plan_repo(Source(**row), cfg, work, clone_root), compute=compute).iter_rows())
+        chunks = [chunk for plan in plans if not plan.get("error") and not plan.get("done")
+                  for chunk in plan["chunks"]]
+        repo_stats = {p["key"]: p for p in plans}
+        pending = {p["key"]: len(p["chunks"]) for p in plans if not p.get("error") and not p.get("done")}
+        chunk_stats: dict[str, list[dict]] = {key: [] for key in pending}
 
-    total = sum(len(c["commits"]) for c in chunks)
-    bar = _progress(total, cfg.progress and total > 0)
-    if chunks:
-        results = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map(
-            lambda chunk: _mine_chunk(chunk, cfg, work), compute=compute).iter_rows()
-        for result in results:
-            bar.update(result["n_commits"])
-            key = result["key"]
-            chunk_stats[key].append(result)
-            pending[key] -= 1
-            if pending[key] == 0:
-                repo_stats[key] = _finish_repo(work, repo_stats[key], chunk_stats[key])
-    bar.close()
+        total = sum(len(c["commits"]) for c in chunks)
+        bar = _progress(total, cfg.progress and total > 0)
+        if chunks:
+            results = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map(
+                lambda chunk: _mine_chunk(chunk, cfg, work), compute=compute).iter_rows()
+            for result in results:
+                bar.update(result["n_commits"])
+                key = result["key"]
+                chunk_stats[key].append(result)
+                pending[key] -= 1
+                if pending[key] == 0:
+                    repo_stats[key] = _finish_repo(work, repo_stats[key], chunk_stats[key])
+        bar.close()
 
     for key, plan in repo_stats.items():
         if plan.get("done"):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -49,3 +51,25 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # Ray Data warns when a stage has fewer inputs than its concurrency cap: expected for small runs.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
+
+
+@contextlib.contextmanager
+def unreserved_ray_data() -> Iterator[None]:
+    """Ray Data without per-operator resource reservation, for datasets created inside.
+
+    Ray Data reserves a share of the cluster for each operator so that a long pipeline never
+    starves its later operators. A one-operator fan-out (a ``map`` over git work items) gains
+    nothing from that, and on a small cluster the reservation keeps it on one CPU until the
+    shared pool ramps up: on 2 CPUs, 8 tasks of 0.35 s ran as 1-1-1-2-2... (2.6 s) with it and
+    2-2-2-2 (1.6 s) without. Datasets capture the context when they are created, so this only
+    affects datasets created inside the block.
+    """
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = False
+    try:
+        yield
+    finally:
+        ctx.op_resource_reservation_enabled = previous
