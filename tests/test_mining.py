@@ -250,3 +250,15 @@ def test_bad_option_is_one_line(tmp_path: Path) -> None:
     result = run_cli("mine", ".", "--out", tmp_path / "o", "chunk_comits=5", "workers=-1")
     assert result.returncode == 2
     assert "did you mean 'chunk_commits'" in result.stderr and "workers must be >= 0" in result.stderr
+
+
+def test_unreserved_ray_data_is_scoped() -> None:
+    import ray.data
+
+    from octoray.raylocal import unreserved_ray_data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.op_resource_reservation_enabled
+    with unreserved_ray_data():
+        assert ray.data.DataContext.get_current().op_resource_reservation_enabled is False
+    assert ctx.op_resource_reservation_enabled == before
