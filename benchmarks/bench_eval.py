@@ -48,13 +48,17 @@ def _warm_shared_cache(cache: Path, problems: dict[str, list[dict]]) -> None:
     subprocess.run([sys.executable, "-c", code, str(cache)], input=payload, text=True, check=True, cwd=REPO)
 
 
-def _sequential(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float) -> tuple[float, int]:
+def _sequential(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float) -> tuple[float, list[dict]]:
     from octoray.evaluation.execution import Limits, Sandbox
 
     sandbox = Sandbox(cache_dir=cache, limits=Limits(timeout_scale=scale))
     start = time.perf_counter()
-    passed = sum(sandbox.execute(s["language"], by_id[s["task_id"]], s["code"]).status == "pass" for s in samples)
-    return time.perf_counter() - start, passed
+    results = []
+    for s in samples:
+        result = sandbox.execute(s["language"], by_id[s["task_id"]], s["code"])
+        results.append({"task_id": s["task_id"], "language": s["language"], "status": result.status,
+                        "duration_s": result.duration_s})
+    return time.perf_counter() - start, results
 
 
 def _start_ray(actors: int) -> float:
@@ -69,7 +73,7 @@ def _start_ray(actors: int) -> float:
     return time.perf_counter() - t0
 
 
-def _ray(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float, actors: int) -> tuple[float, int]:
+def _ray(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float, actors: int) -> tuple[float, list[dict]]:
     import ray
 
     from octoray.evaluation import runner
@@ -80,7 +84,25 @@ def _ray(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float,
                                     timeout_scale=scale)
         wall = time.perf_counter() - start
     ray.shutdown()
-    return wall, sum(r["status"] == "pass" for r in results)
+    return wall, results
+
+
+def _per_language(seq: list[dict], par: list[dict], languages: list[str]) -> None:
+    """Per language: passes on each side, the failing task ids, and the per-sample cost after the
+    first sample (the warm-up: Go's build cache, the JVM's class data, Rust's rlibs)."""
+    import statistics
+
+    print("\n| language | passed seq / actors | not passed (actors) | s/sample after warm-up, median seq / actors |")
+    print("|---|---|---|---|")
+    for lang in languages:
+        rows = {name: [r for r in side if r["language"] == lang] for name, side in (("seq", seq), ("par", par))}
+        passed = {name: sum(r["status"] == "pass" for r in v) for name, v in rows.items()}
+        order = {r["task_id"]: i for i, r in enumerate(rows["seq"])}
+        warm = {name: [r["duration_s"] for r in sorted(v, key=lambda r: order.get(r["task_id"], 0))[1:]]
+                for name, v in rows.items()}
+        failing = sorted(r["task_id"] for r in rows["par"] if r["status"] != "pass")
+        cost = " / ".join(f"{statistics.median(v):.2f}" if v else "-" for v in warm.values())
+        print(f"| {lang} | {passed['seq']} / {passed['par']} | {', '.join(failing) or '-'} | {cost} |")
 
 
 def main() -> None:
@@ -103,9 +125,11 @@ def main() -> None:
             _warm_shared_cache(cache, problems)
         # Ray first: its idle daemons then load the machine equally during both measurements.
         init_s = _start_ray(args.actors)
-        seq_s, seq_pass = _sequential(samples, by_id, cache, args.timeout_scale)
+        seq_s, seq_results = _sequential(samples, by_id, cache, args.timeout_scale)
+        seq_pass = sum(r["status"] == "pass" for r in seq_results)
         print(f"sequential: {len(samples)} programs in {seq_s:.1f} s ({seq_pass} passed)", flush=True)
-        ray_s, ray_pass = _ray(samples, by_id, cache, args.timeout_scale, args.actors)
+        ray_s, ray_results = _ray(samples, by_id, cache, args.timeout_scale, args.actors)
+        ray_pass = sum(r["status"] == "pass" for r in ray_results)
 
     n = len(samples)
     print(f"\n{n} canonical programs ({args.problems} problems x {', '.join(languages)}), "
@@ -116,6 +140,7 @@ def main() -> None:
     print(f"| octoray Ray actors ({args.actors}) | {n} | {ray_pass} | {ray_s:.1f} | {n / ray_s:.2f} | {seq_s / ray_s:.2f}x |")
     print(f"| octoray Ray actors incl. ray.init ({init_s:.1f} s) | {n} | {ray_pass} | {ray_s + init_s:.1f} | "
           f"{n / (ray_s + init_s):.2f} | {seq_s / (ray_s + init_s):.2f}x |")
+    _per_language(seq_results, ray_results, languages)
 
 
 if __name__ == "__main__":
