@@ -553,32 +553,34 @@ def _finalize(out: Path, work: Path, keys: list[str]) -> tuple[int, list[str], i
     import pyarrow.parquet as pq
 
     parts = [p for key in keys for p in sorted((work / key).glob("part-*.parquet"))]
-    first_seen: dict[str, int] = {}
+    seen: set[str] = set()
     holders: dict[str, set[str]] = {}
+    part_commits: list[list[str]] = []
     keep_masks: list[list[bool]] = []
-    for index, part in enumerate(parts):
+    for part in parts:
         meta = pq.read_table(part, columns=["commit", "repo"])
+        commits = meta["commit"].to_pylist()
         mask = []
-        for commit, repo in zip(meta["commit"].to_pylist(), meta["repo"].to_pylist()):
+        for commit, repo in zip(commits, meta["repo"].to_pylist()):
             holders.setdefault(commit, set()).add(repo)
-            mask.append(commit not in first_seen)
-            first_seen.setdefault(commit, index)
+            mask.append(commit not in seen)
+            seen.add(commit)
+        part_commits.append(commits)
         keep_masks.append(mask)
     for old in out.glob("commits-*.parquet"):
         old.unlink()
     files: list[str] = []
     rows = 0
-    for index, (part, mask) in enumerate(zip(parts, keep_masks)):
+    for part, commits, mask in zip(parts, part_commits, keep_masks):
         if not any(mask):
             continue
         name = f"commits-{len(files):05d}.parquet"
-        commits = pq.read_table(part, columns=["commit"])["commit"].to_pylist()
         forked = any(len(holders[c]) > 1 for c, keep in zip(commits, mask) if keep)
         if all(mask) and not forked:
             _publish(part, out / name)
         else:
             table = pq.read_table(part).filter(pa.array(mask))
-            repos = [",".join(sorted(holders[c])) for c in table["commit"].to_pylist()]
+            repos = [",".join(sorted(holders[c])) for c, keep in zip(commits, mask) if keep]
             table = table.set_column(table.schema.get_field_index("repos"), "repos", pa.array(repos, pa.string()))
             write_parquet_atomic(table, out / name)
         files.append(name)
