@@ -5,6 +5,7 @@ pass and buggy ones fail on a sample of HumanEvalPack problems. The full 164 x 6
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,6 +44,14 @@ def test_go_adds_used_and_drops_unused_imports() -> None:
     assert '"strconv"' in src
     src = build_program("go", GO_PROBLEM, "func F() int {\n    return rand.Intn(1) + 1\n}\n").source
     assert '"math/rand"' in src
+
+
+def test_go_package_names_inside_other_names_are_not_uses() -> None:
+    code = 'import (\n    "runtime"\n    "time"\n)\n\nfunc F() int {\n    return runtime.NumCPU()\n}\n'
+    src = build_program("go", GO_PROBLEM, code).source
+    assert '"time"' not in src and src.count('"runtime"') == 1  # runtime.X is not time.X
+    src = build_program("go", GO_PROBLEM, "func F() int {\n    return runtime.NumCPU() + x.strings.Y\n}\n").source
+    assert '"time"' not in src and '"strings"' not in src  # nothing to add for either
 
 
 def test_go_gets_helpers_from_the_prompt() -> None:
@@ -131,3 +140,32 @@ def test_js_output_counts_as_failure(sandbox: Sandbox, shared_dir: Path) -> None
     assert sandbox.execute("js", p, code).status == "pass"
     res = sandbox.execute("js", p, "console.log('hi');\n" + code)
     assert res.status == "fail" and "hi" in res.stderr_tail  # exit code 0, but it printed
+
+
+@pytest.mark.toolchain
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a one-CPU machine starts one thread anyway")
+def test_samples_keep_to_one_cpu(sandbox: Sandbox, shared_dir: Path) -> None:
+    # Every Python program imports numpy (the reference's prelude); uncapped, OpenBLAS starts a
+    # thread per core. Go sizes its scheduler from GOMAXPROCS.
+    p = _problems(shared_dir, "python")[0]
+    threads = "import os\nassert len(os.listdir('/proc/self/task')) == 1, os.listdir('/proc/self/task')\n"
+    res = sandbox.execute("python", p, threads + p["declaration"] + p["canonical_solution"])
+    assert res.status == "pass", res.stderr_tail
+    g = _problems(shared_dir, "go")[0]
+    procs = 'func init() {\n    if runtime.GOMAXPROCS(0) != 1 {\n        panic("GOMAXPROCS")\n    }\n}\n'
+    code = 'import "runtime"\n' + g["declaration"] + g["canonical_solution"] + "\n" + procs
+    res = sandbox.execute("go", g, code)
+    assert res.status == "pass", res.stderr_tail
+
+
+@pytest.mark.toolchain
+def test_javac_maps_its_class_data_archive_inside_the_sandbox(sandbox: Sandbox,
+                                                             shared_dir: Path) -> None:
+    p = _problems(shared_dir, "java")[10]
+    assert sandbox.execute("java", p, p["declaration"] + p["canonical_solution"]).status == "pass"
+    assert sandbox._javac_archive and (sandbox.cache_dir / sandbox._javac_archive).is_file()
+    # -Xshare:on turns "archive unusable" (wrong JVM, unreadable, bad path) into a VM error.
+    strict = sandbox._command("java", 60).replace("javac ", "javac -J-Xshare:on ", 1)
+    program = build_program("java", p, p["declaration"] + p["canonical_solution"])
+    status, tail = sandbox._execute_program("java", program.filename, program.source, 60, strict)
+    assert status == "pass", tail

@@ -146,12 +146,10 @@ def _go(problem: dict, code: str, test: str) -> str:
             setup = setup.replace(line, "")
     whole = setup + code + "\n" + test
     used = set()
+    code_lines = "\n".join(ln for ln in whole.split("\n") if not ln.strip().startswith("//"))
     for pkg in GO_PACKAGES:
-        short = pkg.split("/")[-1]
-        if f'"{pkg}"' in whole or f"{short}." not in whole:
-            continue
         # A package named only in a comment (e.g. "a list of strings.") must not be imported.
-        if any(f"{short}." in ln and not ln.strip().startswith("//") for ln in whole.split("\n")):
+        if f'"{pkg}"' not in whole and _go_refers_to(code_lines, pkg.split("/")[-1]):
             used.add(f'"{pkg}"')
     extra = ""
     if used:
@@ -162,6 +160,11 @@ def _go(problem: dict, code: str, test: str) -> str:
 
 
 _GO_FUNC = re.compile(r"^func (\w+)\(", re.M)
+
+
+def _go_refers_to(code: str, package: str) -> bool:
+    """``package.`` used as a qualifier: ``runtime.X`` does not use ``time``."""
+    return re.search(rf"(?<![\w.]){re.escape(package)}\.", code) is not None
 
 
 def _with_go_helpers(problem: dict, code: str, test: str) -> str:
@@ -194,8 +197,8 @@ def _drop_unused_go_imports(code: str, test: str) -> str:
             return False
         if len(parts) == 2:  # aliased import: `alias "path"`; `_` and `.` imports stay
             alias = parts[0]
-            return alias in ("_", ".") or f"{alias}." in body
-        return f'{parts[0].strip(chr(34)).split("/")[-1]}.' in body
+            return alias in ("_", ".") or _go_refers_to(body, alias)
+        return _go_refers_to(body, parts[0].strip(chr(34)).split("/")[-1])
 
     def block(match: re.Match) -> str:
         specs = [s.strip() for s in match.group(1).split("\n") if s.strip()]
