@@ -61,6 +61,35 @@ def _sequential(samples: list[dict], by_id: dict[str, dict], cache: Path, scale:
     return time.perf_counter() - start, results
 
 
+_POOL_SANDBOX = None
+
+
+def _pool_init(cache: str, scale: float) -> None:
+    global _POOL_SANDBOX
+    from octoray.evaluation.execution import Limits, Sandbox
+
+    _POOL_SANDBOX = Sandbox(cache_dir=Path(cache), limits=Limits(timeout_scale=scale))
+
+
+def _pool_run(job: tuple[dict, dict]) -> dict:
+    sample, problem = job
+    result = _POOL_SANDBOX.execute(sample["language"], problem, sample["code"])
+    return {"task_id": sample["task_id"], "language": sample["language"], "status": result.status,
+            "duration_s": result.duration_s}
+
+
+def _process_pool(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float,
+                  workers: int) -> tuple[float, list[dict]]:
+    """The hardware's own ceiling, no Ray: a plain process pool, one Sandbox per process, one
+    sample per task (what a hand-written multiprocessing harness would do)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    start = time.perf_counter()
+    with ProcessPoolExecutor(workers, initializer=_pool_init, initargs=(str(cache), scale)) as pool:
+        results = list(pool.map(_pool_run, [(s, by_id[s["task_id"]]) for s in samples], chunksize=1))
+    return time.perf_counter() - start, results
+
+
 def _start_ray(actors: int) -> float:
     import os
 
@@ -113,6 +142,9 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=2, help="execution actors (= CPUs given to Ray)")
     parser.add_argument("--timeout-scale", type=float, default=3.0,
                         help="scale the per-language timeouts (shared machines; same for both sides)")
+    parser.add_argument("--process-pool", action="store_true",
+                        help="also time a plain process pool of --actors workers (no Ray): the "
+                             "ceiling the machine allows, to tell Ray's overhead from the hardware's")
     args = parser.parse_args()
 
     languages = [x for x in args.languages.split(",") if x]
@@ -130,6 +162,9 @@ def main() -> None:
         print(f"sequential: {len(samples)} programs in {seq_s:.1f} s ({seq_pass} passed)", flush=True)
         ray_s, ray_results = _ray(samples, by_id, cache, args.timeout_scale, args.actors)
         ray_pass = sum(r["status"] == "pass" for r in ray_results)
+        if args.process_pool:
+            pool_s, pool_results = _process_pool(samples, by_id, cache, args.timeout_scale, args.actors)
+            pool_pass = sum(r["status"] == "pass" for r in pool_results)
 
     n = len(samples)
     print(f"\n{n} canonical programs ({args.problems} problems x {', '.join(languages)}), "
@@ -140,6 +175,9 @@ def main() -> None:
     print(f"| octoray Ray actors ({args.actors}) | {n} | {ray_pass} | {ray_s:.1f} | {n / ray_s:.2f} | {seq_s / ray_s:.2f}x |")
     print(f"| octoray Ray actors incl. ray.init ({init_s:.1f} s) | {n} | {ray_pass} | {ray_s + init_s:.1f} | "
           f"{n / (ray_s + init_s):.2f} | {seq_s / (ray_s + init_s):.2f}x |")
+    if args.process_pool:
+        print(f"| plain process pool ({args.actors}), no Ray | {n} | {pool_pass} | {pool_s:.1f} | "
+              f"{n / pool_s:.2f} | {seq_s / pool_s:.2f}x |")
     _per_language(seq_results, ray_results, languages)
 
 

@@ -132,8 +132,9 @@ class Sandbox:
     """Runs HumanEvalPack programs in isolation; safe to share ``cache_dir`` between processes.
 
     ``cache_dir`` holds the sample directories (``work/``), the prebuilt Rust dependencies
-    (``rust-deps/``) and the Go cache template (``go-template/``), each built once under a file
-    lock, and per-process compile caches (``p<pid>/``, e.g. the Go build cache).
+    (``rust-deps/``), the Go cache template (``go-template/``) and javac's class-data archive
+    (``java-cds/``), each built once under a file lock, and per-process compile caches
+    (``p<pid>/``, e.g. the Go build cache).
     Default: ``$TMPDIR/octoray-sandbox-<uid>``.
     """
 
