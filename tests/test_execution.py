@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
-from octoray.evaluation.execution import LANGUAGES, TIMEOUTS_S, ExecutionResult, Sandbox
+from octoray.evaluation.execution import (LANGUAGES, TIMEOUTS_S, ExecutionResult, Sandbox,
+                                         _wait_for_exit)
 from octoray.evaluation.programs import build_program
 
 # Problems per language in the default run (Rust/32 and Rust/50 need rand 0.7: avoided).
@@ -97,6 +99,18 @@ def test_cpp_java_python_js_wrapping() -> None:
 def test_timeouts_are_the_reference_ones() -> None:
     assert TIMEOUTS_S == {"python": 10, "js": 10, "java": 10, "go": 20, "cpp": 60, "rust": 300}
     assert set(TIMEOUTS_S) == set(LANGUAGES)
+
+
+def test_wait_for_exit_reaps_exited_and_reports_timeouts() -> None:
+    done = subprocess.Popen(["/bin/sh", "-c", "exit 3"])
+    assert _wait_for_exit(done, 30) is True and done.returncode == 3
+    assert _wait_for_exit(done, 30) is True  # already reaped: no pidfd, Popen knows the code
+    hung = subprocess.Popen(["/bin/sh", "-c", "sleep 30"])
+    try:
+        assert _wait_for_exit(hung, 0.2) is False and hung.returncode is None
+    finally:
+        hung.kill()
+        hung.wait()
 
 
 # -- oracle correctness (compilers and interpreters run) ----------------------------------------

@@ -24,11 +24,13 @@ the same rlimits and uid drop; see docs/execution.md for exactly what is and is 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
 import resource
+import select
 import shlex
 import shutil
 import signal
@@ -302,11 +304,7 @@ class Sandbox:
                                     start_new_session=True, preexec_fn=preexec,
                                     user=uid, group=uid,
                                     extra_groups=None if uid is None else [], close_fds=True)
-            timed_out = False
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+            timed_out = not _wait_for_exit(proc, timeout)
             _kill_group(proc)
             tail = _tail(out)
         if isolated and not (self.cache_dir / "work" / f"{READY}{workdir.name}").exists():
@@ -452,6 +450,30 @@ def _javac_archive(cache_dir: Path, threads: int) -> str | None:
         return relative
 
 
+def _wait_for_exit(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait until ``proc`` exits (True) or ``timeout`` seconds pass (False), waking the moment
+    it exits: ``Popen.wait(timeout=)`` polls with sleeps that double up to 50 ms, which added
+    ~30 ms of idle latency to every sample (half of a JavaScript sample's time). A pidfd
+    (Linux >= 5.3) becomes readable when the process exits; without one, Popen's polling."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd support, or the process is already reaped
+        try:
+            proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(max(0.0, timeout) * 1000):
+            return proc.poll() is not None
+        proc.wait()  # reap it; returns at once
+        return True
+    finally:
+        os.close(pidfd)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """Terminate, then kill, the sample's whole session, and wait until it is gone. With PID
     namespaces the death of the namespace's init kills every descendant, setsid'd ones
@@ -536,9 +558,10 @@ def _isolation_mode(is_root: bool, allow_network: bool) -> str:
     return _ISOLATION[key]
 
 
-def _keep_paths() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _keep_paths() -> tuple[str, ...]:
     """Toolchain directories under hidden home dirs that samples still need (pyenv, rustup,
-    a virtualenv or node_modules in a home checkout)."""
+    a virtualenv or node_modules in a home checkout); worked out once per process."""
     wanted = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent,
               NODE_MODULES}
     sysroot = _rust_sysroot()
@@ -550,8 +573,8 @@ def _keep_paths() -> list[str]:
         if path.is_dir() and any(str(path).startswith(h + "/") for h in HIDDEN_DIRS):
             out.add(str(path))
     # A directory inside another kept one comes along with it.
-    return sorted(p for p in out if ":" not in p
-                  and not any(p.startswith(q + "/") for q in out))
+    return tuple(sorted(p for p in out if ":" not in p
+                        and not any(p.startswith(q + "/") for q in out)))
 
 
 _SYSROOT: list[str | None] = []
