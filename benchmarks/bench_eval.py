@@ -12,6 +12,7 @@ actors, bounded in-flight work, Parquet streaming). Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,22 +38,36 @@ def _samples(problems: dict[str, list[dict]]) -> list[dict]:
 
 
 def _warm_shared_cache(cache: Path, problems: dict[str, list[dict]]) -> None:
-    """Build what the sandbox caches *across* processes (Rust deps) in a throwaway process, so
-    neither side pays it; per-process caches (Go's build cache) stay cold for both."""
+    """Build what the sandbox caches *across* processes (Rust deps, the Go cache template, the
+    javac class-data archive) in a throwaway process, so neither side pays it; per-process
+    caches (each process's copy of the Go build cache) stay cold for both."""
+    import json
+
     code = ("import sys, json; from pathlib import Path; from octoray.evaluation.execution import Sandbox; "
             "p = json.loads(sys.stdin.read()); sb = Sandbox(cache_dir=Path(sys.argv[1])); "
             "[sb.execute(l, x, x['declaration'] + x['canonical_solution']) for l, x in p]")
-    import json
-
-    payload = json.dumps([(lang, items[0]) for lang, items in problems.items() if lang == "rust"])
+    payload = json.dumps([(lang, items[0]) for lang, items in problems.items() if lang in ("rust", "go", "java")])
     subprocess.run([sys.executable, "-c", code, str(cache)], input=payload, text=True, check=True, cwd=REPO)
 
 
-def _sequential(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float) -> tuple[float, list[dict]]:
+def _sequential_in_child(samples: list[dict], by_id: dict[str, dict], cache: Path,
+                        scale: float) -> tuple[float, list[dict]]:
+    """The baseline in a fresh process per round, like the actors: each side pays its own
+    process's warm-ups (Go build cache copy, toolchain probes) every round."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: forking a process that runs Ray (threads) is unsafe.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_sequential, samples, by_id, str(cache), scale).result()
+
+
+def _sequential(samples: list[dict], by_id: dict[str, dict], cache: str, scale: float) -> tuple[float, list[dict]]:
+    sys.path.insert(0, str(REPO))
     from octoray.evaluation.execution import Limits, Sandbox
 
-    sandbox = Sandbox(cache_dir=cache, limits=Limits(timeout_scale=scale))
     start = time.perf_counter()
+    sandbox = Sandbox(cache_dir=Path(cache), limits=Limits(timeout_scale=scale))
     results = []
     for s in samples:
         result = sandbox.execute(s["language"], by_id[s["task_id"]], s["code"])
@@ -112,7 +127,6 @@ def _ray(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float,
         results, _ = runner.execute(samples, by_id, Path(out), num_actors=actors, cache_dir=cache,
                                     timeout_scale=scale)
         wall = time.perf_counter() - start
-    ray.shutdown()
     return wall, results
 
 
@@ -134,12 +148,21 @@ def _per_language(seq: list[dict], par: list[dict], languages: list[str]) -> Non
         print(f"| {lang} | {passed['seq']} / {passed['par']} | {', '.join(failing) or '-'} | {cost} |")
 
 
+def _rounds(samples: list[dict], rounds: int) -> list[list[dict]]:
+    """Contiguous slices of the interleaved list: every round holds every language."""
+    size = -(-len(samples) // rounds)
+    return [samples[i: i + size] for i in range(0, len(samples), size)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=164, help="problems per language (164 = all)")
     parser.add_argument("--languages", default=",".join(hep.LANGUAGES))
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "humanevalpack"))
     parser.add_argument("--actors", type=int, default=2, help="execution actors (= CPUs given to Ray)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="split the programs into this many rounds; the two sides alternate which "
+                             "goes first, so load drifting on a shared machine hits both")
     parser.add_argument("--timeout-scale", type=float, default=3.0,
                         help="scale the per-language timeouts (shared machines; same for both sides)")
     parser.add_argument("--process-pool", action="store_true",
@@ -151,34 +174,48 @@ def main() -> None:
     problems = {lang: hep.load_problems(lang, args.data_dir)[: args.problems] for lang in languages}
     by_id = {p["task_id"]: p for items in problems.values() for p in items}
     samples = _samples(problems)
+    sides = ["seq", "ray"] + (["pool"] if args.process_pool else [])
+    wall = {side: 0.0 for side in sides}
+    results: dict[str, list[dict]] = {side: [] for side in sides}
+    ratios = []
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         cache = Path(tmp) / "sandbox"
-        if "rust" in problems:
-            _warm_shared_cache(cache, problems)
-        # Ray first: its idle daemons then load the machine equally during both measurements.
+        _warm_shared_cache(cache, problems)
+        # Ray first: its idle daemons then load the machine equally during every measurement.
         init_s = _start_ray(args.actors)
-        seq_s, seq_results = _sequential(samples, by_id, cache, args.timeout_scale)
-        seq_pass = sum(r["status"] == "pass" for r in seq_results)
-        print(f"sequential: {len(samples)} programs in {seq_s:.1f} s ({seq_pass} passed)", flush=True)
-        ray_s, ray_results = _ray(samples, by_id, cache, args.timeout_scale, args.actors)
-        ray_pass = sum(r["status"] == "pass" for r in ray_results)
-        if args.process_pool:
-            pool_s, pool_results = _process_pool(samples, by_id, cache, args.timeout_scale, args.actors)
-            pool_pass = sum(r["status"] == "pass" for r in pool_results)
+        for r, chunk in enumerate(_rounds(samples, args.rounds)):
+            run = {"seq": lambda: _sequential_in_child(chunk, by_id, cache, args.timeout_scale),
+                   "ray": lambda: _ray(chunk, by_id, cache, args.timeout_scale, args.actors),
+                   "pool": lambda: _process_pool(chunk, by_id, cache, args.timeout_scale, args.actors)}
+            round_wall = {}
+            for side in (sides if r % 2 == 0 else sides[::-1]):
+                round_wall[side], rows = run[side]()
+                wall[side] += round_wall[side]
+                results[side] += rows
+            ratios.append(round_wall["seq"] / round_wall["ray"])
+            print(f"round {r + 1}/{args.rounds}: {len(chunk)} programs, " + ", ".join(
+                f"{side} {round_wall[side]:.1f} s" for side in sides) + f", speedup {ratios[-1]:.2f}x", flush=True)
+    import ray
+
+    ray.shutdown()
 
     n = len(samples)
-    print(f"\n{n} canonical programs ({args.problems} problems x {', '.join(languages)}), "
-          f"{args.actors} actors, timeout_scale {args.timeout_scale}\n")
+    passed = {side: sum(r["status"] == "pass" for r in rows) for side, rows in results.items()}
+    print(f"\n{n} canonical programs ({args.problems} problems x {', '.join(languages)}), {args.actors} actors, "
+          f"{args.rounds} rounds, timeout_scale {args.timeout_scale}; per-round speedups "
+          f"{', '.join(f'{x:.2f}x' for x in ratios)} (median {statistics.median(ratios):.2f}x)\n")
     print("| executor | programs | passed | wall s | programs/s | speedup |")
     print("|---|---|---|---|---|---|")
-    print(f"| sequential loop, one Sandbox (baseline) | {n} | {seq_pass} | {seq_s:.1f} | {n / seq_s:.2f} | 1.00x |")
-    print(f"| octoray Ray actors ({args.actors}) | {n} | {ray_pass} | {ray_s:.1f} | {n / ray_s:.2f} | {seq_s / ray_s:.2f}x |")
-    print(f"| octoray Ray actors incl. ray.init ({init_s:.1f} s) | {n} | {ray_pass} | {ray_s + init_s:.1f} | "
+    seq_s, ray_s = wall["seq"], wall["ray"]
+    print(f"| sequential loop, one Sandbox (baseline) | {n} | {passed['seq']} | {seq_s:.1f} | {n / seq_s:.2f} | 1.00x |")
+    print(f"| octoray Ray actors ({args.actors}) | {n} | {passed['ray']} | {ray_s:.1f} | {n / ray_s:.2f} | {seq_s / ray_s:.2f}x |")
+    print(f"| octoray Ray actors incl. ray.init ({init_s:.1f} s) | {n} | {passed['ray']} | {ray_s + init_s:.1f} | "
           f"{n / (ray_s + init_s):.2f} | {seq_s / (ray_s + init_s):.2f}x |")
     if args.process_pool:
-        print(f"| plain process pool ({args.actors}), no Ray | {n} | {pool_pass} | {pool_s:.1f} | "
+        pool_s = wall["pool"]
+        print(f"| plain process pool ({args.actors}), no Ray | {n} | {passed['pool']} | {pool_s:.1f} | "
               f"{n / pool_s:.2f} | {seq_s / pool_s:.2f}x |")
-    _per_language(seq_results, ray_results, languages)
+    _per_language(results["seq"], results["ray"], languages)
 
 
 if __name__ == "__main__":
