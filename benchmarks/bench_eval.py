@@ -3,9 +3,11 @@
 Both sides execute the same programs (canonical solutions, ``declaration + canonical_solution``)
 with the same :class:`~octoray.evaluation.execution.Sandbox`; the baseline is a plain Python
 loop in one process, octoray's side is :func:`octoray.evaluation.runner.execute` (execution
-actors, bounded in-flight work, Parquet streaming). Prints a markdown table.
+actors, bounded in-flight work, Parquet streaming). The programs run in ``--rounds`` slices,
+each side in a fresh process per round, alternating which side goes first (load drifts on a
+shared machine). Prints a markdown table.
 
-    .venv/bin/python benchmarks/bench_eval.py --problems 164            # full: 984 programs
+    .venv/bin/python benchmarks/bench_eval.py --problems 164 --process-pool   # full: 984 programs
     .venv/bin/python benchmarks/bench_eval.py --problems 10 --languages python,js,cpp
 """
 
@@ -118,8 +120,6 @@ def _start_ray(actors: int) -> float:
 
 
 def _ray(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float, actors: int) -> tuple[float, list[dict]]:
-    import ray
-
     from octoray.evaluation import runner
 
     with tempfile.TemporaryDirectory() as out:
