@@ -14,11 +14,13 @@ shared machine). Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,29 +54,30 @@ def _warm_shared_cache(cache: Path, problems: dict[str, list[dict]]) -> None:
     subprocess.run([sys.executable, "-c", code, str(cache)], input=payload, text=True, check=True, cwd=REPO)
 
 
+# Child processes are spawned: forking a process that runs Ray (threads) is unsafe. A spawned
+# child re-imports this script, whose top level puts the repository on sys.path.
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+def _row(sample: dict, result) -> dict:
+    return {"task_id": sample["task_id"], "language": sample["language"], "status": result.status,
+            "duration_s": result.duration_s}
+
+
 def _sequential_in_child(samples: list[dict], by_id: dict[str, dict], cache: Path,
                         scale: float) -> tuple[float, list[dict]]:
     """The baseline in a fresh process per round, like the actors: each side pays its own
     process's warm-ups (Go build cache copy, toolchain probes) every round."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    # spawn: forking a process that runs Ray (threads) is unsafe.
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(1, mp_context=_SPAWN) as pool:
         return pool.submit(_sequential, samples, by_id, str(cache), scale).result()
 
 
 def _sequential(samples: list[dict], by_id: dict[str, dict], cache: str, scale: float) -> tuple[float, list[dict]]:
-    sys.path.insert(0, str(REPO))
     from octoray.evaluation.execution import Limits, Sandbox
 
     start = time.perf_counter()
     sandbox = Sandbox(cache_dir=Path(cache), limits=Limits(timeout_scale=scale))
-    results = []
-    for s in samples:
-        result = sandbox.execute(s["language"], by_id[s["task_id"]], s["code"])
-        results.append({"task_id": s["task_id"], "language": s["language"], "status": result.status,
-                        "duration_s": result.duration_s})
+    results = [_row(s, sandbox.execute(s["language"], by_id[s["task_id"]], s["code"])) for s in samples]
     return time.perf_counter() - start, results
 
 
@@ -90,19 +93,16 @@ def _pool_init(cache: str, scale: float) -> None:
 
 def _pool_run(job: tuple[dict, dict]) -> dict:
     sample, problem = job
-    result = _POOL_SANDBOX.execute(sample["language"], problem, sample["code"])
-    return {"task_id": sample["task_id"], "language": sample["language"], "status": result.status,
-            "duration_s": result.duration_s}
+    return _row(sample, _POOL_SANDBOX.execute(sample["language"], problem, sample["code"]))
 
 
 def _process_pool(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float,
                   workers: int) -> tuple[float, list[dict]]:
     """The hardware's own ceiling, no Ray: a plain process pool, one Sandbox per process, one
     sample per task (what a hand-written multiprocessing harness would do)."""
-    from concurrent.futures import ProcessPoolExecutor
-
     start = time.perf_counter()
-    with ProcessPoolExecutor(workers, initializer=_pool_init, initargs=(str(cache), scale)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=_SPAWN, initializer=_pool_init,
+                             initargs=(str(cache), scale)) as pool:
         results = list(pool.map(_pool_run, [(s, by_id[s["task_id"]]) for s in samples], chunksize=1))
     return time.perf_counter() - start, results
 
@@ -133,8 +133,6 @@ def _ray(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float,
 def _per_language(seq: list[dict], par: list[dict], languages: list[str]) -> None:
     """Per language: passes on each side, the failing task ids, and the per-sample cost after the
     first sample (the warm-up: Go's build cache, the JVM's class data, Rust's rlibs)."""
-    import statistics
-
     print("\n| language | passed seq / actors | not passed (actors) | s/sample after warm-up, median seq / actors |")
     print("|---|---|---|---|")
     for lang in languages:
