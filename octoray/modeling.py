@@ -85,3 +85,41 @@ def load_model(name_or_path: str, **kwargs: Any) -> Any:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}") from None
+
+
+def preflight_model(name_or_path: str) -> tuple[str, Any]:
+    """Check a model before any Ray work: ``(model, config)`` with a local directory made
+    absolute (Ray workers do not share our working directory), or a one-line UserError.
+
+    Loads the tokenizer and the model config -- small files -- never the weights.
+    """
+    from transformers import AutoConfig
+
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise UserError(f"model '{name_or_path}' is a file; give a model directory or a hub id")
+        model = str(local.resolve())
+    elif not _is_hub_id(name_or_path):
+        raise UserError(f"model '{name_or_path}': no such model directory, and not a hub id "
+                        "(hub ids look like 'bigcode/starcoder')")
+    else:
+        model = name_or_path
+    load_tokenizer(model)
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model config '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    return model, config
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` is a well-formed Hugging Face Hub repo id (it may still not exist)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
