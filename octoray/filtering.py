@@ -3,11 +3,13 @@
 Pipeline (Ray Data, streaming; rules in :mod:`octoray.commitpackft_rules`):
 
 1. *Read* every pending input shard with ``include_paths`` so each row knows its shard.
-2. *Rules 1-7* (tasks): vectorised Arrow predicates; each row gets ``_drop``, the number of the
-   first rule it fails (0 = kept). Dropped rows lose their big columns but keep flowing, so the
-   driver can count the funnel and knows when a shard is whole.
+2. *Rules 1-7* (tasks): the subject is normalised (``pr_suffix``/``emoji_prefix``,
+   :mod:`octoray.subjects`), then vectorised Arrow predicates; each row gets ``_drop``, the
+   number of the first rule it fails (0 = kept). Dropped rows lose their big columns but keep
+   flowing, so the driver can count the funnel and knows when a shard is whole.
 3. *Rules 8-10 + decontamination* (an actor pool): the tokenizer and the HumanEvalPack n-gram
-   index load once per actor; only rows still alive are tokenized.
+   index load once per actor; only rows still alive are tokenized. Kept rows whose subject was
+   normalised get ``_rescued`` when the paper's rules would drop their raw subject.
 4. *Write* (driver): when all rows of an input shard have come back, its kept rows get their
    ``prompt``/``completion`` and are written atomically as ``OUT/<shard name>``, with the shard's
    funnel in ``OUT/_funnel/<shard name>.json``; a rerun skips shards that have both. OASST rows
