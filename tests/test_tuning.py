@@ -41,7 +41,7 @@ def test_trial_base_applies_budget_and_checks_batch_choices() -> None:
 
 def test_search_space_that_cannot_work_is_one_error_listing_every_problem() -> None:
     """The issue's case (warmup choice 4 with 4-step trials) plus every other kind, in one message."""
-    train = from_mapping(TrainConfig, {"num_workers": 2, "micro_batch": 1, "batch_size": 4, "max_steps": 24,
+    train = from_mapping(TrainConfig, {"num_workers": 2, "micro_batch": 2, "batch_size": 4, "max_steps": 24,
                                        "checkpoint_every": 8})
     with pytest.raises(ConfigError) as err:
         from_mapping(TuneConfig, {"max_steps": 4, "num_workers": 1, "warmup_steps": [1, 4], "batch_size": [2, 3],
@@ -188,6 +188,53 @@ def test_cli_tune_bad_config_is_one_line(tmp_path: Path) -> None:
     assert "lr must be a range" in result.stderr.strip().splitlines()[-1]
 
 
+# ------------------------------------------------------------------ real local Ray, no training
+
+
+@pytest.mark.ray
+def test_config_error_raised_inside_ray_reads_as_a_sentence(ray_local) -> None:
+    """A trial's ConfigError crosses Ray's pickling intact; best.json's error line is its sentence."""
+    from octoray.tuning import error_line
+
+    @ray_local.remote
+    def bad_trial() -> None:
+        from octoray.training import TrainConfig as Cfg
+
+        from_mapping(Cfg, {"warmup_steps": 4, "max_steps": 4}, source="trial config")
+
+    with pytest.raises(Exception) as err:
+        ray_local.get(bad_trial.remote())
+    assert error_line(err.value) == "invalid trial config: warmup_steps must be in [0, max_steps), got 4"
+
+
+@pytest.mark.ray
+def test_bounded_wait_names_the_holder_and_leftovers_are_released(ray_local) -> None:
+    """The hang of issue 17 in miniature: a placement group left holding every CPU. A stage that
+    needs them fails within its bound, naming it; the cleanup removes it; then the wait succeeds."""
+    from ray.util.placement_group import placement_group
+
+    from octoray.resources import live_placement_groups, placement_groups, release_placement_groups, wait_for_resources
+
+    before = set(placement_groups())
+    leftover = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK", name="left-by-a-trial")
+    assert leftover.wait(60)
+    started = time.monotonic()
+    with pytest.raises(UserError) as err:
+        wait_for_resources([{"CPU": 1.0}] * 2, what="octoray train (2 workers)", timeout_s=3)
+    assert time.monotonic() - started < 30
+    message = str(err.value)
+    assert message.startswith("octoray train (2 workers) could not get 2 x {CPU: 1} (PACK) within 3 s: ")
+    assert "0 of 2 CPU free" in message and f"{leftover.id.hex()[:12]} (CREATED, left-by-a-trial, 2 x {{CPU: 1}})" in message
+    assert "\n" not in message
+    assert release_placement_groups(before) == [leftover.id.hex()]
+    assert not live_placement_groups(exclude=before)
+    wait_for_resources([{"CPU": 1.0}] * 2, what="octoray train", timeout_s=60)  # the CPUs are free again
+    assert not live_placement_groups(exclude=before)  # the probe itself is gone too
+
+
+# ------------------------------------------------------------------ real Ray Tune over Ray Train + DeepSpeed
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_asha_search_names_best_trial(tmp_path: Path, ray_local) -> None:
@@ -214,4 +261,40 @@ def test_asha_search_names_best_trial(tmp_path: Path, ray_local) -> None:
     # ASHA stopped a trial, and the trial after it still got its worker: a stopped trial's
     # placement group is released (it used to leak and hang every later trial).
     assert [t["stopped_early"] for t in best["trials"]] == [False, True, False]
-    assert best["trials"][-1]["last_step"] == 6
+    assert [t["status"] for t in best["trials"]] == ["completed", "stopped by ASHA", "completed"]
+    assert best["trials"][-1]["steps"] == 6 and best["trials"][1]["steps"] < 6
+    assert best["trial_steps"] == sum(t["steps"] for t in best["trials"]) and best["search"] == "random"
+    assert [c[0] for c in best["trials"][0]["val_curve"]] == [2, 4, 6]
+
+
+def _tiny_train() -> TrainConfig:
+    return from_mapping(TrainConfig, {"model": "demo", "demo_layers": 1, "demo_embd": 32, "demo_vocab": 512,
+                                      "seq_len": 64, "device": "cpu", "precision": "fp32", "micro_batch": 1,
+                                      "batch_size": 2, "checkpoint_every": 2, "resource_wait_s": 120})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_optuna_search_with_asha_names_best_trial_and_leaves_nothing(tmp_path: Path, ray_local) -> None:
+    """Optuna's TPE (seeded, concurrency-limited) with ASHA on the local Ray, end to end."""
+    from octoray import tuning
+    from octoray.resources import live_placement_groups, placement_groups
+
+    before = set(placement_groups())
+    sft = write_sft(tmp_path / "sft", n=120)
+    tcfg = from_mapping(TuneConfig, {"data": str(sft), "out": str(tmp_path / "tune"), "search": "optuna",
+                                     "lr": [1e-4, 1e-2], "warmup_steps": [0, 1], "weight_decay": [0.0, 0.1],
+                                     "num_samples": 3, "startup_trials": 2, "num_workers": 1, "max_steps": 4,
+                                     "val_fraction": 0.1, "grace_period": 1, "reduction_factor": 2, "seed": 3})
+    out = tuning.run(tcfg, _tiny_train())
+    best = json.loads((out / "best.json").read_text())
+    assert best["search"] == "optuna" and len(best["trials"]) == 3
+    assert best["best"]["trial_id"] in {t["trial_id"] for t in best["trials"]}
+    assert best["best"]["val_loss"] == min(t["val_loss"] for t in best["trials"] if t["val_loss"] is not None)
+    assert set(best["best"]["config"]) == {"lr", "warmup_steps", "weight_decay"}
+    assert all(1e-4 <= t["config"]["lr"] <= 1e-2 and t["status"] != "error" for t in best["trials"])
+    assert not live_placement_groups(exclude=before)  # nothing outlives the search
+    # Resume semantics: finished -> not rerun; a changed search space -> rerun.
+    started = time.monotonic()
+    assert tuning.run(tcfg, _tiny_train()) == out and time.monotonic() - started < 20
+    assert json.loads((out / "best.json").read_text()) == best
