@@ -50,7 +50,7 @@ def release_placement_groups(before: Iterable[str], timeout_s: float = 60.0) -> 
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup
 
-    leftover = live_placement_groups(exclude=before)
+    leftover = _of_this_job(live_placement_groups(exclude=before))
     for pg_id in leftover:
         try:
             ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
@@ -62,6 +62,25 @@ def release_placement_groups(before: Iterable[str], timeout_s: float = 60.0) -> 
             break
         time.sleep(0.2)
     return sorted(leftover)
+
+
+def _of_this_job(groups: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Only the groups this driver's job created (trials' and their controllers' included): on a
+    shared cluster another job's placement groups are not ours to remove. The creator is known to
+    the State API only; without it (a local Ray without dashboard) every group is this job's."""
+    import ray
+
+    if not groups:
+        return groups
+    try:
+        from ray.util.state import list_placement_groups
+
+        creators = {pg.placement_group_id: pg.creator_job_id
+                    for pg in list_placement_groups(limit=10_000, detail=True, timeout=30)}
+    except Exception:  # noqa: BLE001 - no State API: a local Ray, where every job is ours
+        return groups
+    job = ray.get_runtime_context().get_job_id()
+    return {pg_id: info for pg_id, info in groups.items() if creators.get(pg_id, job) == job}
 
 
 def wait_for_resources(bundles: list[dict[str, float]], *, what: str, timeout_s: float,
