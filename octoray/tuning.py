@@ -65,7 +65,7 @@ class TuneConfig:
                                     "num_samples, at least 2; Optuna's own default, 10, would leave TPE idle in a small search)")
     seed: int = option(0, "seed of the search (random sampling and Optuna's TPE)")
     fail_trial: int = option(0, "testing hook: the N-th trial (1-based) crashes (its Ray Train controller exits "
-                                "abruptly) after its first report (0 = never)")
+                                "abruptly) at its first report (0 = never)")
 
     def problems(self) -> list[str]:
         """Every inconsistency in the search space itself, for one ConfigError (the trial budget is
@@ -331,7 +331,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], model_path: str, tri
     trial_id = ray.tune.get_context().get_trial_id()
     callbacks = [TuneReportCallback()]
     if fail_trial and _trial_number(trial_id) == fail_trial:
-        callbacks.append(_DieAfterFirstReport())
+        callbacks.insert(0, _DieAtFirstReport())  # first: Tune never sees the report, the trial errors
     fit(cfg, model_path=model_path, datasets=datasets, run_dir=Path(trials_dir) / trial_id, callbacks=callbacks)
 
 
@@ -340,20 +340,20 @@ def _trial_number(trial_id: str) -> int:
     return int(trial_id.rsplit("_", 1)[-1]) + 1
 
 
-def _DieAfterFirstReport() -> Any:
+def _DieAtFirstReport() -> Any:
     """Test hook (``fail_trial``): a Ray Train callback that kills the trial's Train controller
-    abruptly after its first report (callbacks run in the controller), with its worker group and
-    placement group still up: the trial errors, and the placement group is left behind for the
-    cleanup to find, as after a real crash."""
+    abruptly at its first report (callbacks run in the controller; this one runs before
+    TuneReportCallback forwards the report), with its worker group and placement group still up:
+    the trial errors, and the placement group is left behind, as after a real crash."""
     import os
 
     from ray.train.v2.api.callback import UserCallback
 
-    class DieAfterFirstReport(UserCallback):
+    class DieAtFirstReport(UserCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             os._exit(1)
 
-    return DieAfterFirstReport()
+    return DieAtFirstReport()
 
 
 def summarize(results: Any, base: Any, trials_dir: Path) -> dict[str, Any]:
