@@ -298,3 +298,20 @@ def test_optuna_search_with_asha_names_best_trial_and_leaves_nothing(tmp_path: P
     started = time.monotonic()
     assert tuning.run(tcfg, _tiny_train()) == out and time.monotonic() - started < 20
     assert json.loads((out / "best.json").read_text()) == best
+
+    # The winner, continued from its checkpoint: the trial budget equals this training budget.
+    from octoray import training
+    from octoray.run_metrics import read_metrics
+
+    cfg = from_mapping(TrainConfig, {**to_dict(_tiny_train()), "data": str(sft), "out": str(tmp_path / "run"),
+                                     "max_steps": 4, "num_workers": 1, "hparams": str(out),
+                                     "from_best_checkpoint": True})
+    run_dir = training.run(cfg)
+    resumed = json.loads((Path(best["best"]["checkpoint"]) / "octoray_state.json").read_text())["step"]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the trial's steps up to its checkpoint, then this run's
+    assert all(r["start_step"] == resumed for r in rows if r["step"] > resumed)
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert all(resolved[k] == v for k, v in best["best"]["config"].items())
+    assert (run_dir / "model" / "config.json").is_file()
+    assert not live_placement_groups(exclude=before)
