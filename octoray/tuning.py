@@ -221,11 +221,11 @@ def _clear(out_dir: Path) -> None:
 
 
 def _require_optuna() -> None:
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:  # an optional extra: say how to get it
         raise UserError("search: optuna needs the optuna package: pip install 'octoray[tune]' "
-                        "(or search: random)") from None
+                        "(or search: random)")
 
 
 def _require_state_api() -> None:
