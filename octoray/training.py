@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -81,6 +82,13 @@ class TrainConfig:
     export: bool = option(True, "write the final model in Hugging Face format to RUN_DIR/model")
     seed: int = option(0, "seed for shuffling, OASST sampling and init")
     fail_at_step: int = option(0, "testing hook: the last worker exits abruptly once before this step (0 = never)")
+    hparams: Optional[Path] = option(None, "tune directory written by 'octoray tune': its best trial's hyperparameters "
+                                           "override this section's (the pipeline sets it when 'tune' runs; or --hparams)")
+    from_best_checkpoint: bool = option(False, "with hparams: continue from the best trial's checkpoint instead of "
+                                               "training from scratch; needs the trial to have trained like this run "
+                                               "(same max_steps, num_workers, model, schedule)")
+    resource_wait_s: float = option(600.0, "seconds to wait for the workers' CPUs/GPUs (an autoscaling cluster adds "
+                                           "nodes meanwhile) before failing with what holds the cluster")
 
     @property
     def grad_accum(self) -> int:
@@ -112,6 +120,10 @@ class TrainConfig:
             out.append("precision bf16 needs device gpu (CPU training runs in fp32)")
         if self.lora and not self.lora_targets:
             out.append("lora_targets must name at least one module")
+        if self.from_best_checkpoint and self.hparams is None:
+            out.append("from_best_checkpoint needs hparams (a tune directory)")
+        if self.resource_wait_s <= 0:
+            out.append(f"resource_wait_s must be > 0, got {self.resource_wait_s}")
         return out
 
 
@@ -120,21 +132,87 @@ def run(cfg: TrainConfig) -> Path:
     started = time.time()
     data_dir, run_dir = _require_paths(cfg)
     sft_manifest = require_stage_output(data_dir, "filter", "SFT data")
+    handoff = None
+    if cfg.hparams is not None:
+        from octoray.hparams import apply_best
+
+        cfg, handoff = apply_best(cfg)
     if is_complete(run_dir, STAGE):
         print(f"octoray train: {run_dir} is already complete (manifest.json); nothing to do")
+        _warn_if_stale(run_dir, handoff)
         return run_dir
+    if handoff is not None:
+        print(f"octoray train: {handoff.summary()}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(run_dir, cfg)
+    _write_config(run_dir, cfg, handoff)
+    if handoff is not None and handoff.checkpoint is not None:
+        _seed_from_trial(handoff, run_dir)
     model_path = resolve_model(cfg, data_dir, run_dir)
     _init_ray()
     datasets, counts = prepare_datasets(cfg, data_dir, model_path)
-    fit(cfg, model_path=model_path, datasets=datasets, run_dir=run_dir)
+    _wait_for_workers(cfg, "octoray train")
+    fit(cfg, model_path=model_path, datasets=datasets, run_dir=run_dir,
+        init_checkpoint=handoff.checkpoint if handoff is not None else None)
     plot_loss(run_dir / METRICS_FILE, run_dir / LOSS_PNG)
     files = [METRICS_FILE, LOSS_PNG, "config.yaml"] + (["model"] if cfg.export else [])
     write_manifest(run_dir, STAGE, cfg, rows=counts["train_sequences"], files=files, started=started,
                    inputs={"sft": {"path": str(data_dir), "rows": sft_manifest.get("rows")}},
-                   extra={"model_path": model_path, "counts": counts, "last_metrics": _last_metrics(run_dir)})
+                   extra={"model_path": model_path, "counts": counts, "last_metrics": _last_metrics(run_dir),
+                          "hparams_from": handoff.record() if handoff is not None else None})
     return run_dir
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, handoff: Any) -> None:
+    """config.yaml, headed by where its hyperparameters came from when a tune chose them."""
+    if handoff is None:
+        write_resolved_config(run_dir, cfg)
+        return
+    from octoray.config import dump_yaml
+    from octoray.outputs import RESOLVED_CONFIG, atomic_write_text
+
+    atomic_write_text(run_dir / RESOLVED_CONFIG, f"# {handoff.summary()}\n{dump_yaml(cfg)}")
+
+
+def _warn_if_stale(run_dir: Path, handoff: Any) -> None:
+    """A finished run is kept; say so when the tune it took its hyperparameters from has a new winner."""
+    from octoray.outputs import read_manifest
+
+    if handoff is None:
+        return
+    before = (read_manifest(run_dir) or {}).get("hparams_from") or {}
+    if before.get("params") != handoff.params:
+        print(f"octoray train: note: {run_dir} was trained with {before.get('params')}, the tune's best trial is now "
+              f"{handoff.trial_id} with {handoff.params}; delete {run_dir} to train with them")
+
+
+def _seed_from_trial(handoff: Any, run_dir: Path) -> None:
+    """Continue a trial: its demo base model (tokenizer included) and its metrics up to the checkpoint."""
+    import shutil
+
+    trial_base = handoff.tune_dir / "base_model"
+    if handoff.trial_config.get("model") == DEMO and trial_base.is_dir() and not (run_dir / "base_model").exists():
+        shutil.copytree(trial_base, run_dir / "base_model")  # the checkpoint's weights fit this model only
+    state = json.loads((handoff.checkpoint / STATE_FILE).read_text())
+    metrics = handoff.checkpoint.parent / METRICS_FILE
+    if metrics.is_file() and not (run_dir / METRICS_FILE).exists():
+        # The loss curve of the continued run starts at step 1, not at the checkpoint.
+        from octoray.run_metrics import read_metrics
+
+        rows = [r for r in read_metrics(metrics) if r["step"] <= state["step"]]
+        (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _wait_for_workers(cfg: TrainConfig, what: str) -> None:
+    """Reserve the worker group's bundles once, with a deadline, before Ray Train tries.
+
+    Ray Train itself would retry a worker group that cannot be placed for ever; this fails
+    within ``resource_wait_s`` with a line naming what holds the cluster.
+    """
+    from octoray.resources import wait_for_resources
+
+    bundle = {"CPU": float(cfg.cpus_per_worker), **({"GPU": 1.0} if _use_gpu(cfg) else {})}
+    wait_for_resources([bundle] * cfg.num_workers, what=f"{what} ({cfg.num_workers} workers)",
+                       timeout_s=cfg.resource_wait_s)
 
 
 def _require_paths(cfg: TrainConfig) -> tuple[Path, Path]:
@@ -278,12 +356,14 @@ def _keep_row(row: dict[str, Any], *, keep: float, seed: int) -> bool:
 
 
 def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir: Path,
-        callbacks: Sequence[Any] = ()) -> Any:
+        callbacks: Sequence[Any] = (), init_checkpoint: Optional[Path] = None) -> Any:
     """Run :func:`train_loop_per_worker` on ``cfg.num_workers`` Ray Train workers; return the Result.
 
     ``RunConfig(storage_path=RUN_DIR's parent, name=RUN_DIR's name)`` makes a rerun of the same
     command find Ray Train's checkpoint state in RUN_DIR and resume from its latest checkpoint;
-    ``FailureConfig`` restarts the worker group from it after a worker dies.
+    ``FailureConfig`` restarts the worker group from it after a worker dies. ``init_checkpoint``
+    (a tune trial's checkpoint) is where workers start when the run has no checkpoint of its own
+    (Train V2 dropped ``resume_from_checkpoint``; its guide passes the path in the loop config).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -292,7 +372,8 @@ def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir:
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir), "model_path": model_path},
+        train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir), "model_path": model_path,
+                           "init_checkpoint": str(init_checkpoint) if init_checkpoint else None},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -303,7 +384,12 @@ def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir:
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute="val_loss" if cfg.val_fraction > 0 else None,
                 checkpoint_score_order="min"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # controller_failure_limit bounds Ray Train's retries of a worker group it cannot place
+            # (WorkerGroupStartupTimeoutError, one per RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S = 60 s
+            # by default): unbounded by default, which hung a pipeline whose CPUs another run held.
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.max_failures,
+                controller_failure_limit=max(1, math.ceil(cfg.resource_wait_s / 60))),
             callbacks=list(callbacks)),
         datasets=datasets,
     )
@@ -365,7 +451,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
 
-    step, tokens_seen = _maybe_resume(engine, ray.train.get_checkpoint())
+    checkpoint = ray.train.get_checkpoint()  # this run's own latest, after a restart or rerun
+    if checkpoint is None and config.get("init_checkpoint"):
+        checkpoint = ray.train.Checkpoint.from_directory(config["init_checkpoint"])  # a tune trial's
+    step, tokens_seen = _maybe_resume(engine, checkpoint)
     start_step = step  # logged with every row: shows where a (re)started worker group resumed
     log = MetricsLog(run_dir, enabled=rank == 0, resume_step=step)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
@@ -583,6 +672,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a YAML config (its train: section) and key=value overrides")
     parser.add_argument("--data", help="sft/ directory written by 'octoray filter'")
     parser.add_argument("--out", help="run directory (checkpoints, metrics, model/)")
+    parser.add_argument("--hparams", metavar="TUNE_DIR",
+                        help="train with the best trial's hyperparameters from TUNE_DIR/best.json ('octoray tune')")
     parser.epilog = "config keys:\n" + "\n".join(help_lines(TrainConfig))
 
 
@@ -592,7 +683,7 @@ def load_train_config(args: argparse.Namespace) -> TrainConfig:
     if len(positional) > 1:
         raise UserError(f"expected one config file, got {len(positional)}: {' '.join(positional)}")
     return load_config(TrainConfig, positional[0] if positional else None, overrides, section="train",
-                       values={"data": args.data, "out": args.out})
+                       values={"data": args.data, "out": args.out, "hparams": getattr(args, "hparams", None)})
 
 
 def main(args: argparse.Namespace) -> int:
