@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional, Sequence
 from octoray.config import help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
 from octoray.outputs import is_complete, require_stage_output, write_manifest, write_resolved_config
+from octoray.resources import require_feasible, resource_problems
 from octoray.run_metrics import LOSS_PNG, METRICS_FILE, MetricsLog, mfu, peak_flops, plot_loss
 
 STAGE = "train"
@@ -57,6 +58,9 @@ class TrainConfig:
     val_fraction: float = option(0.0, "fraction of packed sequences held out for validation loss (0 = none)")
     num_workers: int = option(2, "Ray Train workers (one per GPU on a GPU cluster)")
     cpus_per_worker: int = option(1, "CPUs reserved per worker")
+    worker_resources: Optional[dict[str, float]] = option(
+        None, "extra Ray resources per worker, e.g. {fake_gpu: 1} for a node type that advertises its "
+              "accelerators as a custom resource (the GPU itself comes from device)")
     device: Literal["auto", "cpu", "gpu"] = option("auto", "gpu when the cluster has GPUs (auto), else cpu")
     precision: Literal["auto", "bf16", "fp32"] = option("auto", "bf16 on GPUs that have it (auto), fp32 on CPU")
     zero_stage: Literal[0, 1, 2, 3] = option(2, "DeepSpeed ZeRO stage")
@@ -112,6 +116,7 @@ class TrainConfig:
             out.append("precision bf16 needs device gpu (CPU training runs in fp32)")
         if self.lora and not self.lora_targets:
             out.append("lora_targets must name at least one module")
+        out += resource_problems("worker_resources", self.worker_resources)
         return out
 
 
@@ -289,7 +294,9 @@ def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir:
     from ray.train.torch import TorchTrainer
 
     use_gpu = _use_gpu(cfg)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **(cfg.worker_resources or {})}
+    # Ray would wait forever for workers no node can host; say so now, naming the node types.
+    require_feasible("train", [resources] * cfg.num_workers, what=f"{cfg.num_workers} workers x {resources}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir), "model_path": model_path},
