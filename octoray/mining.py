@@ -170,7 +170,7 @@ def run(cfg: MineConfig) -> Path:
     ray = ensure_ray()
     require_feasible("mine", [{"CPU": 1}], what="tasks of 1 CPU")
     # One task per CPU the cluster can have: an autoscaling cluster starts with none.
-    workers = cfg.workers or max(1, min(int(cluster_capacity("CPU")), 256))
+    workers = cfg.workers or max(1, int(min(cluster_capacity("CPU"), 256)))
     compute = ray.data.TaskPoolStrategy(size=workers)
 
     items = [dataclasses.asdict(s) for s in sources]

@@ -76,7 +76,7 @@ def cluster_shapes() -> list[NodeShape]:
     if not ray.is_initialized():
         return []
     shapes = _autoscaler_shapes()
-    if shapes:
+    if shapes or _autoscaler_without_config():
         return shapes
     live: dict[tuple, NodeShape] = {}
     for node in ray.nodes():
@@ -105,6 +105,19 @@ def _autoscaler_shapes() -> list[NodeShape]:
               for group in config.node_group_configs]
     # The head is a node too, though its group may say max_count 0 (it is never launched).
     return [s for s in shapes if s.max_count != 0 or _is_head(s.name)]
+
+
+def _autoscaler_without_config() -> bool:
+    """Whether an autoscaler that publishes no node types (Ray's v1 autoscaler, as ``ray up``
+    runs it) manages the cluster: then the live nodes are not the limit, and nothing is known
+    of the node types it may launch. KubeRay and autoscaler v2 publish them."""
+    try:
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+        return _internal_kv_initialized() and bool(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
+    except Exception:  # noqa: BLE001 - internal API; no answer means no autoscaler known
+        return False
 
 
 def _exceeds_total(bundles: Sequence[dict[str, float]], shapes: Sequence[NodeShape]) -> tuple[str, float, float] | None:
@@ -161,9 +174,12 @@ def cluster_capacity(key: str = "CPU") -> float:
     pin an autoscaling cluster, which starts with none, to one worker forever."""
     import ray
 
-    shapes = _autoscaler_shapes() if ray.is_initialized() else []
+    if not ray.is_initialized():
+        return 0.0
+    shapes = _autoscaler_shapes()
     if not shapes:
-        return float(ray.cluster_resources().get(key, 0.0)) if ray.is_initialized() else 0.0
+        # An autoscaler that keeps its node types to itself may launch any number: no bound.
+        return float("inf") if _autoscaler_without_config() else float(ray.cluster_resources().get(key, 0.0))
     if any(s.max_count < 0 and s.resources.get(key, 0) > 0 for s in shapes):
         return float("inf")
     return sum(s.resources.get(key, 0.0) * max(s.max_count, 1 if _is_head(s.name) else 0) for s in shapes)

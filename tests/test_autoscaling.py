@@ -61,7 +61,11 @@ class FakeCluster:
                    f"--port={port}", f"--dashboard-port={dash}", "--include-dashboard=true",
                    "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}",
                    f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-                   f"--autoscaling-config={config_path}"]
+                   f"--autoscaling-config={config_path}",
+                   # Ray's default ports may be taken by another Ray on the machine.
+                   *(f"--{flag}={_free_port()}" for flag in (
+                       "node-manager-port", "object-manager-port", "metrics-export-port",
+                       "runtime-env-agent-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port"))]
         self.log = work / "head.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
@@ -154,25 +158,32 @@ def fake_cluster(tmp_path: Path):
 
 
 def _train_nodes(cluster: FakeCluster) -> list[dict]:
-    """Resources of the nodes the Ray Train workers ran on (State API, in a subprocess: this test
-    process may already be connected to another Ray)."""
-    probe = ("import json, ray\n"
+    """Resources of the nodes the Ray Train workers ran on (State API of the fake cluster's
+    dashboard, in a subprocess that carries its token)."""
+    probe = ("import json\n"
              "from ray.util.state import list_actors, list_nodes\n"
-             f"ray.init(address='{cluster.gcs}', logging_level='ERROR')\n"
-             "nodes = {n.node_id: n.resources_total for n in list_nodes(limit=100, detail=True)}\n"
-             "workers = list_actors(filters=[('class_name', '=', 'RayTrainWorker')], limit=100, detail=True)\n"
+             f"url = '{cluster.url}'\n"
+             "nodes = {n.node_id: n.resources_total for n in list_nodes(address=url, limit=100, detail=True)}\n"
+             "workers = list_actors(address=url, filters=[('class_name', '=', 'RayTrainWorker')], limit=100,\n"
+             "                      detail=True)\n"
              "print(json.dumps([nodes.get(a.node_id, {}) for a in workers]))\n")
     out = subprocess.run([sys.executable, "-c", probe], env=cluster.env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_demo_job_grows_the_cluster_and_lets_it_shrink(fake_cluster: FakeCluster, tmp_path: Path) -> None:
+def test_demo_job_grows_the_cluster_and_lets_it_shrink(fake_cluster: FakeCluster, tmp_path: Path,
+                                                       shared_dir: Path) -> None:
     out = tmp_path / "runs"  # every fake node is a process on this machine: one disk they all see
     started = time.monotonic()
+    # --working-dir none: every fake node unpacks a job's working_dir into the one session dir they
+    # share, and a node that goes away deletes it -- under the driver's feet (its cwd vanishes).
+    # Real nodes have disks of their own; here the job runs this checkout's installed octoray.
     result = run_cli(
-        "submit", "jobs/demo.yaml", "--address", fake_cluster.url, "--pip", "none",
+        "submit", str(REPO_ROOT / "jobs" / "demo.yaml"), "--address", fake_cluster.url, "--pip", "none",
+        "--working-dir", "none",
         f"out={out}", f"sources=[{REPO_ROOT}]", "stages=[mine, filter, train]",
+        f"humanevalpack_dir={shared_dir / 'humanevalpack'}",
         "train.max_steps=6", "train.checkpoint_every=3", "train.worker_resources={fake_gpu: 1}",
         env={"RAY_AUTH_TOKEN": fake_cluster.token}, timeout=1200)
     job_seconds = time.monotonic() - started

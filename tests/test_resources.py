@@ -46,3 +46,12 @@ def test_request_no_node_holds_is_one_line(ray_local) -> None:
     assert "live node {CPU: 2" in message
     with pytest.raises(UserError, match=r"mine: asks for .* \(3 CPU in all\) but the cluster can have at most 2 CPU"):
         require_feasible("mine", [{"CPU": 1}] * 3)
+
+
+@pytest.mark.ray
+def test_capacity_of_a_cluster_without_autoscaler_is_its_live_nodes(ray_local) -> None:
+    from octoray.resources import cluster_capacity, cluster_shapes
+
+    assert cluster_capacity("CPU") == 2
+    assert cluster_capacity("GPU") == 0
+    assert [s.name for s in cluster_shapes()] == ["live node"]
