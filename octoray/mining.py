@@ -41,7 +41,7 @@ from octoray.licenses import LICENSE_FILE_NAMES, PERMISSIVE, classify_license
 from octoray.raylocal import ensure_ray, unreserved_ray_data
 from octoray.outputs import (atomic_write_json, is_complete, read_manifest, write_manifest,
                              write_parquet_atomic, write_resolved_config)
-from octoray.resources import cluster_capacity, require_feasible
+from octoray.node_types import cluster_capacity, require_feasible
 
 STAGE = "mine"
 

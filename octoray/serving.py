@@ -31,7 +31,7 @@ from typing import Any, Literal, Optional
 
 from octoray.config import from_mapping, help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
-from octoray.resources import require_feasible, resource_problems
+from octoray.node_types import require_feasible, resource_problems
 
 logger = logging.getLogger("octoray.serve")
 

@@ -29,7 +29,7 @@ from typing import Any, Literal, Optional, Sequence
 from octoray.config import help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
 from octoray.outputs import is_complete, require_stage_output, write_manifest, write_resolved_config
-from octoray.resources import require_feasible, resource_problems
+from octoray.node_types import require_feasible, resource_problems
 from octoray.run_metrics import LOSS_PNG, METRICS_FILE, MetricsLog, mfu, peak_flops, plot_loss
 
 STAGE = "train"

@@ -1,4 +1,4 @@
-"""What a stage asks the cluster for, and a one-line refusal when no node could ever hold it.
+"""The node types a cluster has or can launch, and a one-line refusal of a request none can hold.
 
 Ray waits, silently and forever, for a request no node can satisfy. With an autoscaler that is
 right while a node type that fits is still starting; it is wrong when none of the node types
