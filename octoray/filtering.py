@@ -274,8 +274,10 @@ def _filter_shards(cfg: FilterConfig, pending: list[Path], expected: dict[str, i
                    tables: rules.Tables, lang_table: Any) -> None:
     """Run the pending shards through Ray Data and write each one as soon as it is whole."""
     from octoray.raylocal import ensure_ray
+    from octoray.node_types import require_feasible
 
     ray = ensure_ray()  # quiet Ray Data: our bar counts rows, Ray's counts blocks per operator
+    require_feasible("filter", [{"CPU": 1}], what="tasks of 1 CPU")
     ds = ray.data.read_parquet([str(p) for p in pending], include_paths=True)
     ds = ds.map_batches(_first_rules, batch_format="pyarrow", batch_size=cfg.batch_size,
                         fn_kwargs={"extensions_for": lang_table.extensions_for, "pr_suffix": cfg.pr_suffix,

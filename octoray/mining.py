@@ -41,6 +41,7 @@ from octoray.licenses import LICENSE_FILE_NAMES, PERMISSIVE, classify_license
 from octoray.raylocal import ensure_ray, unreserved_ray_data
 from octoray.outputs import (atomic_write_json, is_complete, read_manifest, write_manifest,
                              write_parquet_atomic, write_resolved_config)
+from octoray.node_types import cluster_capacity, require_feasible
 
 STAGE = "mine"
 
@@ -167,7 +168,9 @@ def run(cfg: MineConfig) -> Path:
     clone_root = Path(cfg.clone_dir) if cfg.clone_dir else out / ".repos"
 
     ray = ensure_ray()
-    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    require_feasible("mine", [{"CPU": 1}], what="tasks of 1 CPU")
+    # One task per CPU the cluster can have: an autoscaling cluster starts with none.
+    workers = cfg.workers or max(1, int(min(cluster_capacity("CPU"), 256)))
     compute = ray.data.TaskPoolStrategy(size=workers)
 
     items = [dataclasses.asdict(s) for s in sources]

@@ -31,6 +31,7 @@ from typing import Any, Literal, Optional
 
 from octoray.config import from_mapping, help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
+from octoray.node_types import require_feasible, resource_problems
 
 logger = logging.getLogger("octoray.serve")
 
@@ -58,6 +59,9 @@ class ServeConfig:
     max_ongoing_requests: int = option(128, "requests a replica accepts at once (must be >= max_batch_size)")
     num_cpus: float = option(1.0, "CPUs reserved per replica")
     num_gpus: Optional[float] = option(None, "GPUs per replica (default: 1 when the Ray cluster has GPUs, else 0)")
+    resources: Optional[dict[str, float]] = option(
+        None, "extra Ray resources per replica, e.g. {fake_gpu: 1} for a node type that advertises its "
+              "accelerators as a custom resource")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "weights dtype; auto = float32 on CPU, the model's half dtype (or bfloat16) on GPU")
     max_model_len: Optional[int] = option(None, "context window, prompt + completion (default: the model's)")
@@ -88,6 +92,7 @@ class ServeConfig:
             found.append("num_cpus/num_gpus: must be >= 0")
         if self.max_model_len is not None and self.max_model_len < 2:
             found.append(f"max_model_len: must be >= 2, got {self.max_model_len}")
+        found += resource_problems("resources", self.resources)
         return found
 
 
@@ -170,9 +175,11 @@ def build_app(cfg: ServeConfig) -> Any:
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else _default_num_gpus()
     if cfg.engine == "vllm":
         return _vllm_app(cfg, num_gpus)
+    replica = {"CPU": cfg.num_cpus, "GPU": num_gpus, **(cfg.resources or {})}
+    require_feasible("serve", [replica] * max(1, cfg.min_replicas))
     deployment = serve.deployment(serve.ingress()(CompletionServer)).options(
         name="CompletionServer",
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": num_gpus},
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": num_gpus, "resources": dict(cfg.resources or {})},
         max_ongoing_requests=cfg.max_ongoing_requests,
         autoscaling_config=_autoscaling(cfg),
     )

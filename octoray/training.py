@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional, Sequence
 
 from octoray.config import help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
+from octoray.node_types import require_feasible, resource_problems
 from octoray.outputs import is_complete, require_stage_output, write_manifest, write_resolved_config
 from octoray.run_metrics import LOSS_PNG, METRICS_FILE, MetricsLog, mfu, peak_flops, plot_loss
 
@@ -58,6 +59,9 @@ class TrainConfig:
     val_fraction: float = option(0.0, "fraction of packed sequences held out for validation loss (0 = none)")
     num_workers: int = option(2, "Ray Train workers (one per GPU on a GPU cluster)")
     cpus_per_worker: int = option(1, "CPUs reserved per worker")
+    worker_resources: Optional[dict[str, float]] = option(
+        None, "extra Ray resources per worker, e.g. {fake_gpu: 1} for a node type that advertises its "
+              "accelerators as a custom resource (the GPU itself comes from device)")
     device: Literal["auto", "cpu", "gpu"] = option("auto", "gpu when the cluster has GPUs (auto), else cpu")
     precision: Literal["auto", "bf16", "fp32"] = option("auto", "bf16 on GPUs that have it (auto), fp32 on CPU")
     zero_stage: Literal[0, 1, 2, 3] = option(2, "DeepSpeed ZeRO stage")
@@ -124,6 +128,7 @@ class TrainConfig:
             out.append("from_best_checkpoint needs hparams (a tune directory)")
         if self.resource_wait_s <= 0:
             out.append(f"resource_wait_s must be > 0, got {self.resource_wait_s}")
+        out += resource_problems("worker_resources", self.worker_resources)
         return out
 
 
@@ -210,9 +215,18 @@ def _wait_for_workers(cfg: TrainConfig, what: str) -> None:
     """
     from octoray.resources import wait_for_resources
 
-    bundle = {"CPU": float(cfg.cpus_per_worker), **({"GPU": 1.0} if _use_gpu(cfg) else {})}
-    wait_for_resources([bundle] * cfg.num_workers, what=f"{what} ({cfg.num_workers} workers)",
-                       timeout_s=cfg.resource_wait_s)
+    bundles = [_worker_resources(cfg)] * cfg.num_workers
+    # A request no node type can ever hold fails now, naming the node types; one that fits waits
+    # (an autoscaling cluster starts a node for it) for at most resource_wait_s.
+    require_feasible("train", bundles)
+    wait_for_resources(bundles, what=f"{what} ({cfg.num_workers} workers)", timeout_s=cfg.resource_wait_s)
+
+
+def _worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What one Ray Train worker asks for: its CPUs, a GPU when training on GPUs, and any custom
+    resources the config adds (a node type's accelerator resource)."""
+    return {"CPU": float(cfg.cpus_per_worker), **({"GPU": 1.0} if _use_gpu(cfg) else {}),
+            **{k: float(v) for k, v in (cfg.worker_resources or {}).items()}}
 
 
 def _require_paths(cfg: TrainConfig) -> tuple[Path, Path]:
@@ -369,7 +383,7 @@ def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir:
     from ray.train.torch import TorchTrainer
 
     use_gpu = _use_gpu(cfg)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = _worker_resources(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir), "model_path": model_path,

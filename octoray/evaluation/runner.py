@@ -89,6 +89,9 @@ def execute(samples: Sequence[dict[str, Any]], problems: dict[str, dict[str, Any
     done = {key_of(r): r for r in read_results(out_dir) if key_of(r) in wanted}
     pending = [s for s in samples if key_of(s) not in done]
     if pending:
+        from octoray.node_types import require_feasible
+
+        require_feasible("eval", [{"CPU": 1}], what="execution actors of 1 CPU")
         # One per *free* CPU: CPUs held by others (a Serve replica in the pipeline) would leave
         # extra actors pending forever, with samples queued on them.
         num_actors = num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
