@@ -56,7 +56,12 @@ def write_parquet_atomic(table: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        if table.num_rows:
+            pq.write_table(table, tmp, compression="zstd")
+        else:
+            # No row group at all, only the schema: pq.write_table would write one empty row group,
+            # and readers that size batches by the first row group (datasets) fail on it.
+            pq.ParquetWriter(tmp, table.schema, compression="zstd").close()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

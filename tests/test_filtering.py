@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from octoray import commitpackft_rules as rules
@@ -258,18 +260,58 @@ def test_partial_output_resumes_only_with_the_same_input_and_rules(tmp_path: Pat
     from octoray.filtering import _prepare_out
 
     out = tmp_path / "sft"
+    shard = out / "data" / "train-00000-of-00001.parquet"
     source = {"dir": "/c", "rows": 10, "started_at": "2026-01-01T00:00:00Z"}
     cfg = FilterConfig(commits="/c", out=str(out))
     _prepare_out(out, cfg, source)
-    (out / "commits-00000.parquet").write_bytes(b"x")
+    shard.parent.mkdir()
+    shard.write_bytes(b"x")
     (out / "_funnel" / "commits-00000.parquet.json").write_text("{}")
     _prepare_out(out, FilterConfig(commits="/c", out=str(out), actors=4), source)  # speed only: resume
-    assert (out / "commits-00000.parquet").is_file()
+    assert shard.is_file()
     _prepare_out(out, cfg, {**source, "rows": 11})  # re-mined input: start over
-    assert not (out / "commits-00000.parquet").exists()
-    (out / "commits-00000.parquet").write_bytes(b"x")
+    assert not shard.exists()
+    shard.write_bytes(b"x")
     _prepare_out(out, FilterConfig(commits="/c", out=str(out), seed=1), {**source, "rows": 11})  # other rules
+    assert not shard.exists() and not (out / "_funnel" / "commits-00000.parquet.json").exists()
+    # A partial output of octoray 0.1 (shards beside manifest.json) starts over: new shards go under data/.
+    cfg = FilterConfig(commits="/c", out=str(out), seed=1)
+    (out / "commits-00000.parquet").write_bytes(b"x")
+    (out / "_funnel" / "commits-00000.parquet.json").write_text("{}")
+    _prepare_out(out, cfg, {**source, "rows": 11})
     assert not (out / "commits-00000.parquet").exists() and not (out / "_funnel" / "commits-00000.parquet.json").exists()
+
+
+def _rows(sft: Path) -> list[dict]:
+    files = json.loads((sft / "manifest.json").read_text())["files"]
+    return pa.concat_tables([pq.read_table(sft / f) for f in files]).to_pylist()
+
+
+def _check_hub_folder(sft: Path, cache: Path) -> None:
+    """``datasets.load_dataset(DIR)`` and ``pandas.read_parquet(DIR/data)`` give exactly the manifest's rows."""
+    import datasets
+    import pandas as pd
+    import yaml
+
+    from octoray.mining import COLUMNS
+
+    manifest = json.loads((sft / "manifest.json").read_text())
+    n = len(manifest["files"])
+    assert manifest["files"] == [f"data/train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
+    columns = [*COLUMNS, "prompt", "completion", "source"]
+    ds = datasets.load_dataset(str(sft), split="train", cache_dir=str(cache))
+    assert ds.num_rows == manifest["rows"] and ds.column_names == columns
+    assert sorted(ds["prompt"]) == sorted(r["prompt"] for r in _rows(sft))
+    frame = pd.read_parquet(sft / "data")
+    assert len(frame) == manifest["rows"] and list(frame.columns) == columns
+    text = (sft / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n", 2)[1])
+    (declared,) = meta["configs"][0]["data_files"]
+    assert declared["split"] == "train"
+    assert sorted(p.relative_to(sft).as_posix() for p in sft.glob(declared["path"])) == manifest["files"]
+    assert meta["language"] == ["code", "en"] and meta["size_categories"] == ["n<1K"]
+    stats = json.loads((sft / "stats.json").read_text())
+    assert f"| decontam | {stats['funnel']['decontam']} | 1 |" in text  # the funnel, with drops per rule
 
 
 def _fake_mine_dir(path: Path, rows: int) -> Path:
@@ -298,8 +340,6 @@ def test_cli_bad_input_is_one_line(case: str, tmp_path: Path) -> None:
         (tmp_path / "o.jsonl").write_text("not json\n")
         extra.append(f"oasst_file={tmp_path / 'o.jsonl'}")
         # a non-empty (but row-less) mine output, so the OASST file is what fails
-        import pyarrow.parquet as pq
-
         from octoray.mining import _schema
         pq.write_table(pa.Table.from_pylist([{"commit": "0" * 40, "subject": "Fix it"}], schema=_schema()),
                        commits / "commits-00000.parquet")
@@ -384,8 +424,6 @@ def _build_repo(repo: Path, shared_dir: Path) -> dict[str, str]:
 
 @pytest.mark.ray
 def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_local) -> None:
-    import pyarrow.parquet as pq
-
     from octoray import filtering, mining
     from octoray.config import load_config
     from octoray.modeling import load_tokenizer, train_bpe_tokenizer
@@ -393,9 +431,9 @@ def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_loca
     expected = _build_repo(tmp_path / "repo", shared_dir)
     commits = mining.run(load_config(mining.MineConfig, None, ["allow_unlicensed=true", "chunk_commits=8", "progress=false"],
                                      values={"sources": [str(tmp_path / "repo")], "out": str(tmp_path / "commits")}))
-    mined = pa.concat_tables([pq.read_table(p) for p in sorted(commits.glob("*.parquet"))])
+    mined = pa.concat_tables([pq.read_table(p) for p in sorted(commits.glob("data/*.parquet"))])
     assert sorted(mined.column("subject").to_pylist()) == sorted(expected)  # every planned commit was mined
-    assert len(list(commits.glob("*.parquet"))) == 2
+    assert len(list(commits.glob("data/*.parquet"))) == 2
 
     # A tiny byte-level BPE tokenizer, saved and loaded back like a hub model.
     tok_dir = tmp_path / "tok"
@@ -435,6 +473,19 @@ def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_loca
     assert row["prompt"] == f"Question: {row['subject']}\n{row['old_contents']}\n\nAnswer: \n"
     assert row["completion"] == row["new_contents"]
     assert by_source["oasst"].to_pylist()[0]["prompt"] == "Question: What is Ray?\n\nAnswer: \n"
+    _check_hub_folder(out, tmp_path / "hf")
+
+    # octoray 0.1's flat commits/ layout (shards beside manifest.json) is read as well.
+    legacy = tmp_path / "commits_v01"
+    legacy.mkdir()
+    mine_manifest = json.loads((commits / "manifest.json").read_text())
+    flat = [f"commits-{i:05d}.parquet" for i in range(len(mine_manifest["files"]))]
+    for new, old in zip(mine_manifest["files"], flat):
+        (legacy / old).write_bytes((commits / new).read_bytes())
+    (legacy / "manifest.json").write_text(json.dumps({**mine_manifest, "files": flat}))
+    from_legacy = filtering.run(replace(cfg, commits=str(legacy), out=str(tmp_path / "sft_v01")))
+    assert json.loads((from_legacy / "stats.json").read_text()) == stats
+    assert _rows(from_legacy) == _rows(out)
 
     # Rerun on a complete output: nothing to do (no Ray needed, so through the CLI).
     again = run_cli("filter", commits, "--out", out, f"model={tok_dir}", f"oasst_file={oasst}", "oasst_limit=1",
@@ -442,7 +493,7 @@ def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_loca
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
     # A partial output resumes: only the shard without its funnel sidecar is filtered again.
-    first, second = sorted(p.name for p in commits.glob("*.parquet"))
+    first, second = sorted(p.name for p in commits.glob("data/*.parquet"))
     (out / "manifest.json").unlink()
     (out / "_funnel" / f"{second}.json").unlink()
     kept_mtime = (out / "_funnel" / f"{first}.json").stat().st_mtime_ns

@@ -143,3 +143,17 @@ def test_train_reads_a_legacy_sft_without_a_file_list(tmp_path: Path) -> None:
     write_parquet_atomic(pq.read_table(sft / "part-00000.parquet"), sft / "oasst.parquet")
     write_manifest(sft, "filter", MineConfig(), rows=6, files=[], started=0.0)
     assert [Path(f).name for f in sft_files(sft)] == ["oasst.parquet", "part-00000.parquet"]
+
+
+def test_a_shard_without_rows_opens_everywhere(tmp_path: Path) -> None:
+    """A filter shard that kept nothing is still shard i of N; datasets, pandas and pyarrow read it."""
+    import datasets
+    import pandas as pd
+
+    schema = pa.schema([("prompt", pa.string()), ("completion", pa.string())])
+    write_parquet_atomic(schema.empty_table(), tmp_path / layout.shard_name(0, 2))
+    write_parquet_atomic(pa.table({"prompt": ["p"], "completion": ["c"]}, schema=schema),
+                         tmp_path / layout.shard_name(1, 2))
+    assert pq.read_schema(tmp_path / layout.shard_name(0, 2)) == schema
+    assert len(pd.read_parquet(tmp_path / "data")) == 1
+    assert datasets.load_dataset(str(tmp_path), split="train", cache_dir=str(tmp_path / ".hf"))["prompt"] == ["p"]
