@@ -3,9 +3,11 @@ the tokenizer rule with a tiny local tokenizer, resume, and one-line errors."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -351,6 +353,53 @@ def test_cli_bad_input_is_one_line(case: str, tmp_path: Path) -> None:
     expected = {"missing": "not found", "not_mine": "not an output of 'octoray mine'", "empty": "no commits",
                 "bad_option": "did you mean 'min_tokens'", "bad_oasst": "o.jsonl:1: not valid JSON"}[case]
     assert expected in lines[0]
+
+
+class _GatedHub(http.server.BaseHTTPRequestHandler):
+    """Answers every request as the Hub answers one for a gated model without accepted access."""
+
+    paths: list[str] = []
+
+    def _gated(self) -> None:
+        self.paths.append(self.path)
+        self.send_response(401)
+        self.send_header("X-Error-Code", "GatedRepo")
+        self.send_header("X-Error-Message", "Access to model bigcode/starcoder is restricted. You must have access "
+                                            "to it and be authenticated to access it. Please log in.")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _gated  # noqa: N815 - http.server's names
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_gated_default_tokenizer_says_what_to_do(tmp_path: Path) -> None:
+    """The real loader (transformers -> huggingface_hub) against a local endpoint that answers like the Hub."""
+    commits = tmp_path / "commits"
+    from octoray.layout import shard_name
+    from octoray.mining import _schema
+    from octoray.outputs import write_manifest, write_parquet_atomic
+
+    write_parquet_atomic(pa.Table.from_pylist([{"commit": "0" * 40, "subject": "Fix it"}], schema=_schema()),
+                         commits / shard_name(0, 1))
+    write_manifest(commits, "mine", FilterConfig(), rows=1, files=[shard_name(0, 1)], started=0.0)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HOME": str(tmp_path / "hf"),
+               "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_TOKEN": "", "HF_HUB_ETAG_TIMEOUT": "5"}
+        result = run_cli("filter", commits, "--out", tmp_path / "sft", "decontam=false", env=env)
+    finally:
+        server.shutdown()
+    assert any("bigcode/starcoder" in path for path in _GatedHub.paths), "the loader never asked the endpoint"
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("octoray filter: error: cannot load tokenizer 'bigcode/starcoder': it is a gated model")
+    for advice in ("accept its licence at https://huggingface.co/bigcode/starcoder", "hf auth login", "model="):
+        assert advice in lines[0]
 
 
 # ------------------------------------------------------------------------------- the funnel on a mined repository
