@@ -142,12 +142,10 @@ def mine_card(cfg: Any, stats: Mapping[str, Any], summary: DataSummary, *, colum
     body = [
         "CommitPack-style commits mined from git history: one row per commit that changed exactly one "
         "file in place, with the file before and after and the commit message, in CommitPack's columns.",
-        *_made_by("mine", cfg),
+        _made_by("mine"),
         "## Funnel\n\nCommits left after each CommitPack rule, in the order applied "
-        "(`stats.json` holds the same counts per repository).\n",
-        _funnel_table(funnel, "commits left"),
-        "## Source repositories and licenses\n",
-        "\n".join(repos),
+        "(`stats.json` holds the same counts per repository).\n\n" + _funnel_table(funnel, "commits left"),
+        "## Source repositories and licenses\n\n" + "\n".join(repos),
         ("Rows kept per repository are counted before commits shared by forks are deduplicated."
          + (f" Failed (retried by a rerun): {', '.join(f'{n} ({e})' for n, e in failed.items())}." if failed else "")),
     ]
@@ -157,26 +155,25 @@ def mine_card(cfg: Any, stats: Mapping[str, Any], summary: DataSummary, *, colum
 def filter_card(cfg: Any, stats: Mapping[str, Any], summary: DataSummary, *, columns: Iterable[str],
                 source: Mapping[str, Any]) -> str:
     """The card of an ``sft/`` directory written by ``octoray filter``."""
+    off = {"token_length": not cfg.tokenizer_rule, "decontam": not cfg.decontam}  # rules switched off keep all
     funnel, previous = [], None
     for rule, left in stats["funnel"].items():
-        funnel.append(("CommitPack rows" if rule == "input" else rule, left,
-                       None if previous is None else previous - left))
+        name = "CommitPack rows" if rule == "input" else f"{rule} (off)" if off.get(rule) else rule
+        funnel.append((name, left, None if previous is None else previous - left))
         previous = left
     repos = ["| repository | license | rows |", "|---|---|---:|"]
     repos += [f"| {_cell(name)} | {_cell(lic or 'none found')} | {n:,} |" for name, (lic, n) in summary.repos.items()]
     if stats.get("oasst_rows"):
-        repos.append(f"| OASST rows from `{_cell(str(cfg.oasst_file))}` | as that file's | {stats['oasst_rows']:,} |")
+        repos.append(f"| OASST rows from `{_cell(str(cfg.oasst_file))}` | not recorded | {stats['oasst_rows']:,} |")
     body = [
         "CommitPackFT-style instruction data: commits that pass the CommitPackFT rules of the OctoPack "
         f"paper, each rendered as a `prompt`/`completion` pair in the `{cfg.template}` template "
-        f"(`source` = `commitpackft`; {stats.get('oasst_rows', 0):,} OASST rows with `source` = `oasst`).",
-        *_made_by("filter", cfg),
-        f"Input: the `octoray mine` output `{_cell(str(source.get('dir', '')))}` ({source.get('rows', 0):,} rows).\n",
+        f"(`source` = `commitpackft`; {_rows(stats.get('oasst_rows', 0))} from OASST with `source` = `oasst`).",
+        _made_by("filter"),
+        f"Input: the `octoray mine` output `{_cell(str(source.get('dir', '')))}` ({_rows(source.get('rows') or 0)}).",
         "## Funnel\n\nRows left after each CommitPackFT rule, in the order applied "
-        "(`stats.json` also holds it per language).\n",
-        _funnel_table(funnel, "rows left"),
-        "## Source repositories and licenses\n",
-        "\n".join(repos),
+        "(`stats.json` also holds it per language).\n\n" + _funnel_table(funnel, "rows left"),
+        "## Source repositories and licenses\n\n" + "\n".join(repos),
     ]
     return _render("CommitPackFT-style instruction data (octoray filter)", ["code", "en"], summary, columns, body, cfg)
 
@@ -201,31 +198,35 @@ def _render(title: str, language: list[str], summary: DataSummary, columns: Iter
     column_table = ["| column | contents |", "|---|---|",
                     *(f"| `{c}` | {COLUMN_DOCS.get(c, '')} |" for c in columns)]
     parts = [
-        "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n",
-        f"# {title}\n",
-        body[0] + "\n",
-        f"{summary.rows:,} rows in one split, `{SPLIT}`: the Parquet shards `{DATA_GLOB}`. Open the folder as it is:\n",
+        f"# {title}",
+        body[0],
+        f"{_rows(summary.rows)} in one split, `{SPLIT}`: the Parquet shards `{DATA_GLOB}`. Open the folder as it is:",
         "```python\n"
         "import datasets, pandas\n"
         f'datasets.load_dataset("path/to/this/folder", split="{SPLIT}")   # or the Hub repo after uploading it\n'
         f'pandas.read_parquet("path/to/this/folder/{DATA_DIR}")\n'
         f"# duckdb: SELECT * FROM 'path/to/this/folder/{DATA_GLOB}'\n"
-        "```\n",
+        "```",
         "`manifest.json`, `config.yaml`, `stats.json` and octoray's resume files sit beside `data/` "
         "and are not data. Upload the folder as it is: `hf upload USER/NAME path/to/this/folder "
-        "--repo-type dataset` (`huggingface-cli upload --repo-type dataset …` with huggingface_hub < 1.0).\n",
-        "## Columns\n\n" + "\n".join(column_table) + "\n",
-        "## Languages\n\n" + ("\n".join(lang_table) if langs else "No rows.") + "\n",
-        *(part + "\n" for part in body[1:]),
-        "## Resolved config\n\n```yaml\n" + dump_yaml(cfg) + "```\n",
+        "--repo-type dataset` (`huggingface-cli upload --repo-type dataset …` with huggingface_hub < 1.0).",
+        "## Columns\n\n" + "\n".join(column_table),
+        "## Languages\n\n" + ("\n".join(lang_table) if langs else "No rows with a programming language."),
+        *body[1:],
+        "## Resolved config\n\n```yaml\n" + dump_yaml(cfg) + "```",
     ]
-    return "\n".join(parts)
+    header = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+    return header + "\n" + "\n\n".join(part.strip("\n") for part in parts) + "\n"
 
 
-def _made_by(stage: str, cfg: Any) -> list[str]:
-    return ["## How it was made\n",
+def _rows(n: int) -> str:
+    return f"{n:,} row{'' if n == 1 else 's'}"
+
+
+def _made_by(stage: str) -> str:
+    return ("## How it was made\n\n"
             f"Written by `octoray {stage}` (octoray {__version__}, the OctoPack recipe on Ray) with\n\n"
-            f"```\n{command_line()}\n```\n\nand the resolved config at the end of this card (also in `config.yaml`)."]
+            f"```\n{command_line()}\n```\n\nand the resolved config at the end of this card (also in `config.yaml`).")
 
 
 def _funnel_table(steps: list[tuple[str, int, int | None]], left_label: str) -> str:

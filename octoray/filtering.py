@@ -52,7 +52,9 @@ class FilterConfig:
 
     commits: str = option("", "input directory written by 'octoray mine' (commits/)")
     out: str = option("", "output directory (sft/)")
-    model: str = option("bigcode/starcoder", "hub id or local path of the model whose tokenizer rule 8 uses")
+    model: str = option("bigcode/starcoder", "hub id or local path of the model whose tokenizer rule 8 uses "
+                                             "(the default is gated: accept its licence on the Hub and log in, "
+                                             "or name another)")
     tokenizer_rule: bool = option(True, "apply rule 8 (token length of old + eos + new)")
     min_tokens: int = option(50, "rule 8: fewest tokens kept (inclusive)")
     max_tokens: int = option(768, "rule 8: most tokens kept (inclusive)")

@@ -284,7 +284,7 @@ def test_partial_output_resumes_only_with_the_same_input_and_rules(tmp_path: Pat
     assert not (out / "commits-00000.parquet").exists() and not (out / "_funnel" / "commits-00000.parquet.json").exists()
 
 
-def _rows(sft: Path) -> list[dict]:
+def _sft_rows(sft: Path) -> list[dict]:
     files = json.loads((sft / "manifest.json").read_text())["files"]
     return pa.concat_tables([pq.read_table(sft / f) for f in files]).to_pylist()
 
@@ -303,7 +303,7 @@ def _check_hub_folder(sft: Path, cache: Path) -> None:
     columns = [*COLUMNS, "prompt", "completion", "source"]
     ds = datasets.load_dataset(str(sft), split="train", cache_dir=str(cache))
     assert ds.num_rows == manifest["rows"] and ds.column_names == columns
-    assert sorted(ds["prompt"]) == sorted(r["prompt"] for r in _rows(sft))
+    assert sorted(ds["prompt"]) == sorted(r["prompt"] for r in _sft_rows(sft))
     frame = pd.read_parquet(sft / "data")
     assert len(frame) == manifest["rows"] and list(frame.columns) == columns
     text = (sft / "README.md").read_text()
@@ -534,7 +534,7 @@ def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_loca
     (legacy / "manifest.json").write_text(json.dumps({**mine_manifest, "files": flat}))
     from_legacy = filtering.run(replace(cfg, commits=str(legacy), out=str(tmp_path / "sft_v01")))
     assert json.loads((from_legacy / "stats.json").read_text()) == stats
-    assert _rows(from_legacy) == _rows(out)
+    assert _sft_rows(from_legacy) == _sft_rows(out)
 
     # Rerun on a complete output: nothing to do (no Ray needed, so through the CLI).
     again = run_cli("filter", commits, "--out", out, f"model={tok_dir}", f"oasst_file={oasst}", "oasst_limit=1",
