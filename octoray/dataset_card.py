@@ -171,6 +171,7 @@ def filter_card(cfg: Any, stats: Mapping[str, Any], summary: DataSummary, *, col
         f"(`source` = `commitpackft`; {_rows(stats.get('oasst_rows', 0))} from OASST with `source` = `oasst`).",
         _made_by("filter"),
         f"Input: the `octoray mine` output `{_cell(str(source.get('dir', '')))}` ({_rows(source.get('rows') or 0)}).",
+        *_normalisation(stats),
         "## Funnel\n\nRows left after each CommitPackFT rule, in the order applied "
         "(`stats.json` also holds it per language).\n\n" + _funnel_table(funnel, "rows left"),
         "## Source repositories and licenses\n\n" + "\n".join(repos),
@@ -227,6 +228,16 @@ def _made_by(stage: str) -> str:
     return ("## How it was made\n\n"
             f"Written by `octoray {stage}` (octoray {__version__}, the OctoPack recipe on Ray) with\n\n"
             f"```\n{command_line()}\n```\n\nand the resolved config at the end of this card (also in `config.yaml`).")
+
+
+def _normalisation(stats: Mapping[str, Any]) -> list[str]:
+    """The subject normalisation applied before the rules, when stats.json records one."""
+    norm = stats.get("subject_normalisation")
+    if not norm:
+        return []
+    return [f"Subjects were normalised before the rules (`pr_suffix={norm.get('pr_suffix')}`, "
+            f"`emoji_prefix={norm.get('emoji_prefix')}`); that rescued {norm.get('rescued', 0):,} kept rows "
+            "the paper's rules as published would drop."]
 
 
 def _funnel_table(steps: list[tuple[str, int, int | None]], left_label: str) -> str:

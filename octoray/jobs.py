@@ -32,10 +32,14 @@ import os
 import shlex
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (a dependency there)
+    import tomli as tomllib
 
 from octoray import __version__
 from octoray.config import STAGE_SECTIONS, from_mapping, help_lines, option, read_yaml, split_overrides

@@ -98,7 +98,8 @@ def load_error(what: str, name_or_path: str, exc: BaseException) -> UserError:
         return UserError(
             f"cannot load {what} '{name_or_path}': it is a gated model on the Hugging Face Hub: accept its "
             f"licence at https://huggingface.co/{name_or_path} and log in ('hf auth login' or HF_TOKEN), "
-            f"or set model= to another {what} (a hub id or a local directory)")
+            f"or give another {what.split()[0]}: a hub id you can read or a local directory "
+            "(model= in filter and train)")
     text = str(exc).strip()
     return UserError(f"cannot load {what} '{name_or_path}': {text.splitlines()[0] if text else type(exc).__name__}")
 
@@ -115,3 +116,41 @@ def _is_gated(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return "gated repo" in str(exc).lower()
+
+
+def preflight_model(name_or_path: str) -> tuple[str, Any]:
+    """Check a model before any Ray work: ``(model, config)`` with a local directory made
+    absolute (Ray workers do not share our working directory), or a one-line UserError.
+
+    Loads the tokenizer and the model config -- small files -- never the weights.
+    """
+    from transformers import AutoConfig
+
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise UserError(f"model '{name_or_path}' is a file; give a model directory or a hub id")
+        model = str(local.resolve())
+    elif not _is_hub_id(name_or_path):
+        raise UserError(f"model '{name_or_path}': no such model directory, and not a hub id "
+                        "(hub ids look like 'bigcode/starcoder')")
+    else:
+        model = name_or_path
+    load_tokenizer(model)
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise load_error("model config", name_or_path, exc) from None
+    return model, config
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` is a well-formed Hugging Face Hub repo id (it may still not exist)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+

@@ -19,6 +19,10 @@ def ensure_ray(*, dashboard: bool = False, **init_kwargs: Any) -> Any:
     import ray
 
     if not ray.is_initialized():
+        # Ray announces on every start that it turned token auth on for the local cluster; an
+        # embedded cluster that lives and dies with this process needs no such line on stderr
+        # (bad input is meant to be one line there).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         init_kwargs.setdefault("log_to_driver", False)
         init_kwargs.setdefault("include_dashboard", dashboard)
         init_kwargs.setdefault("logging_level", logging.WARNING)

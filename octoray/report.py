@@ -71,6 +71,11 @@ def _funnel_section(commits: Path, sft: Path, out: Path) -> str:
     if filtered:
         lines.append(f"\nCommitPackFT rows: {filtered.get('commitpackft_rows', 0):,}; OASST rows mixed in: "
                      f"{filtered.get('oasst_rows', 0):,}.")
+        norm = filtered.get("subject_normalisation")
+        if norm and "strip" in (norm.get("pr_suffix"), norm.get("emoji_prefix")):
+            lines.append(f"Subject normalisation (pr_suffix={norm.get('pr_suffix')}, emoji_prefix="
+                         f"{norm.get('emoji_prefix')}) rescued {norm.get('rescued', 0):,} of the CommitPackFT rows: "
+                         "the paper's rules would drop them for a trailing PR number or a leading emoji.")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * len(steps))))
     names = [s[0] for s in steps][::-1]

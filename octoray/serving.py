@@ -27,7 +27,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 from octoray.config import from_mapping, help_lines, load_config, option, split_overrides, to_dict
@@ -646,17 +645,9 @@ def _torch_dtype(name: str, device: Any, model: str) -> Any:
 
 def _preflight(cfg: ServeConfig) -> tuple[str, int]:
     """Resolve a local model path and find the context length, failing in one line before deploying."""
-    from transformers import AutoConfig
+    from octoray.modeling import preflight_model
 
-    from octoray.modeling import load_tokenizer
-
-    local = Path(cfg.model).expanduser()
-    model = str(local.resolve()) if local.exists() else cfg.model
-    load_tokenizer(model)
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model config '{cfg.model}': {str(exc).splitlines()[0]}") from None
+    model, config = preflight_model(cfg.model)
     if cfg.max_model_len is not None:
         return model, cfg.max_model_len
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):

@@ -3,12 +3,12 @@ the tokenizer rule with a tiny local tokenizer, resume, and one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import os
 import subprocess
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +18,7 @@ import pytest
 from octoray import commitpackft_rules as rules
 from octoray.errors import UserError
 from octoray.filtering import FUNNEL_KEYS, FilterConfig, _read_oasst, add_prompts
+from octoray.subjects import reference_normalise
 from tests.conftest import run_cli
 
 
@@ -179,7 +180,9 @@ def _rows() -> list[dict]:
                 "Fix #3 in client loop handling", "Fix the client.py loop handling", "Refactoring client loop code",
                 "Bump version to 1.2.4 for release", "Fix what i broke in the loop", "Update readme", "Fix it",
                 "Add retry to the client loop [ci skip]", "Use issue 7 workaround in loop", "Fix WIP loop retry code",
-                "Avoid retry storms in the loop", "Handle empty input in loop again"]
+                "Avoid retry storms in the loop", "Handle empty input in loop again",
+                "Add retry to the client loop (#12)", "🐛 Handle empty input in loop (GH-3)",
+                ":bug: fix #4 in the client loop", "Bump retry from 1.2 to 1.3 (#99)", "✨ (#7, #8)"]
     rows = []
     for i, subject in enumerate(subjects):
         for j, (path, lang) in enumerate([("src/client.py", "Python"), ("src/x.ts", "Python"), ("lib/y.d.ts", "TypeScript")]):
@@ -188,8 +191,10 @@ def _rows() -> list[dict]:
     return rows
 
 
+@pytest.mark.parametrize("normalise", ["keep", "strip"])
 @pytest.mark.parametrize("table_kind", ["shipped", "original"])
-def test_vectorised_rules_match_the_per_row_reference(table_kind: str, request: pytest.FixtureRequest) -> None:
+def test_vectorised_rules_match_the_per_row_reference(table_kind: str, normalise: str,
+                                                      request: pytest.FixtureRequest) -> None:
     import numpy as np
 
     from octoray.filtering import _first_rules
@@ -199,7 +204,7 @@ def test_vectorised_rules_match_the_per_row_reference(table_kind: str, request: 
     batch = pa.Table.from_pylist(rows)
     # Dropped rows come back slimmed to (path, lang, _drop): a per-row "path" keeps them apart.
     batch = batch.append_column("path", batch.column("commit"))
-    out = _first_rules(batch, ext_for)
+    out = _first_rules(batch, ext_for, pr_suffix=normalise, emoji_prefix=normalise)
     drop = np.array(out.column("_drop").to_pylist())
     alive = out.filter(pa.array(drop == 0))
     later = np.zeros(alive.num_rows, dtype=int)
@@ -209,7 +214,9 @@ def test_vectorised_rules_match_the_per_row_reference(table_kind: str, request: 
         later = np.where((later == 0) & ~np.array(mask.to_pylist()), rules.CODE[name], later)
     final = dict(zip(out.column("path").to_pylist(), drop.tolist()))
     final.update(zip(alive.column("path").to_pylist(), later.tolist()))
-    expected = {r["commit"]: rules.reference_decision(r, tables, ext_for)[0] for r in rows}
+    strip = normalise == "strip"
+    expected = {r["commit"]: rules.reference_decision(r, tables, ext_for, pr_suffix=strip, emoji_prefix=strip)[0]
+                for r in rows}
     assert final == expected
     assert 0 < sum(v == 0 for v in final.values()) < len(rows)
 
@@ -313,7 +320,9 @@ def _check_hub_folder(sft: Path, cache: Path) -> None:
     assert sorted(p.relative_to(sft).as_posix() for p in sft.glob(declared["path"])) == manifest["files"]
     assert meta["language"] == ["code", "en"] and meta["size_categories"] == ["n<1K"]
     stats = json.loads((sft / "stats.json").read_text())
-    assert f"| decontam | {stats['funnel']['decontam']} | 1 |" in text  # the funnel, with drops per rule
+    funnel = stats["funnel"]  # the funnel, with the rows each rule dropped
+    assert f"| decontam | {funnel['decontam']} | {funnel['second_pass'] - funnel['decontam']} |" in text
+    assert f"rescued {stats['subject_normalisation']['rescued']} kept rows" in text
 
 
 def _fake_mine_dir(path: Path, rows: int) -> Path:
@@ -465,6 +474,9 @@ def _build_repo(repo: Path, shared_dir: Path) -> dict[str, str]:
         ("src/net.py", BODY + "RETRIES = 8\n", "Add retry support, see issue 42 for details", "second_pass"),
         ("src/closeness.py", "import math\n\n" + py0["prompt"] + py0["canonical_solution"],
          "Add a helper to compare nearby numbers", "decontam"),
+        # Kept only because the subject is normalised first (pr_suffix / emoji_prefix = strip).
+        ("src/net.py", BODY + "RETRIES = 9\n", "Add jitter to the retry delay (#31)", ""),
+        ("lib/util.js", files["lib/util.js"] + "const SOME = [];\n", "✨ Handle null input in the loop helper", ""),
     ]
     for path, text, message, _ in plan:
         _commit(repo, path, text, message)
@@ -510,14 +522,17 @@ def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_loca
         left -= dropped_by[rule]
         want[rule] = left
     assert stats["funnel"] == want
-    assert stats["funnel_by_language"]["JavaScript"]["decontam"] == 1
-    assert stats["rows"] == 3 and stats["oasst_rows"] == 1
+    assert stats["funnel_by_language"]["JavaScript"]["decontam"] == 2
+    assert stats["rows"] == 5 and stats["oasst_rows"] == 1
+    assert stats["subject_normalisation"] == {"pr_suffix": "strip", "emoji_prefix": "strip", "rescued": 2,
+                                              "rescued_by_language": {"JavaScript": 1, "Python": 1}}
 
     files = json.loads((out / "manifest.json").read_text())["files"]
     table = pa.concat_tables([pq.read_table(out / f) for f in files])
     by_source = {s: table.filter(pa.compute.equal(table.column("source"), s)) for s in ("commitpackft", "oasst")}
     assert sorted(by_source["commitpackft"].column("subject").to_pylist()) == sorted(
-        m for m, rule in expected.items() if rule == "")
+        reference_normalise(m, True, True) for m, rule in expected.items() if rule == "")
+    assert "Add jitter to the retry delay" in by_source["commitpackft"].column("subject").to_pylist()
     row = by_source["commitpackft"].to_pylist()[0]
     assert row["prompt"] == f"Question: {row['subject']}\n{row['old_contents']}\n\nAnswer: \n"
     assert row["completion"] == row["new_contents"]
@@ -532,7 +547,7 @@ def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_loca
     for new, old in zip(mine_manifest["files"], flat):
         (legacy / old).write_bytes((commits / new).read_bytes())
     (legacy / "manifest.json").write_text(json.dumps({**mine_manifest, "files": flat}))
-    from_legacy = filtering.run(replace(cfg, commits=str(legacy), out=str(tmp_path / "sft_v01")))
+    from_legacy = filtering.run(dataclasses.replace(cfg, commits=str(legacy), out=str(tmp_path / "sft_v01")))
     assert json.loads((from_legacy / "stats.json").read_text()) == stats
     assert _sft_rows(from_legacy) == _sft_rows(out)
 
@@ -549,3 +564,12 @@ def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_loca
     filtering.run(cfg)
     assert (out / "_funnel" / f"{first}.json").stat().st_mtime_ns == kept_mtime
     assert json.loads((out / "stats.json").read_text()) == stats
+
+    # The paper's rules as published: '#' (rule 2) and the emoji (rule 7) drop the two again.
+    paper = filtering.run(dataclasses.replace(cfg, out=str(tmp_path / "sft_paper"), pr_suffix="keep",
+                                              emoji_prefix="keep"))
+    paper_stats = json.loads((paper / "stats.json").read_text())
+    assert paper_stats["funnel"]["no_hash"] == stats["funnel"]["no_hash"] - 1
+    assert paper_stats["funnel"]["capitalized"] == stats["funnel"]["capitalized"] - 2
+    assert paper_stats["commitpackft_rows"] == stats["commitpackft_rows"] - stats["subject_normalisation"]["rescued"]
+    assert paper_stats["subject_normalisation"]["rescued"] == 0
