@@ -10,10 +10,12 @@ Pipeline (Ray Data, streaming; rules in :mod:`octoray.commitpackft_rules`):
 3. *Rules 8-10 + decontamination* (an actor pool): the tokenizer and the HumanEvalPack n-gram
    index load once per actor; only rows still alive are tokenized. Kept rows whose subject was
    normalised get ``_rescued`` when the paper's rules would drop their raw subject.
-4. *Write* (driver): when all rows of an input shard have come back, its kept rows get their
-   ``prompt``/``completion`` and are written atomically as ``OUT/<shard name>``, with the shard's
-   funnel in ``OUT/_funnel/<shard name>.json``; a rerun skips shards that have both. OASST rows
-   (``oasst_file``) become ``OUT/oasst.parquet``. ``stats.json`` and, last, ``manifest.json``.
+4. *Write* (driver): when all rows of input shard i of n have come back, its kept rows get their
+   ``prompt``/``completion`` and are written atomically as ``OUT/data/train-i-of-N.parquet`` (a
+   Hub-style dataset folder, :mod:`octoray.layout`; N = n, plus one for the OASST shard), with the
+   shard's funnel in ``OUT/_funnel/<input shard name>.json``; a rerun skips shards that have both.
+   OASST rows (``oasst_file``) become the last shard. ``stats.json``, the ``README.md`` dataset
+   card and, last, ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -29,16 +31,15 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from octoray import commitpackft_rules as rules
-from octoray import subjects
+from octoray import dataset_card, layout, subjects
 from octoray.config import help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
-from octoray.outputs import (RESOLVED_CONFIG, atomic_write_json, is_complete, iter_jsonl, read_manifest,
-                             require_stage_output, write_manifest, write_parquet_atomic,
-                             write_resolved_config)
+from octoray.outputs import (RESOLVED_CONFIG, atomic_write_json, atomic_write_text, is_complete, iter_jsonl,
+                             read_manifest, require_stage_output, stage_listing, write_manifest,
+                             write_parquet_atomic, write_resolved_config)
 
 STAGE = "filter"
-FUNNEL_DIR = "_funnel"  # "_" prefix: Parquet dataset readers skip it
-OASST_SHARD = "oasst.parquet"
+FUNNEL_DIR = "_funnel"  # resume sidecars, outside data/ (and "_": Parquet dataset readers skip it)
 #: Keys of the funnel in stats.json: rows left after each rule, in order.
 FUNNEL_KEYS = ("input", *rules.RULES)
 #: Columns dropped rows keep (the rest are nulled before they travel back to the driver).
@@ -56,7 +57,9 @@ class FilterConfig:
 
     commits: str = option("", "input directory written by 'octoray mine' (commits/)")
     out: str = option("", "output directory (sft/)")
-    model: str = option("bigcode/starcoder", "hub id or local path of the model whose tokenizer rule 8 uses")
+    model: str = option("bigcode/starcoder", "hub id or local path of the model whose tokenizer rule 8 uses "
+                                             "(the default is gated: accept its licence on the Hub and log in, "
+                                             "or name another)")
     tokenizer_rule: bool = option(True, "apply rule 8 (token length of old + eos + new)")
     min_tokens: int = option(50, "rule 8: fewest tokens kept (inclusive)")
     max_tokens: int = option(768, "rule 8: most tokens kept (inclusive)")
@@ -178,19 +181,25 @@ def run(cfg: FilterConfig) -> Path:
         _check_problems(cfg)
 
     _prepare_out(out, cfg, source)
-    done = {name for name in expected if _shard_done(out, name)}
+    # Output shard i of N for input shard i (N counts the OASST shard too): fixed by the input and
+    # the config, so a resumed run names every shard as the first attempt did.
+    count = len(shards) + (oasst is not None)
+    out_names = {path.name: layout.shard_name(i, count) for i, path in enumerate(shards)}
+    done = {name for name in expected if _shard_done(out, name, out_names[name])}
     pending = [path for path in shards if path.name not in done]
     schema = _output_schema(shards[0])
     if pending:
-        _filter_shards(cfg, pending, expected, out, schema, tables, lang_table)
-    files = [name for name in expected if (out / name).is_file()]
+        _filter_shards(cfg, pending, expected, out_names, out, schema, tables, lang_table)
+    files = list(out_names.values())
     if oasst is not None:
-        write_parquet_atomic(_oasst_table(oasst, schema), out / OASST_SHARD)
-        files.append(OASST_SHARD)
-    elif (out / OASST_SHARD).is_file():
-        (out / OASST_SHARD).unlink()
+        files.append(layout.shard_name(len(shards), count))
+        if not (out / files[-1]).is_file():  # written once; a resumed run keeps it
+            write_parquet_atomic(_oasst_table(oasst, schema), out / files[-1])
     stats = _aggregate(out, list(expected), len(oasst or ()), cfg)
     atomic_write_json(out / "stats.json", stats)
+    card = dataset_card.filter_card(cfg, stats, dataset_card.summarize(out / f for f in files),
+                                    columns=schema.names, source=source)
+    atomic_write_text(out / layout.CARD, card)
     manifest = write_manifest(out, STAGE, cfg, rows=stats["rows"], files=files, started=started,
                               inputs={"commits": source},
                               extra={"tables": tables.source, "languages": cfg.languages_file or "linguist (go-enry)"})
@@ -199,8 +208,8 @@ def run(cfg: FilterConfig) -> Path:
 
 
 def _input_shards(in_dir: Path, manifest: dict[str, Any]) -> list[Path]:
-    names = manifest.get("files") or sorted(p.name for p in in_dir.glob("*.parquet"))
-    shards = [in_dir / name for name in names if name.endswith(".parquet")]
+    """The mine output's shards, in either layout (``data/train-*`` or octoray 0.1's flat one)."""
+    shards = [in_dir / name for name in layout.data_files(manifest, stage_listing(in_dir))]
     missing = [p.name for p in shards if not p.is_file()]
     if missing:
         raise UserError(f"{in_dir} lacks shards its manifest lists ({', '.join(missing[:3])}): rerun 'octoray mine'")
@@ -223,7 +232,11 @@ def _result_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _prepare_out(out: Path, cfg: FilterConfig, source: dict[str, Any]) -> None:
-    """Resume an output begun with the same rules on the same input; otherwise start it over."""
+    """Resume an output begun with the same rules on the same input; otherwise start it over.
+
+    An output in octoray 0.1's flat layout (shards beside manifest.json) is started over too: its
+    shards are named differently, and the new ones go under data/.
+    """
     import yaml
 
     previous, marker = out / RESOLVED_CONFIG, out / FUNNEL_DIR / "_input.json"
@@ -233,26 +246,31 @@ def _prepare_out(out: Path, cfg: FilterConfig, source: dict[str, Any]) -> None:
             old_source = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError, json.JSONDecodeError):
             old, old_source = {}, {}
-        if _result_config(old) != _result_config(to_dict(cfg)) or old_source != source:
-            print(f"octoray filter: {out} was written from another input or config; starting over", file=sys.stderr)
+        listing = stage_listing(out)
+        legacy = any(layout.is_legacy_data_file(name) for name in listing)
+        if _result_config(old) != _result_config(to_dict(cfg)) or old_source != source or legacy:
+            why = "in octoray 0.1's layout" if legacy else "from another input or config"
+            print(f"octoray filter: {out} was written {why}; starting over", file=sys.stderr)
             (out / "manifest.json").unlink(missing_ok=True)
+            (out / layout.CARD).unlink(missing_ok=True)
             shutil.rmtree(out / FUNNEL_DIR, ignore_errors=True)
-            for stale in out.glob("*.parquet"):
-                stale.unlink()
+            for stale in layout.all_shards(listing):
+                (out / stale).unlink()
     out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out, cfg)
     atomic_write_json(marker, source)
 
 
-def _shard_done(out: Path, name: str) -> bool:
+def _shard_done(out: Path, name: str, out_name: str) -> bool:
+    """Input shard ``name`` is filtered when its sidecar (written after its output shard) is whole."""
     sidecar = out / FUNNEL_DIR / f"{name}.json"
     if not sidecar.is_file():
         return False
     try:
-        kept = json.loads(sidecar.read_text(encoding="utf-8")).get("rows", 0)
+        json.loads(sidecar.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return False
-    return kept == 0 or (out / name).is_file()
+    return (out / out_name).is_file()
 
 
 def _output_schema(first_shard: Path) -> Any:
@@ -270,8 +288,8 @@ def _output_schema(first_shard: Path) -> Any:
 # Ray Data
 
 
-def _filter_shards(cfg: FilterConfig, pending: list[Path], expected: dict[str, int], out: Path, schema: Any,
-                   tables: rules.Tables, lang_table: Any) -> None:
+def _filter_shards(cfg: FilterConfig, pending: list[Path], expected: dict[str, int], out_names: dict[str, str],
+                   out: Path, schema: Any, tables: rules.Tables, lang_table: Any) -> None:
     """Run the pending shards through Ray Data and write each one as soon as it is whole."""
     from octoray.raylocal import ensure_ray
     from octoray.node_types import require_feasible
@@ -305,8 +323,8 @@ def _filter_shards(cfg: FilterConfig, pending: list[Path], expected: dict[str, i
         _collect_kept(block, names, kept)
         bar.update(block.num_rows)
         for name in [n for n in remaining if seen[n] == expected[n]]:
-            _write_shard(out, name, kept.pop(name, []), codes.pop(name), expected[name], schema, cfg.template,
-                         rescued.pop(name, Counter()))
+            _write_shard(out, name, out_names[name], kept.pop(name, []), codes.pop(name), expected[name], schema,
+                         cfg.template, rescued.pop(name, Counter()))
             remaining.discard(name)
     bar.close()
     if remaining:
@@ -456,20 +474,26 @@ def _collect_kept(block: Any, names: list[str], kept: dict[str, list[Any]]) -> N
         kept[name].append(live.filter(pc.equal(pa.array(live_names), name)))
 
 
-def _write_shard(out: Path, name: str, parts: list[Any], codes: Counter, n_input: int, schema: Any,
+def _write_shard(out: Path, name: str, out_name: str, parts: list[Any], codes: Counter, n_input: int, schema: Any,
                  template: str, rescued: Counter) -> None:
-    """Write one input shard's kept rows (if any) and then its funnel sidecar (``rescued``: kept
-    rows per language that only the subject normalisation saved)."""
+    """Write one input shard's kept rows as ``out_name`` and then its funnel sidecar (``rescued``:
+    kept rows per language that only the subject normalisation saved).
+
+    A shard that keeps no rows is still written (empty, with the schema): shard i of N must exist
+    for every i, as the Hub's naming promises.
+    """
     import pyarrow as pa
 
     rows = sum(t.num_rows for t in parts)
     if rows:
         table = pa.concat_tables(parts).drop_columns(["path", "_drop"]).sort_by("commit")
-        table = add_prompts(table, template)
-        write_parquet_atomic(table.select(schema.names).cast(schema), out / name)
+        table = add_prompts(table, template).select(schema.names).cast(schema)
+    else:
+        table = schema.empty_table()
+    write_parquet_atomic(table, out / out_name)
     funnel, by_lang = _funnel(codes, n_input)
     atomic_write_json(out / FUNNEL_DIR / f"{name}.json",
-                      {"file": name if rows else None, "rows": rows, "funnel": funnel, "funnel_by_language": by_lang,
+                      {"file": out_name, "rows": rows, "funnel": funnel, "funnel_by_language": by_lang,
                        "rescued_by_language": dict(sorted(rescued.items()))})
 
 

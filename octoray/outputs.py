@@ -1,7 +1,7 @@
 """Stage output directories: atomic writes, manifests, completeness.
 
 Every stage writes Parquet shards plus ``manifest.json`` (and often ``stats.json``) into its own
-directory. Files are written under a temporary name and renamed when whole, so a crash never
+directory (where inside it: :mod:`octoray.layout`). Files are written under a temporary name and renamed when whole, so a crash never
 leaves a half-written shard that a rerun would trust. ``manifest.json`` is written last: its
 presence with ``"complete": true`` is what makes a stage skip on rerun.
 """
@@ -56,11 +56,28 @@ def write_parquet_atomic(table: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        if table.num_rows:
+            pq.write_table(table, tmp, compression="zstd")
+        else:
+            # No row group at all, only the schema: pq.write_table would write one empty row group,
+            # and readers that size batches by the first row group (datasets) fail on it.
+            pq.ParquetWriter(tmp, table.schema, compression="zstd").close()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def stage_listing(stage_dir: Path) -> list[str]:
+    """Names (relative, ``/``-separated) of the files where a stage directory may hold shards.
+
+    Which places to look is :data:`octoray.layout.LISTING_GLOBS`; this only lists them.
+    """
+    from octoray.layout import LISTING_GLOBS
+
+    stage_dir = Path(stage_dir)
+    return sorted(p.relative_to(stage_dir).as_posix() for pattern in LISTING_GLOBS
+                  for p in stage_dir.glob(pattern) if p.is_file())
 
 
 def read_json(path: Path) -> Any:

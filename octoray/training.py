@@ -262,12 +262,12 @@ def resolve_model(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> str:
         raise UserError(f"model directory not found: {cfg.model} (give a hub id, a local model directory, or 'demo')")
     from transformers import AutoConfig
 
-    from octoray.modeling import load_tokenizer
+    from octoray.modeling import load_error, load_tokenizer
 
     try:  # the config is a few KB: a cheap check that the model exists before Ray starts workers
         config = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model '{cfg.model}': {str(exc).strip().splitlines()[0]}") from None
+        raise load_error("model", cfg.model, exc) from None
     load_tokenizer(cfg.model)
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if positions and cfg.seq_len > positions:
@@ -276,8 +276,11 @@ def resolve_model(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> str:
 
 
 def sft_files(data_dir: Path) -> list[str]:
-    """The Parquet shards of an ``sft/`` directory."""
-    files = sorted(str(p) for p in Path(data_dir).rglob("*.parquet") if not p.name.startswith("."))
+    """The Parquet shards of an ``sft/`` directory, in either layout (:func:`octoray.layout.data_files`)."""
+    from octoray.layout import data_files
+    from octoray.outputs import read_manifest, stage_listing
+
+    files = [str(Path(data_dir) / name) for name in data_files(read_manifest(data_dir), stage_listing(data_dir))]
     if not files:
         raise UserError(f"no Parquet shards in {data_dir}")
     return files
