@@ -16,6 +16,7 @@ GPU node), which is what autoscaling means.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -115,7 +116,12 @@ def _autoscaler_without_config() -> bool:
         from ray._private import ray_constants
         from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
 
-        return _internal_kv_initialized() and bool(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
+        raw = _internal_kv_initialized() and _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+        # Every Ray head runs a monitor; without an autoscaling config (a laptop, a static
+        # cluster) it is read-only and names each node's type "node_<node id>". A real autoscaler
+        # maps nodes to the types of its config.
+        return any(kind != f"node_{node}" for node, kind in (report.get("node_type_mapping") or {}).items())
     except Exception:  # noqa: BLE001 - internal API; no answer means no autoscaler known
         return False
 
