@@ -45,7 +45,8 @@ FALLBACK_MAX_MODEL_LEN = 2048
 class ServeConfig:
     """Configuration of ``octoray serve`` (YAML section ``serve:``)."""
 
-    model: str = option("", "model to serve: the model/ dir written by `octoray train`, a local HF dir or a hub id")
+    model: str = option("", "model to serve: the model/ dir written by `octoray train` (a path or a URI such as "
+                            "s3://bucket/runs/x/model, downloaded once per node), a local HF dir or a hub id")
     model_name: str = option("", "name clients pass as `model` and /v1/models lists (default: the model argument)")
     host: str = option("127.0.0.1", "address the HTTP proxy listens on (0.0.0.0 for every interface)")
     port: int = option(8000, "HTTP port; the API is at http://HOST:PORT/v1")
@@ -639,7 +640,9 @@ def _torch_dtype(name: str, device: Any, model: str) -> Any:
         return torch.float32  # half precision is slow or unsupported on most CPUs
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model)
+    from octoray.storage import local_copy
+
+    config = AutoConfig.from_pretrained(local_copy(model))
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return saved if saved in (torch.float16, torch.bfloat16) else torch.bfloat16
 
@@ -650,11 +653,14 @@ def _preflight(cfg: ServeConfig) -> tuple[str, int]:
 
     from octoray.modeling import load_tokenizer
 
+    from octoray.storage import is_uri, local_copy
+
+    # A model directory URI stays a URI: every replica downloads it once to its node's cache.
     local = Path(cfg.model).expanduser()
-    model = str(local.resolve()) if local.exists() else cfg.model
+    model = cfg.model if is_uri(cfg.model) else str(local.resolve()) if local.exists() else cfg.model
     load_tokenizer(model)
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(local_copy(model))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model config '{cfg.model}': {str(exc).splitlines()[0]}") from None
     if cfg.max_model_len is not None:
