@@ -34,8 +34,9 @@ BEST_FILE = "best.json"
 class TuneConfig:
     """The ``tune:`` section: search space, trial budget and ASHA settings."""
 
-    data: Optional[Path] = option(None, "sft/ directory written by 'octoray filter' (or --data)")
-    out: Optional[Path] = option(None, "tuning directory: trials/, tune/ (Ray Tune state), best.json (or --out)")
+    data: Optional[str] = option(None, "sft/ directory written by 'octoray filter' (or --data); a path or a URI")
+    out: Optional[str] = option(None, "tuning directory: trials/, tune/ (Ray Tune state), best.json (or --out); "
+                                      "a path or a URI (s3://bucket/prefix)")
     lr: tuple[float, ...] = option((1e-4, 1e-3), "learning-rate range [low, high], sampled log-uniformly")
     warmup_steps: tuple[int, ...] = option((1, 3), "warmup steps to choose from")
     batch_size: tuple[int, ...] = option((), "global batch sizes to choose from (empty: the train: value)")
@@ -97,7 +98,9 @@ def run(tcfg: TuneConfig, train_cfg: Any) -> Path:
     started = time.time()
     if tcfg.data is None or tcfg.out is None:
         raise UserError("pass --data SFT_DIR (the output of 'octoray filter') and --out DIR")
-    data_dir, out_dir = Path(tcfg.data).resolve(), Path(tcfg.out).resolve()
+    from octoray.storage import location
+
+    data_dir, out_dir = location(tcfg.data).resolve(), location(tcfg.out).resolve()
     sft_manifest = require_stage_output(data_dir, "filter", "SFT data")
     if is_complete(out_dir, STAGE):
         print(f"octoray tune: {out_dir} is already complete (manifest.json); nothing to do")
@@ -170,6 +173,8 @@ def _run_tuner(tcfg: TuneConfig, base: Any, model_path: str, datasets: dict[str,
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from octoray.training import _ray_storage
+
     reports = math.ceil(base.max_steps / base.checkpoint_every)  # one val_loss per checkpoint
     trainable = tune.with_parameters(_trial, base=to_dict(base), model_path=model_path,
                                      trials_dir=str(out_dir / "trials"), datasets=datasets)
@@ -189,7 +194,7 @@ def _run_tuner(tcfg: TuneConfig, base: Any, model_path: str, datasets: dict[str,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(1, reports),
                                     grace_period=min(tcfg.grace_period, max(1, reports)),
                                     reduction_factor=tcfg.reduction_factor)),
-        run_config=tune.RunConfig(storage_path=str(out_dir), name="tune"),
+        run_config=tune.RunConfig(name="tune", **_ray_storage(out_dir)),  # a path, or bucket + file system
     )
     return tuner.fit()
 
@@ -200,10 +205,11 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], model_path: str, tri
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from octoray.storage import location
     from octoray.training import TrainConfig, fit
 
     cfg = from_mapping(TrainConfig, {**base, **params})
-    run_dir = Path(trials_dir) / ray.tune.get_context().get_trial_id()
+    run_dir = location(trials_dir) / ray.tune.get_context().get_trial_id()
     fit(cfg, model_path=model_path, datasets=datasets, run_dir=run_dir, callbacks=[TuneReportCallback()])
 
 
