@@ -130,3 +130,13 @@ def test_upload_skips_finished_files_and_models_download_once(s3_server, tmp_pat
     assert storage.local_copy("bigcode/starcoder") == "bigcode/starcoder"
     with pytest.raises(UserError, match="no such directory"):
         storage.local_copy(f"s3://{bucket}/nothing-here")
+
+
+def test_bad_uris_are_one_line_errors(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    with pytest.raises(UserError, match="cannot open"):
+        storage.location("nosuchscheme://bucket/x").exists()
+    result = run_cli("filter", "s3://", "--out", str(tmp_path / "sft"))
+    assert result.returncode == 2 and "needs a bucket" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
