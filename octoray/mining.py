@@ -279,11 +279,12 @@ def _clone_root(cfg: MineConfig, work: Location) -> Path:
     return scratch_dir(work.parent, "repos") if isinstance(work, ObjectPath) else Path(work.parent) / ".repos"
 
 
-def _plan_repo(source: Source, cfg: MineConfig, work: Location) -> dict[str, Any]:
-    """Clone if needed, detect the license, list commits, cut them into chunks."""
+def _plan_repo(source: Source, cfg: MineConfig, work: Location, clone_root: Path | None = None) -> dict[str, Any]:
+    """Clone if needed (into ``clone_root``, default :func:`_clone_root`), detect the license, list
+    commits, cut them into chunks."""
     plan: dict[str, Any] = {"key": source.key, "name": source.name, "source": source.spec, "chunks": []}
     try:
-        repo = _clone(source, _clone_root(cfg, work)) if source.is_url else Path(source.spec)
+        repo = _clone(source, clone_root or _clone_root(cfg, work)) if source.is_url else Path(source.spec)
         head = gitio.head_commit(repo, cfg.ref) if cfg.ref == "HEAD" else None
         range_id = head or gitio.git(repo, "rev-parse", "--verify", "--quiet", cfg.ref, check=False).decode().strip()
         done = work / source.key / "done.json"

@@ -87,7 +87,8 @@ class LocalCluster:
     address: str = ""
     dashboard: str = ""
     head: Node | None = None
-    workers: list[Node] = field(default_factory=list)
+    workers: list[Node] = field(default_factory=list)  # alive worker nodes
+    lost: list[Node] = field(default_factory=list)     # killed ones
     _count: int = 0
 
     def start_head(self, num_cpus: int = 1) -> None:
@@ -123,6 +124,8 @@ class LocalCluster:
     def kill_worker(self, node: Node) -> None:
         """Lose a worker node: SIGKILL all its processes, then wait until the head marks it dead."""
         alive = len(self.alive_nodes())
+        self.workers.remove(node)
+        self.lost.append(node)
         node.kill()
         deadline = time.time() + 120
         while len(self.alive_nodes()) >= alive and time.time() < deadline:
@@ -136,7 +139,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Kill every node this cluster started and remove the head's temp dir."""
-        for node in [*self.workers, *([self.head] if self.head else [])]:
+        for node in [*self.workers, *self.lost, *([self.head] if self.head else [])]:
             node.kill()
         subprocess.run(["umount", "-l", str(self.scratch)], capture_output=True)  # never mounted here; harmless
         shutil.rmtree(self.temp_dir, ignore_errors=True)

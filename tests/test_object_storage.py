@@ -51,7 +51,7 @@ def test_pipeline_on_s3_killed_resumes_and_rerun_skips(s3_server, tmp_path: Path
     work = tmp_path / "cwd"  # the command runs here: nothing may appear under it (no runs/)
     work.mkdir()
     env = {**os.environ, **s3_server.env, "OCTORAY_CACHE": str(tmp_path / "cache"),
-           "PYTHONPATH": str(REPO_ROOT)}
+           "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
     args = [*OCTORAY, "pipeline", str(REPO_ROOT / "jobs/demo.yaml"), f"out=s3://{bucket}/run",
             f"sources=[{REPO_ROOT}]", "--data-dir", str(shared_dir / "humanevalpack"),
             f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}",
@@ -67,7 +67,7 @@ def test_pipeline_on_s3_killed_resumes_and_rerun_skips(s3_server, tmp_path: Path
             snapshot = _objects(s3_server, bucket, "run/train/checkpoint_manager_snapshot.json")
             if snapshot and first_ckpt in _read(s3_server, bucket, "run/train/checkpoint_manager_snapshot.json"):
                 break
-            assert first.poll() is None, f"pipeline exited early:\n{log.read_text()[-3000:]}"
+            assert first.poll() is None, f"pipeline exited ({first.returncode}) early:\n{log.read_text()[-3000:]}"
             time.sleep(0.5)
         else:
             pytest.fail(f"no checkpoint in the bucket after 900 s:\n{log.read_text()[-3000:]}")
