@@ -160,6 +160,9 @@ class ObjectPath:
     def __hash__(self) -> int:
         return hash(self.uri)
 
+    def __lt__(self, other: "ObjectPath") -> bool:  # sorted(), as for Path
+        return self.uri < other.uri
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (ObjectPath, (self.uri,))
 

@@ -48,6 +48,7 @@ def test_object_path_names() -> None:
     import pickle
 
     assert pickle.loads(pickle.dumps(q)) == q
+    assert sorted([p / "b", p / "a"]) == [p / "a", p / "b"]
 
 
 def test_outputs_round_trip_on_s3(s3_server) -> None:
