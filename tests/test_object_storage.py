@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import OCTORAY, REPO_ROOT
+from tests.conftest import OCTORAY, REPO_ROOT, run_cli
 
 MAX_STEPS = 12
 CHECKPOINT_EVERY = 4
@@ -31,6 +31,12 @@ def _objects(server, bucket: str, prefix: str) -> dict[str, tuple[int, int]]:
     infos = server.filesystem().get_file_info(pafs.FileSelector(f"{bucket}/{prefix}", recursive=True,
                                                                 allow_not_found=True))
     return {i.path: (i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File}
+
+
+def _exists(server, bucket: str, key: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return server.filesystem().get_file_info(f"{bucket}/{key}").type == pafs.FileType.File
 
 
 def _read(server, bucket: str, key: str) -> str:
@@ -64,7 +70,7 @@ def test_pipeline_on_s3_killed_resumes_and_rerun_skips(s3_server, tmp_path: Path
     try:
         deadline, first_ckpt = time.time() + 900, f"checkpoint_{CHECKPOINT_EVERY:06d}"
         while time.time() < deadline:
-            snapshot = _objects(s3_server, bucket, "run/train/checkpoint_manager_snapshot.json")
+            snapshot = _exists(s3_server, bucket, "run/train/checkpoint_manager_snapshot.json")
             if snapshot and first_ckpt in _read(s3_server, bucket, "run/train/checkpoint_manager_snapshot.json"):
                 break
             assert first.poll() is None, f"pipeline exited ({first.returncode}) early:\n{log.read_text()[-3000:]}"
@@ -75,7 +81,7 @@ def test_pipeline_on_s3_killed_resumes_and_rerun_skips(s3_server, tmp_path: Path
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     assert not _objects(s3_server, bucket, "run/train/model"), "the kill came too late: training had finished"
-    assert _objects(s3_server, bucket, "run/commits/manifest.json") and _objects(s3_server, bucket, "run/sft/manifest.json")
+    assert _exists(s3_server, bucket, "run/commits/manifest.json") and _exists(s3_server, bucket, "run/sft/manifest.json")
     data_before = {**_objects(s3_server, bucket, "run/commits"), **_objects(s3_server, bucket, "run/sft")}
 
     rerun = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=1500)
@@ -105,3 +111,34 @@ def test_pipeline_on_s3_killed_resumes_and_rerun_skips(s3_server, tmp_path: Path
                  "serve + eval: already complete"):
         assert line in again.stdout, again.stdout[-3000:]
     assert {k: v for k, v in _objects(s3_server, bucket, "run").items() if "/report/" not in k} == everything
+
+
+@pytest.mark.ray
+def test_mine_to_s3_equals_mine_to_disk(s3_server, tmp_path: Path) -> None:
+    """Many chunks, a URL source (cloned into the node cache, not the bucket), a rerun that skips."""
+    from octoray.outputs import read_parquet
+    from octoray.storage import location
+    from tests.test_mining import KEPT_SUBJECTS, build_rules_repo
+
+    repo = build_rules_repo(tmp_path / "rules")
+    bucket = s3_server.bucket()
+    env = {"OCTORAY_CACHE": str(tmp_path / "cache")}
+    sources = [str(repo.path), f"file://{repo.path}"]
+    local = run_cli("mine", *sources, "--out", tmp_path / "local", "chunk_commits=2", env=env)
+    remote = run_cli("mine", *sources, "--out", f"s3://{bucket}/commits", "chunk_commits=2", env=env)
+    assert local.returncode == 0 and remote.returncode == 0, local.stderr[-2000:] + remote.stderr[-2000:]
+
+    def rows(out: str) -> list[dict]:
+        manifest = json.loads(location(f"{out}/manifest.json").read_text())
+        return sorted((r for f in manifest["files"] for r in read_parquet(location(f"{out}/{f}")).to_pylist()),
+                      key=lambda r: r["commit"])
+
+    assert rows(f"s3://{bucket}/commits") == rows(str(tmp_path / "local"))
+    assert {r["subject"] for r in rows(f"s3://{bucket}/commits")} == KEPT_SUBJECTS
+    keys = s3_server.keys(bucket)
+    assert not any(".repos" in k for k in keys) and list((tmp_path / "cache" / "repos").iterdir())
+    assert sum(k.endswith(".parquet") and "/.work/" in k for k in keys) > 2  # several chunks per repository
+    before = _objects(s3_server, bucket, "commits")
+    again = run_cli("mine", *sources, "--out", f"s3://{bucket}/commits", "chunk_commits=2", env=env)
+    assert again.returncode == 0 and "already complete" in again.stdout
+    assert _objects(s3_server, bucket, "commits") == before
