@@ -167,12 +167,11 @@ def run(cfg: MineConfig) -> Location:
             and not previous.get("failed_repos")):
         print(f"octoray mine: {out} is already complete ({previous['rows']} rows); nothing to do")
         return out
+    ray = ensure_ray()
+    require_shared_storage(ray, out, "mine --out")  # before any work
     out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out, cfg)
     work = out / ".work"
-
-    ray = ensure_ray()
-    require_shared_storage(ray, out, "mine --out")
     workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     compute = ray.data.TaskPoolStrategy(size=workers)
 

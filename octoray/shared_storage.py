@@ -32,8 +32,8 @@ def require_shared_storage(ray: Any, loc: Location, what: str) -> None:
         return
     path = Path(loc).resolve()
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) < 2 or str(path) in _VERIFIED:
-        return
+    if len(nodes) < 2 or any(path == Path(v) or Path(v) in path.parents for v in _VERIFIED):
+        return  # one node, or inside a directory already shown shared (the pipeline's root)
     path.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
     probe = path / f".octoray-probe-{token}"
