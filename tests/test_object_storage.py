@@ -97,7 +97,7 @@ def test_pipeline_on_s3_killed_resumes_and_rerun_skips(s3_server, tmp_path: Path
     assert len(resumed) == 1 and resumed.pop() % CHECKPOINT_EVERY == 0  # resumed from a bucket checkpoint
     keys = set(_objects(s3_server, bucket, "run"))
     for key in ("commits/manifest.json", "sft/manifest.json", "train/manifest.json", "train/model/config.json",
-                "train/model/model.safetensors", f"train/{first_ckpt}/octoray_state.json", "train/loss.png",
+                "train/model/model.safetensors", f"train/checkpoint_{MAX_STEPS:06d}/octoray_state.json", "train/loss.png",
                 "eval/manifest.json", "eval/results.parquet", "serve/latency.json", "report/report.md"):
         assert f"{bucket}/run/{key}" in keys, key
     assert list(work.iterdir()) == []  # nothing written to the local working directory
