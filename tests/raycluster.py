@@ -28,6 +28,7 @@ from pathlib import Path
 from tests.s3server import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
+_START_TRIES = 3
 _PORT_FLAGS = ("node-manager-port", "object-manager-port", "metrics-export-port", "runtime-env-agent-port",
                "dashboard-agent-listen-port", "dashboard-agent-grpc-port")
 
@@ -102,8 +103,15 @@ class LocalCluster:
                    f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
                    "--disable-usage-stats", "--include-log-monitor=false", "--object-store-memory=150000000",
                    *self._ports()]
-        self.head = self._spawn("head", command, {"OCTORAY_CACHE": str(cache)})
-        self._wait_nodes(1)
+        for attempt in range(_START_TRIES):  # see add_worker: a start can miss Ray's registration window
+            self.head = self._spawn(f"head-{attempt}", command, {"OCTORAY_CACHE": str(cache)})
+            try:
+                self._wait_nodes(1)
+                return
+            except RuntimeError:
+                self.head.kill()
+                if attempt == _START_TRIES - 1:
+                    raise
 
     def add_worker(self, num_cpus: int = 1) -> Node:
         """A fresh worker node in its own mount namespace with a private tmpfs over ``scratch``."""
@@ -116,10 +124,25 @@ class LocalCluster:
         command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
                    str(self.scratch), *ray_cmd]
         alive_before = self.alive_nodes()
-        node = self._spawn(label, command, {"OCTORAY_CACHE": str(self.scratch / "cache")})
-        self.workers.append(node)
-        self._wait_nodes(len(alive_before) + 1)
-        return node
+        # On a loaded machine a starting raylet can miss Ray's fixed 30 s registration window and
+        # `ray start` gives up: start it again (a real autoscaler retries the same way).
+        for attempt in range(_START_TRIES):
+            node = self._spawn(f"{label}-{attempt}", command, {"OCTORAY_CACHE": str(self.scratch / "cache")})
+            self.workers.append(node)
+            try:
+                self._wait_nodes(len(alive_before) + 1)
+                return node
+            except RuntimeError:
+                self.workers.remove(node)
+                node.kill()
+                if attempt == _START_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def ensure_workers(self, count: int) -> None:
+        """Start worker nodes until ``count`` of them are alive (replacing any the machine lost)."""
+        while len(self.alive_nodes()) < count + 1:
+            self.add_worker()
 
     def kill_worker(self, node: Node) -> None:
         """Lose a worker node: SIGKILL all its processes, then wait until the head marks it dead."""
@@ -183,7 +206,11 @@ def start(scratch: Path, env: dict[str, str], workers: int = 1) -> LocalCluster:
     """A running head + ``workers`` worker nodes; token auth on (as Ray >= 2.59 does by default)."""
     token = secrets.token_hex(16)
     base = {k: v for k, v in env.items() if not k.startswith("RAY_")}
-    base.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    base.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+                 # A loaded 2-core machine can starve a raylet for seconds: do not declare a live
+                 # node dead after the default ~15 s of missed health checks (a killed one is
+                 # still detected within a minute).
+                 "RAY_health_check_failure_threshold": "12"})
     scratch.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(scratch=scratch, env=base)
     try:

@@ -76,7 +76,7 @@ print(json.dumps({k: sorted(v) for k, v in usage.items()}))
 
 def test_node_private_output_path_stops_up_front(cluster) -> None:
     out = cluster.scratch / "run"  # the head sees this directory; the worker sees its own tmpfs
-    result = _run(cluster, "pipeline", "jobs/demo.yaml", f"out={out}", timeout=600)
+    result = _run(cluster, "pipeline", str(REPO_ROOT / "jobs/demo.yaml"), f"out={out}", timeout=600)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -87,9 +87,10 @@ def test_node_private_output_path_stops_up_front(cluster) -> None:
 
 def test_pipeline_on_two_nodes_with_outputs_in_s3(cluster, s3_server, shared_dir: Path, tmp_path: Path) -> None:
     bucket = s3_server.bucket()
+    cluster.ensure_workers(1)
     nodes = cluster.alive_nodes()
     assert len(nodes) == 2
-    result = _run(cluster, "pipeline", "jobs/demo.yaml", f"out=s3://{bucket}/run", f"sources=[{REPO_ROOT}]",
+    result = _run(cluster, "pipeline", str(REPO_ROOT / "jobs/demo.yaml"), f"out=s3://{bucket}/run", f"sources=[{REPO_ROOT}]",
                   "--data-dir", str(shared_dir / "humanevalpack"), "train.max_steps=4", "train.checkpoint_every=2",
                   "eval.limit=1", "latency_requests=2", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -124,6 +125,7 @@ def test_worker_node_lost_while_mining_and_while_training(cluster, s3_server, tm
     from octoray.storage import location
 
     bucket = s3_server.bucket()
+    cluster.ensure_workers(1)
     chunk = "chunk_commits=2"  # many small mining tasks, so the kill lands while they run
     baseline = _run(cluster, "mine", str(REPO_ROOT), "--out", f"s3://{bucket}/baseline/commits", chunk)
     assert baseline.returncode == 0, baseline.stdout[-2000:] + baseline.stderr[-2000:]
@@ -131,7 +133,7 @@ def test_worker_node_lost_while_mining_and_while_training(cluster, s3_server, tm
     fs = s3_server.filesystem()
     run = f"{bucket}/run"
     max_steps, every = 8, 2
-    args = [*OCTORAY, "pipeline", "jobs/demo.yaml", f"out=s3://{run}", f"sources=[{REPO_ROOT}]",
+    args = [*OCTORAY, "pipeline", str(REPO_ROOT / "jobs/demo.yaml"), f"out=s3://{run}", f"sources=[{REPO_ROOT}]",
             "stages=[mine,filter,train]", f"mine.{chunk}", f"train.max_steps={max_steps}",
             f"train.checkpoint_every={every}"]
     log = tmp_path / "run.log"
