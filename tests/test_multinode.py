@@ -60,10 +60,10 @@ import json, logging, ray
 from ray.util.state import list_actors, list_tasks
 ray.init(logging_level=logging.ERROR, log_to_driver=False)
 usage = {}
-for t in list_tasks(filters=[("state", "=", "FINISHED")], limit=100000, detail=True, raise_on_missing_output=False):
+for t in list_tasks(filters=[("state", "=", "FINISHED")], limit=10000, detail=True, raise_on_missing_output=False):
     if t.node_id:
         usage.setdefault(t.node_id, set()).add(t.name)
-for a in list_actors(limit=100000, detail=True, raise_on_missing_output=False):
+for a in list_actors(limit=10000, detail=True, raise_on_missing_output=False):
     if a.node_id:
         usage.setdefault(a.node_id, set()).add(a.class_name)
 print(json.dumps({k: sorted(v) for k, v in usage.items()}))
