@@ -120,7 +120,7 @@ def _wait_for(what: str, predicate, proc: subprocess.Popen, log: Path, timeout: 
     pytest.fail(f"no {what} after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def test_worker_node_lost_while_mining_and_while_training(cluster, s3_server, tmp_path: Path) -> None:
+def test_worker_node_lost_while_mining_and_while_training(cluster, s3_server, shared_dir: Path, tmp_path: Path) -> None:
     from octoray.outputs import read_parquet
     from octoray.storage import location
 
@@ -134,6 +134,7 @@ def test_worker_node_lost_while_mining_and_while_training(cluster, s3_server, tm
     run = f"{bucket}/run"
     max_steps, every = 8, 2
     args = [*OCTORAY, "pipeline", str(REPO_ROOT / "jobs/demo.yaml"), f"out=s3://{run}", f"sources=[{REPO_ROOT}]",
+            "--data-dir", str(shared_dir / "humanevalpack"),
             "stages=[mine,filter,train]", f"mine.{chunk}", f"train.max_steps={max_steps}",
             f"train.checkpoint_every={every}"]
     log = tmp_path / "run.log"
