@@ -53,6 +53,7 @@ def run_once(out: str, extra: list[str], env: dict[str, str], log: Path) -> tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--first", choices=("local", "s3"), default="local", help="side that runs first in round 1")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "humanevalpack"))
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for both sides")
     args = parser.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
     stages: dict[str, list[dict[str, float]]] = {"local": [], "s3": []}
     try:
         for i in range(args.rounds):
-            order = ("local", "s3") if i % 2 == 0 else ("s3", "local")
+            order = ("local", "s3") if (i % 2 == 0) == (args.first == "local") else ("s3", "local")
             for side in order:
                 out = str(tmp / f"local-{i}") if side == "local" else f"s3://{server.bucket()}/run"
                 wall, split = run_once(out, extra, env, tmp / f"{side}-{i}.log")
