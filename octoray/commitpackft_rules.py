@@ -312,6 +312,22 @@ def rule_second_pass(subject: Any, commit: Any, seed: int) -> Any:
     return _keep(pc.invert(drop))
 
 
+def subject_rules_keep(subject: Any, new_file: Any, commit: Any, tables: Tables, seed: int) -> Any:
+    """Every rule that reads the subject (2, 4, 5, 6, 7, 9, 10), and-ed, on ``subject`` as given.
+
+    Rules 1, 3, 8 and decontamination do not read the subject, so a row the filter kept with a
+    normalised subject would also have been kept with ``subject`` exactly when this mask holds:
+    the filter counts kept rows that fail it on the raw subject as *rescued* by the normalisation.
+    """
+    pc = _pc()
+    cleaned = clean_subject(subject)
+    keep = pc.and_(rule_no_hash(subject), rule_no_file_name(new_file, subject))
+    for mask in (rule_subject_length(subject), rule_subject_length(cleaned), rule_capitalized(cleaned),
+                 rule_imperative(cleaned, tables), rule_second_pass(cleaned, commit, seed)):
+        keep = pc.and_(keep, mask)
+    return _keep(keep)
+
+
 def _any_starts_with(text: Any, prefixes: Iterable[str]) -> Any:
     pc = _pc()
     hit = None
@@ -394,11 +410,15 @@ def reference_clean_subject(subject: str) -> str:
 
 
 def reference_decision(row: Mapping[str, Any], tables: Tables, extensions_for: Callable[[str], frozenset[str]],
-                       seed: int = 0, verbs: tuple[str, ...] | None = None) -> tuple[int, str]:
+                       seed: int = 0, verbs: tuple[str, ...] | None = None, *, pr_suffix: bool = False,
+                       emoji_prefix: bool = False) -> tuple[int, str]:
     """Rules 1-7, 9, 10 on one row the plain Python way: (code of the first failing rule or 0,
-    final subject). Rule 8 (tokenizer) and decontamination are not included."""
-    old, new, subject, path, lang = (row["old_contents"], row["new_contents"], row["subject"],
-                                     row["new_file"], row["lang"])
+    final subject). Rule 8 (tokenizer) and decontamination are not included. ``pr_suffix`` /
+    ``emoji_prefix`` normalise the subject first (:mod:`octoray.subjects`); off, as in the paper."""
+    from octoray.subjects import reference_normalise
+
+    old, new, path, lang = row["old_contents"], row["new_contents"], row["new_file"], row["lang"]
+    subject = reference_normalise(row["subject"], pr_suffix, emoji_prefix)
     if not (len(old) < MAX_OLD_CHARS and len(new) != 0 and old != new):
         return CODE["content"], subject
     if "#" in subject:

@@ -18,7 +18,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, TypeVar
 
 import yaml
 
@@ -35,9 +35,16 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 class ConfigError(UserError):
     """Every problem found in a config, reported together."""
 
-    def __init__(self, problems: Sequence[str], source: str = "config") -> None:
-        self.problems = list(problems)
+    def __init__(self, problems: Sequence[str] | str, source: str = "config") -> None:
+        # A lone message is one problem, not a sequence of characters to join.
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
         super().__init__(f"invalid {source}: " + "; ".join(self.problems))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickling (Ray ships a trial's exception to the driver) rebuilds an exception from
+        # ``self.args``, the joined message; rebuild from the problems instead.
+        return (type(self), (self.problems, self.source))
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
@@ -72,13 +79,33 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     return parsed
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping: plain YAML keeps the last one
+    silently, so a stray second ``train:`` would replace the whole section."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"key '{key}' appears twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with a one-line error for a missing or malformed file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise UserError(f"config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -107,11 +134,13 @@ def load_config(
     *,
     section: str | None = None,
     values: Mapping[str, Any] | None = None,
+    check: Callable[[Any], list[str]] | None = None,
 ) -> T:
     """Build ``cls`` from defaults < the YAML file (its ``section``) < ``values`` < overrides.
 
     ``values`` carries what dedicated command-line flags set (``--out``, ``--data`` ...);
-    ``None`` entries in it are ignored so unset flags keep the file's value.
+    ``None`` entries in it are ignored so unset flags keep the file's value. ``check`` adds
+    problems that need more than this config (see :func:`from_mapping`).
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -119,11 +148,16 @@ def load_config(
     raw.update({k: v for k, v in (values or {}).items() if v is not None})
     raw.update(parse_overrides(overrides))
     source = f"config {path}" if path is not None else "config"
-    return from_mapping(cls, raw, source=source)
+    return from_mapping(cls, raw, source=source, check=check)
 
 
-def from_mapping(cls: type[T], raw: Mapping[str, Any], source: str = "config") -> T:
-    """Coerce and check ``raw`` into ``cls``; raise one ConfigError with every problem."""
+def from_mapping(cls: type[T], raw: Mapping[str, Any], source: str = "config",
+                 check: Callable[[Any], list[str]] | None = None) -> T:
+    """Coerce and check ``raw`` into ``cls``; raise one ConfigError with every problem.
+
+    ``check(cfg)`` returns further problems that involve other configs (a search space against
+    the training budget), so they are reported together with this config's own.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     problems: list[str] = []
@@ -141,9 +175,11 @@ def from_mapping(cls: type[T], raw: Mapping[str, Any], source: str = "config") -
     # Check the well-typed values too, so one run reports unknown keys, bad types and bad
     # combinations together.
     cfg = cls(**kwargs)
-    check = getattr(cfg, "problems", None)
-    if callable(check):
-        problems.extend(check())
+    own = getattr(cfg, "problems", None)
+    if callable(own):
+        problems.extend(own())
+    if check is not None:
+        problems.extend(p for p in check(cfg) if p not in problems)
     if problems:
         raise ConfigError(problems, source)
     return cfg

@@ -3,15 +3,19 @@
 Pipeline (Ray Data, streaming; rules in :mod:`octoray.commitpackft_rules`):
 
 1. *Read* every pending input shard with ``include_paths`` so each row knows its shard.
-2. *Rules 1-7* (tasks): vectorised Arrow predicates; each row gets ``_drop``, the number of the
-   first rule it fails (0 = kept). Dropped rows lose their big columns but keep flowing, so the
-   driver can count the funnel and knows when a shard is whole.
+2. *Rules 1-7* (tasks): the subject is normalised (``pr_suffix``/``emoji_prefix``,
+   :mod:`octoray.subjects`), then vectorised Arrow predicates; each row gets ``_drop``, the
+   number of the first rule it fails (0 = kept). Dropped rows lose their big columns but keep
+   flowing, so the driver can count the funnel and knows when a shard is whole.
 3. *Rules 8-10 + decontamination* (an actor pool): the tokenizer and the HumanEvalPack n-gram
-   index load once per actor; only rows still alive are tokenized.
-4. *Write* (driver): when all rows of an input shard have come back, its kept rows get their
-   ``prompt``/``completion`` and are written atomically as ``OUT/<shard name>``, with the shard's
-   funnel in ``OUT/_funnel/<shard name>.json``; a rerun skips shards that have both. OASST rows
-   (``oasst_file``) become ``OUT/oasst.parquet``. ``stats.json`` and, last, ``manifest.json``.
+   index load once per actor; only rows still alive are tokenized. Kept rows whose subject was
+   normalised get ``_rescued`` when the paper's rules would drop their raw subject.
+4. *Write* (driver): when all rows of input shard i of n have come back, its kept rows get their
+   ``prompt``/``completion`` and are written atomically as ``OUT/data/train-i-of-N.parquet`` (a
+   Hub-style dataset folder, :mod:`octoray.layout`; N = n, plus one for the OASST shard), with the
+   shard's funnel in ``OUT/_funnel/<input shard name>.json``; a rerun skips shards that have both.
+   OASST rows (``oasst_file``) become the last shard. ``stats.json``, the ``README.md`` dataset
+   card and, last, ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -26,20 +30,23 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from octoray import commitpackft_rules as rules
+from octoray import dataset_card, layout, subjects
 from octoray.config import help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
-from octoray.outputs import (RESOLVED_CONFIG, atomic_write_json, is_complete, iter_jsonl, parquet_file,
-                             read_manifest, require_stage_output, write_manifest, write_parquet_atomic,
-                             write_resolved_config)
+from octoray.outputs import (RESOLVED_CONFIG, atomic_write_json, atomic_write_text, is_complete, iter_jsonl,
+                             parquet_file, read_manifest, require_stage_output, stage_listing, write_manifest,
+                             write_parquet_atomic, write_resolved_config)
 from octoray.storage import Location, display, fs_path, location, rmtree
 
 STAGE = "filter"
-FUNNEL_DIR = "_funnel"  # "_" prefix: Parquet dataset readers skip it
-OASST_SHARD = "oasst.parquet"
+FUNNEL_DIR = "_funnel"  # resume sidecars, outside data/ (and "_": Parquet dataset readers skip it)
 #: Keys of the funnel in stats.json: rows left after each rule, in order.
 FUNNEL_KEYS = ("input", *rules.RULES)
 #: Columns dropped rows keep (the rest are nulled before they travel back to the driver).
 _SKINNY = ("path", "lang", "_drop")
+#: Helper columns the stages add: the subject before normalisation (null when unchanged), and
+#: whether a kept row was rescued by the normalisation (the paper's rules would drop it).
+_SUBJECT_WAS, _RESCUED = "_subject_was", "_rescued"
 #: Config fields that change speed, not results: they may differ when resuming.
 _RUNTIME_ONLY = {"actors", "batch_size", "tokenizer_batch_size", "progress", "commits", "out"}
 
@@ -50,7 +57,9 @@ class FilterConfig:
 
     commits: str = option("", "input directory written by 'octoray mine' (commits/)")
     out: str = option("", "output directory (sft/)")
-    model: str = option("bigcode/starcoder", "hub id or local path of the model whose tokenizer rule 8 uses")
+    model: str = option("bigcode/starcoder", "hub id or local path of the model whose tokenizer rule 8 uses "
+                                             "(the default is gated: accept its licence on the Hub and log in, "
+                                             "or name another)")
     tokenizer_rule: bool = option(True, "apply rule 8 (token length of old + eos + new)")
     min_tokens: int = option(50, "rule 8: fewest tokens kept (inclusive)")
     max_tokens: int = option(768, "rule 8: most tokens kept (inclusive)")
@@ -60,6 +69,12 @@ class FilterConfig:
                                                  "(default: octoray's table, same format as OctoPack's)")
     languages_file: str | None = option(None, "JSON {language: [extensions]} for rule 3 instead of Linguist "
                                               "(e.g. CommitPack's programming_languages.json)")
+    pr_suffix: Literal["strip", "keep"] = option(
+        "strip", "before the rules, remove a trailing pull-request reference from the subject: (#123), "
+                 "(#1, #2), (#1) (#2), [#123], (GH-123), (!123); 'keep' = the paper's rules as published")
+    emoji_prefix: Literal["strip", "keep"] = option(
+        "strip", "before the rules, remove a leading emoji or :emoji_code: prefix from the subject "
+                 "('keep' = the paper's rules as published)")
     seed: int = option(0, "seed of the per-commit 90% version-bump drop")
     decontam: bool = option(True, "drop commits whose code overlaps HumanEvalPack prompts or solutions")
     decontam_ngram: int = option(13, "decontamination: n of the whitespace-token n-grams")
@@ -170,19 +185,25 @@ def run(cfg: FilterConfig) -> Location:
 
     require_shared_storage(ensure_ray(), out, "filter --out")
     _prepare_out(out, cfg, source)
-    done = {name for name in expected if _shard_done(out, name)}
+    # Output shard i of N for input shard i (N counts the OASST shard too): fixed by the input and
+    # the config, so a resumed run names every shard as the first attempt did.
+    count = len(shards) + (oasst is not None)
+    out_names = {path.name: layout.shard_name(i, count) for i, path in enumerate(shards)}
+    done = {name for name in expected if _shard_done(out, name, out_names[name])}
     pending = [path for path in shards if path.name not in done]
     schema = _output_schema(shards[0])
     if pending:
-        _filter_shards(cfg, pending, expected, out, schema, tables, lang_table)
-    files = [name for name in expected if (out / name).is_file()]
+        _filter_shards(cfg, pending, expected, out_names, out, schema, tables, lang_table)
+    files = list(out_names.values())
     if oasst is not None:
-        write_parquet_atomic(_oasst_table(oasst, schema), out / OASST_SHARD)
-        files.append(OASST_SHARD)
-    elif (out / OASST_SHARD).is_file():
-        (out / OASST_SHARD).unlink()
-    stats = _aggregate(out, list(expected), len(oasst or ()))
+        files.append(layout.shard_name(len(shards), count))
+        if not (out / files[-1]).is_file():  # written once; a resumed run keeps it
+            write_parquet_atomic(_oasst_table(oasst, schema), out / files[-1])
+    stats = _aggregate(out, list(expected), len(oasst or ()), cfg)
     atomic_write_json(out / "stats.json", stats)
+    card = dataset_card.filter_card(cfg, stats, dataset_card.summarize(out / f for f in files),
+                                    columns=schema.names, source=source)
+    atomic_write_text(out / layout.CARD, card)
     manifest = write_manifest(out, STAGE, cfg, rows=stats["rows"], files=files, started=started,
                               inputs={"commits": source},
                               extra={"tables": tables.source, "languages": cfg.languages_file or "linguist (go-enry)"})
@@ -191,8 +212,8 @@ def run(cfg: FilterConfig) -> Location:
 
 
 def _input_shards(in_dir: Location, manifest: dict[str, Any]) -> list[Location]:
-    names = manifest.get("files") or sorted(p.name for p in in_dir.glob("*.parquet"))
-    shards = [in_dir / name for name in names if name.endswith(".parquet")]
+    """The mine output's shards, in either layout (``data/train-*`` or octoray 0.1's flat one)."""
+    shards = [in_dir / name for name in layout.data_files(manifest, stage_listing(in_dir))]
     missing = [p.name for p in shards if not p.is_file()]
     if missing:
         raise UserError(f"{in_dir} lacks shards its manifest lists ({', '.join(missing[:3])}): rerun 'octoray mine'")
@@ -213,7 +234,11 @@ def _result_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _prepare_out(out: Location, cfg: FilterConfig, source: dict[str, Any]) -> None:
-    """Resume an output begun with the same rules on the same input; otherwise start it over."""
+    """Resume an output begun with the same rules on the same input; otherwise start it over.
+
+    An output in octoray 0.1's flat layout (shards beside manifest.json) is started over too: its
+    shards are named differently, and the new ones go under data/.
+    """
     import yaml
 
     previous, marker = out / RESOLVED_CONFIG, out / FUNNEL_DIR / "_input.json"
@@ -223,26 +248,31 @@ def _prepare_out(out: Location, cfg: FilterConfig, source: dict[str, Any]) -> No
             old_source = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError, json.JSONDecodeError):
             old, old_source = {}, {}
-        if _result_config(old) != _result_config(to_dict(cfg)) or old_source != source:
-            print(f"octoray filter: {out} was written from another input or config; starting over", file=sys.stderr)
+        listing = stage_listing(out)
+        legacy = any(layout.is_legacy_data_file(name) for name in listing)
+        if _result_config(old) != _result_config(to_dict(cfg)) or old_source != source or legacy:
+            why = "in octoray 0.1's layout" if legacy else "from another input or config"
+            print(f"octoray filter: {out} was written {why}; starting over", file=sys.stderr)
             (out / "manifest.json").unlink(missing_ok=True)
+            (out / layout.CARD).unlink(missing_ok=True)
             rmtree(out / FUNNEL_DIR)
-            for stale in out.glob("*.parquet"):
-                stale.unlink()
+            for stale in layout.all_shards(listing):
+                (out / stale).unlink()
     out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out, cfg)
     atomic_write_json(marker, source)
 
 
-def _shard_done(out: Location, name: str) -> bool:
+def _shard_done(out: Location, name: str, out_name: str) -> bool:
+    """Input shard ``name`` is filtered when its sidecar (written after its output shard) is whole."""
     sidecar = out / FUNNEL_DIR / f"{name}.json"
     if not sidecar.is_file():
         return False
     try:
-        kept = json.loads(sidecar.read_text(encoding="utf-8")).get("rows", 0)
+        json.loads(sidecar.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return False
-    return kept == 0 or (out / name).is_file()
+    return (out / out_name).is_file()
 
 
 def _output_schema(first_shard: Location) -> Any:
@@ -259,16 +289,19 @@ def _output_schema(first_shard: Location) -> Any:
 # Ray Data
 
 
-def _filter_shards(cfg: FilterConfig, pending: list[Location], expected: dict[str, int], out: Location, schema: Any,
-                   tables: rules.Tables, lang_table: Any) -> None:
+def _filter_shards(cfg: FilterConfig, pending: list[Location], expected: dict[str, int], out_names: dict[str, str],
+                   out: Location, schema: Any, tables: rules.Tables, lang_table: Any) -> None:
     """Run the pending shards through Ray Data and write each one as soon as it is whole."""
     from octoray.raylocal import ensure_ray
+    from octoray.node_types import require_feasible
 
     ray = ensure_ray()  # quiet Ray Data: our bar counts rows, Ray's counts blocks per operator
+    require_feasible("filter", [{"CPU": 1}], what="tasks of 1 CPU")
     filesystem, _ = fs_path(pending[0])
     ds = ray.data.read_parquet([fs_path(p)[1] for p in pending], include_paths=True, filesystem=filesystem)
     ds = ds.map_batches(_first_rules, batch_format="pyarrow", batch_size=cfg.batch_size,
-                        fn_kwargs={"extensions_for": lang_table.extensions_for})
+                        fn_kwargs={"extensions_for": lang_table.extensions_for, "pr_suffix": cfg.pr_suffix,
+                                   "emoji_prefix": cfg.emoji_prefix})
     ds = ds.map_batches(
         _LaterRules, batch_format="pyarrow", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
@@ -278,29 +311,39 @@ def _filter_shards(cfg: FilterConfig, pending: list[Location], expected: dict[st
     seen: Counter = Counter()
     kept: dict[str, list[Any]] = defaultdict(list)
     codes: dict[str, Counter] = defaultdict(Counter)  # shard -> (lang, code) -> rows
+    rescued: dict[str, Counter] = defaultdict(Counter)  # shard -> lang -> kept rows rescued
     remaining = {p.name for p in pending}
     bar = _progress(sum(expected[p.name] for p in pending), cfg.progress)
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         names = [Path(p).name for p in block.column("path").to_pylist()]
-        for name, lang, code in zip(names, block.column("lang").to_pylist(), block.column("_drop").to_pylist()):
+        for name, lang, code, saved in zip(names, block.column("lang").to_pylist(), block.column("_drop").to_pylist(),
+                                           block.column(_RESCUED).to_pylist()):
             codes[name][(lang, code)] += 1
             seen[name] += 1
+            if saved:
+                rescued[name][lang or ""] += 1
         _collect_kept(block, names, kept)
         bar.update(block.num_rows)
         for name in [n for n in remaining if seen[n] == expected[n]]:
-            _write_shard(out, name, kept.pop(name, []), codes.pop(name), expected[name], schema, cfg.template)
+            _write_shard(out, name, out_names[name], kept.pop(name, []), codes.pop(name), expected[name], schema,
+                         cfg.template, rescued.pop(name, Counter()))
             remaining.discard(name)
     bar.close()
     if remaining:
         raise RuntimeError(f"octoray bug: rows of {sorted(remaining)} never came back from the pipeline")
 
 
-def _first_rules(batch: Any, extensions_for: Any) -> Any:
-    """Rules 1-7 on one batch: adds ``_drop`` and the cleaned ``subject``; slims dropped rows."""
+def _first_rules(batch: Any, extensions_for: Any, pr_suffix: str = "keep", emoji_prefix: str = "keep") -> Any:
+    """Rules 1-7 on one batch, after the subject normalisation (``strip``/``keep``): adds ``_drop``,
+    ``_subject_was`` and the normalised, cleaned ``subject``; slims dropped rows."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    subject = batch.column("subject")
+    raw = batch.column("subject")
+    subject = subjects.normalise(raw, pr_suffix == "strip", emoji_prefix == "strip")
+    # Kept for the rescued count (later stage); null where the normalisation changed nothing.
+    was = pc.if_else(pc.fill_null(pc.not_equal(raw, subject), False), raw, pa.scalar(None, pa.string()))
     cleaned = rules.clean_subject(subject)
     masks = [
         ("content", lambda: rules.rule_content(batch.column("old_contents"), batch.column("new_contents"))),
@@ -313,7 +356,7 @@ def _first_rules(batch: Any, extensions_for: Any) -> Any:
     ]
     drop = _apply(pa.array(np.zeros(batch.num_rows, dtype=np.int8)), masks)
     batch = batch.set_column(batch.schema.get_field_index("subject"), "subject", cleaned)
-    return _slim(batch.append_column("_drop", drop))
+    return _slim(batch.append_column("_drop", drop).append_column(_SUBJECT_WAS, was))
 
 
 def _apply(drop: Any, masks: Iterable[tuple[str, Any]]) -> Any:
@@ -360,11 +403,12 @@ class _LaterRules:
             self.eos = self.tokenizer.eos_token or ""
 
     def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
         import pyarrow.compute as pc
 
         alive = pc.equal(batch.column("_drop"), 0)
         if not pc.any(alive).as_py():
-            return batch
+            return batch.append_column(_RESCUED, pa.nulls(batch.num_rows, pa.bool_()))
         live, dead = batch.filter(alive), batch.filter(pc.invert(alive))
         subject = live.column("subject")
         masks = []
@@ -381,9 +425,26 @@ class _LaterRules:
         drop = _apply(live.column("_drop"), masks)
         live = live.set_column(live.schema.get_field_index("_drop"), "_drop", drop)
         live = live.set_column(live.schema.get_field_index("subject"), "subject", rules.second_pass_subject(subject))
-        import pyarrow as pa
-
+        live = live.append_column(_RESCUED, self._rescued(live))
+        dead = dead.append_column(_RESCUED, pa.nulls(dead.num_rows, pa.bool_()))
         return _slim(pa.concat_tables([live, dead]))
+
+    def _rescued(self, live: Any) -> Any:
+        """Kept rows with a normalised subject that the paper's rules would drop on the raw one.
+
+        Only the subject differs between the two decisions, so only the subject rules are rerun,
+        and only on the (few) kept rows whose subject the normalisation changed.
+        """
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        candidate = pc.and_(pc.equal(live.column("_drop"), 0), pc.is_valid(live.column(_SUBJECT_WAS)))
+        if not pc.any(candidate).as_py():
+            return pa.array([False] * live.num_rows, pa.bool_())
+        rows = live.filter(candidate)
+        raw_keep = iter(rules.subject_rules_keep(rows.column(_SUBJECT_WAS), rows.column("new_file"),
+                                                 rows.column("commit"), self.tables, self.cfg.seed).to_pylist())
+        return pa.array([bool(c) and not next(raw_keep) for c in candidate.to_pylist()], pa.bool_())
 
     def _token_lengths(self, live: Any) -> list[int]:
         """Token counts of ``old + eos + new`` (no special tokens added, as for StarCoder)."""
@@ -415,19 +476,27 @@ def _collect_kept(block: Any, names: list[str], kept: dict[str, list[Any]]) -> N
         kept[name].append(live.filter(pc.equal(pa.array(live_names), name)))
 
 
-def _write_shard(out: Location, name: str, parts: list[Any], codes: Counter, n_input: int, schema: Any,
-                 template: str) -> None:
-    """Write one input shard's kept rows (if any) and then its funnel sidecar."""
+def _write_shard(out: Location, name: str, out_name: str, parts: list[Any], codes: Counter, n_input: int, schema: Any,
+                 template: str, rescued: Counter) -> None:
+    """Write one input shard's kept rows as ``out_name`` and then its funnel sidecar (``rescued``:
+    kept rows per language that only the subject normalisation saved).
+
+    A shard that keeps no rows is still written (empty, with the schema): shard i of N must exist
+    for every i, as the Hub's naming promises.
+    """
     import pyarrow as pa
 
     rows = sum(t.num_rows for t in parts)
     if rows:
         table = pa.concat_tables(parts).drop_columns(["path", "_drop"]).sort_by("commit")
-        table = add_prompts(table, template)
-        write_parquet_atomic(table.select(schema.names).cast(schema), out / name)
+        table = add_prompts(table, template).select(schema.names).cast(schema)
+    else:
+        table = schema.empty_table()
+    write_parquet_atomic(table, out / out_name)
     funnel, by_lang = _funnel(codes, n_input)
     atomic_write_json(out / FUNNEL_DIR / f"{name}.json",
-                      {"file": name if rows else None, "rows": rows, "funnel": funnel, "funnel_by_language": by_lang})
+                      {"file": out_name, "rows": rows, "funnel": funnel, "funnel_by_language": by_lang,
+                       "rescued_by_language": dict(sorted(rescued.items()))})
 
 
 def add_prompts(table: Any, template: str) -> Any:
@@ -463,18 +532,23 @@ def _funnel(codes: Counter, n_input: int) -> tuple[dict[str, int], dict[str, dic
     return left(overall, n_input), {lang: left(c, sum(c.values())) for lang, c in sorted(per_lang.items())}
 
 
-def _aggregate(out: Location, names: list[str], oasst_rows: int) -> dict[str, Any]:
-    """Sum the per-shard funnels into stats.json."""
+def _aggregate(out: Location, names: list[str], oasst_rows: int, cfg: FilterConfig) -> dict[str, Any]:
+    """Sum the per-shard funnels (and rescued counts) into stats.json."""
     funnel: Counter = Counter()
     by_lang: dict[str, Counter] = defaultdict(Counter)
+    rescued: Counter = Counter()
     for name in names:
         shard = json.loads((out / FUNNEL_DIR / f"{name}.json").read_text(encoding="utf-8"))
         funnel.update(shard["funnel"])
         for lang, counts in shard["funnel_by_language"].items():
             by_lang[lang].update(counts)
+        rescued.update(shard.get("rescued_by_language", {}))
     order = lambda c: {k: c.get(k, 0) for k in FUNNEL_KEYS}  # noqa: E731 - keep rule order
     commits = funnel.get(rules.RULES[-1], 0)
+    normalisation = {"pr_suffix": cfg.pr_suffix, "emoji_prefix": cfg.emoji_prefix, "rescued": sum(rescued.values()),
+                     "rescued_by_language": dict(sorted(rescued.items()))}
     return {"funnel": order(funnel), "funnel_by_language": {lang: order(c) for lang, c in sorted(by_lang.items())},
+            "subject_normalisation": normalisation,
             "commitpackft_rows": commits, "oasst_rows": oasst_rows, "rows": commits + oasst_rows}
 
 
@@ -548,6 +622,10 @@ def _print_summary(out: Location, stats: dict[str, Any], seconds: float) -> None
     langs = sorted(stats["funnel_by_language"].items(), key=lambda kv: -kv[1][rules.RULES[-1]])[:8]
     if langs:
         print("  kept per language: " + ", ".join(f"{lang or '?'} {c[rules.RULES[-1]]:,}" for lang, c in langs))
+    norm = stats["subject_normalisation"]
+    if "strip" in (norm["pr_suffix"], norm["emoji_prefix"]):
+        print(f"  rescued by subject normalisation (pr_suffix={norm['pr_suffix']}, "
+              f"emoji_prefix={norm['emoji_prefix']}): {norm['rescued']:,} of the kept rows")
     if stats["oasst_rows"]:
         print(f"  + {stats['oasst_rows']:,} OASST rows")
     print(f"  rows written {stats['rows']:,}")

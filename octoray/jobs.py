@@ -32,10 +32,14 @@ import os
 import shlex
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (a dependency there)
+    import tomli as tomllib
 
 from octoray import __version__
 from octoray.config import STAGE_SECTIONS, from_mapping, help_lines, option, read_yaml, split_overrides
@@ -54,6 +58,9 @@ TERMINAL = frozenset(EXIT_CODES)
 #: A freshly started head answers HTTP before its dashboard agent is registered and refuses
 #: submissions meanwhile ("No available agent"); keep retrying this long.
 AGENT_WAIT_S = 180.0
+#: ``working_dir`` value that uploads nothing: the job runs the octoray installed on the cluster
+#: (an image built from cluster/Dockerfile), and paths are the cluster's.
+NO_UPLOAD = "none"
 #: Paths never worth uploading (gitignore syntax): environments, caches, git metadata anywhere,
 #: and stage outputs of local runs at the top of the checkout (anchored, so a package directory
 #: that happens to be called ``eval`` deeper down still travels).
@@ -67,7 +74,8 @@ class SubmitConfig:
 
     address: str = option("", "Ray dashboard address, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, "
                               f"$RAY_ADDRESS, else {DEFAULT_ADDRESS})")
-    working_dir: str = option("", "directory uploaded as the job's working_dir (default: the octoray checkout)")
+    working_dir: str = option("", "directory uploaded as the job's working_dir (default: the octoray checkout); "
+                                  "'none' uploads nothing and runs the octoray installed on the cluster")
     excludes: tuple[str, ...] = option(DEFAULT_EXCLUDES, "gitignore-style patterns left out of the upload "
                                                          "(.gitignore files are honoured too)")
     pip: tuple[str, ...] = option(("auto",), "pip packages for the job: 'auto' = the runtime dependencies in "
@@ -116,11 +124,13 @@ def runtime_deps(pyproject: Path) -> list[str]:
     return [dep for dep in deps if _requirement_name(dep) != "ray"]
 
 
-def runtime_env(cfg: SubmitConfig, working_dir: Path) -> dict[str, Any]:
-    """The job's runtime_env: the uploaded checkout, its pip packages and environment variables."""
-    env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(cfg.excludes)}
+def runtime_env(cfg: SubmitConfig, working_dir: Path | None) -> dict[str, Any]:
+    """The job's runtime_env: the uploaded checkout (none when ``working_dir`` is None), its pip
+    packages and environment variables."""
+    env: dict[str, Any] = {} if working_dir is None else {"working_dir": str(working_dir),
+                                                          "excludes": list(cfg.excludes)}
     if cfg.pip == ("auto",):
-        packages = runtime_deps(working_dir / "pyproject.toml")
+        packages = runtime_deps((working_dir or project_root()) / "pyproject.toml")
     elif cfg.pip in ((), ("none",)):
         packages = []
     else:
@@ -134,7 +144,7 @@ def runtime_env(cfg: SubmitConfig, working_dir: Path) -> dict[str, Any]:
     return env
 
 
-def entrypoint(args: list[str], stage: str | None, command: str | None, working_dir: Path) -> str:
+def entrypoint(args: list[str], stage: str | None, command: str | None, working_dir: Path | None) -> str:
     """The shell command the job runs.
 
     ``args`` are the positional CONFIG / ``key=value`` arguments; ``stage`` a whole octoray
@@ -172,11 +182,13 @@ def _check_verb(verb: str) -> None:
         raise UserError(f"--stage must start with an octoray command ({choices}), got '{verb}'")
 
 
-def _remote_path(word: str, working_dir: Path) -> str:
+def _remote_path(word: str, working_dir: Path | None) -> str:
     """An existing local path as the job will see it; anything else unchanged."""
     if word.startswith("-") or "=" in word or not os.path.exists(word):
         return word
     path = Path(word).resolve()
+    if working_dir is None:  # nothing uploaded: the job reads this machine's paths, if it can
+        return str(path)
     if path == working_dir or working_dir in path.parents:
         return path.relative_to(working_dir).as_posix() or "."
     # Outside the upload: only a cluster that shares this file system (NFS, a local cluster) has it.
@@ -288,20 +300,21 @@ def _translate_errors(url: str, job_id: str | None = None) -> Iterator[None]:
 
 def submit(cfg: SubmitConfig, command: str, token: str | None = None) -> str:
     """Submit ``command`` as a Ray Job with the runtime env of ``cfg``; returns the job id."""
-    working_dir = Path(cfg.working_dir).resolve() if cfg.working_dir else project_root()
-    if not working_dir.is_dir():
+    working_dir = _working_dir(cfg)
+    if working_dir is not None and not working_dir.is_dir():
         raise UserError(f"working_dir {working_dir} is not a directory")
     client = connect(cfg.address, token)
     kwargs: dict[str, Any] = {
         "entrypoint": command,
         "runtime_env": runtime_env(cfg, working_dir),
-        "metadata": {"octoray_version": __version__, "submitted_from": str(working_dir)},
+        "metadata": {"octoray_version": __version__, "submitted_from": str(working_dir or "installed octoray")},
         "submission_id": cfg.job_id or None,
         "entrypoint_num_cpus": cfg.entrypoint_num_cpus or None,
         "entrypoint_num_gpus": cfg.entrypoint_num_gpus or None,
     }
     deadline = time.monotonic() + AGENT_WAIT_S
-    print(f"octoray submit: uploading {working_dir} to {client._address}", file=sys.stderr, flush=True)  # noqa: SLF001
+    what = f"uploading {working_dir}" if working_dir else "running the octoray installed on"
+    print(f"octoray submit: {what} to {client._address}", file=sys.stderr, flush=True)  # noqa: SLF001
     with _translate_errors(client._address):  # noqa: SLF001 - the resolved URL, for messages
         while True:
             try:
@@ -310,6 +323,13 @@ def submit(cfg: SubmitConfig, command: str, token: str | None = None) -> str:
                 if "No available agent" not in str(exc) or time.monotonic() > deadline:
                     raise
             time.sleep(2.0)  # the head is still starting (see AGENT_WAIT_S); the upload is not repeated
+
+
+def _working_dir(cfg: SubmitConfig) -> Path | None:
+    """The directory to upload, or None for 'none' (the cluster's installed octoray runs)."""
+    if cfg.working_dir == NO_UPLOAD:
+        return None
+    return Path(cfg.working_dir).resolve() if cfg.working_dir else project_root()
 
 
 def follow(client: Any, job_id: str, out: Any = None) -> str:
@@ -360,7 +380,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--no-wait", dest="wait", action="store_const", const=False, default=None,
                             help="print the job id and return without waiting")
         parser.add_argument("--pip", help="'auto' (pyproject dependencies), 'none', or comma-separated packages")
-        parser.add_argument("--working-dir", help="directory to upload (default: the octoray checkout)")
+        parser.add_argument("--working-dir", help="directory to upload (default: the octoray checkout); 'none': upload nothing, run the octoray installed on the cluster")
         parser.add_argument("--env", action="append", metavar="KEY=VALUE", help="job environment variable (repeatable)")
         parser.add_argument("--job-id", help="submission id (default: generated)")
         parser.add_argument("--num-cpus", type=float, help="CPUs reserved for the driver")
@@ -389,9 +409,9 @@ def main(args: argparse.Namespace) -> int:
 
 def _main_submit(args: argparse.Namespace) -> int:
     cfg = _submit_config(args)
-    working_dir = Path(cfg.working_dir).resolve() if cfg.working_dir else project_root()
+    working_dir = _working_dir(cfg)
     command = entrypoint(list(args.args), args.stage, args.entrypoint, working_dir)
-    job_id = submit(replace(cfg, working_dir=str(working_dir)), command, args.token)
+    job_id = submit(replace(cfg, working_dir=str(working_dir or NO_UPLOAD)), command, args.token)
     if not cfg.wait:
         print(job_id)
         return 0

@@ -11,7 +11,9 @@ Pipeline (each step streams; no git process per commit):
    their blobs (size cap, binary, UTF-8, language). Each chunk is written atomically to
    ``OUT/.work/<repo>/part-NNNNN.parquet`` with its drop counts beside it, so a rerun skips it.
 3. *Finalize* (driver): deduplicate by commit SHA across repositories (forks are joined in
-   ``repos``), write ``OUT/commits-NNNNN.parquet``, ``stats.json`` and, last, ``manifest.json``.
+   ``repos``), publish the shards as ``OUT/data/train-NNNNN-of-NNNNN.parquet`` (a Hub-style dataset
+   folder, :mod:`octoray.layout`), then ``stats.json``, the ``README.md`` dataset card and, last,
+   ``manifest.json``.
 
 ``OUT`` may be a local path, a shared mount or an object-store URI (``s3://bucket/prefix``); on a
 multi-node cluster it must be one every node sees. Clones live in ``OUT/.repos`` on a file system,
@@ -36,15 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from octoray import gitio
+from octoray import dataset_card, gitio, layout
 from octoray.config import help_lines, load_config, option, split_overrides
 from octoray.errors import UserError
 from octoray.languages import LanguageTable, language_table
 from octoray.licenses import LICENSE_FILE_NAMES, PERMISSIVE, classify_license
 from octoray.raylocal import ensure_ray, unreserved_ray_data
+from octoray.node_types import cluster_capacity, require_feasible
+from octoray.outputs import (atomic_write_json, atomic_write_text, is_complete, read_manifest, read_parquet,
+                             stage_listing, write_manifest, write_parquet_atomic, write_resolved_config)
 from octoray.shared_storage import require_shared_storage
-from octoray.outputs import (atomic_write_json, is_complete, read_manifest, read_parquet, write_manifest,
-                             write_parquet_atomic, write_resolved_config)
 from octoray.storage import Location, ObjectPath, copy_file, location, rmtree, scratch_dir
 
 STAGE = "mine"
@@ -172,7 +175,9 @@ def run(cfg: MineConfig) -> Location:
     out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out, cfg)
     work = out / ".work"
-    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    require_feasible("mine", [{"CPU": 1}], what="tasks of 1 CPU")
+    # One task per CPU the cluster can have: an autoscaling cluster starts with none.
+    workers = cfg.workers or max(1, int(min(cluster_capacity("CPU"), 256)))
     compute = ray.data.TaskPoolStrategy(size=workers)
 
     items = [dataclasses.asdict(s) for s in sources]
@@ -209,6 +214,11 @@ def run(cfg: MineConfig) -> Location:
     rows, files, duplicates = _finalize(out, work, [s["key"] for s in finished])
     stats = _aggregate_stats(repo_stats.values(), duplicates, rows)
     atomic_write_json(out / "stats.json", stats)
+    card = dataset_card.mine_card(cfg, stats, dataset_card.summarize(out / f for f in files), columns=COLUMNS,
+                                  failed=failed)
+    atomic_write_text(out / layout.CARD, card)
+    # Chunk shards and clones are resume state, as big as the data or bigger: not for the Hub.
+    atomic_write_text(out / layout.UPLOAD_IGNORE, ".work/\n.repos/\n")
     manifest = write_manifest(out, STAGE, cfg, rows=rows, files=files, started=started,
                               extra={"sources": [s.spec for s in sources], "failed_repos": failed,
                                      "languages": table_source(cfg)})
@@ -570,7 +580,10 @@ def _finalize(out: Location, work: Location, keys: list[str]) -> tuple[int, list
 
     Only the small ``commit``/``repo`` columns are read to find duplicates. A chunk shard without
     duplicates or forks is published as it is (a hard link, no rewrite of file contents); only
-    shards that lose a duplicate row or gain fork names in ``repos`` are rewritten.
+    shards that lose a duplicate row or gain fork names in ``repos`` are rewritten. Shards are
+    named ``data/train-i-of-n`` (:func:`octoray.layout.shard_name`): the count is known here, after
+    every chunk is mined. Shards of an earlier finalize that are not in the new list, and shards
+    of the legacy flat layout, are removed so the data glob holds exactly the manifest's rows.
     """
     import pyarrow as pa
 
@@ -589,14 +602,13 @@ def _finalize(out: Location, work: Location, keys: list[str]) -> tuple[int, list
             seen.add(commit)
         part_commits.append(commits)
         keep_masks.append(mask)
-    for old in out.glob("commits-*.parquet"):
-        old.unlink()
+    published = [(part, commits, mask) for part, commits, mask in zip(parts, part_commits, keep_masks) if any(mask)]
+    names = [layout.shard_name(i, len(published)) for i in range(len(published))] or [layout.shard_name(0, 1)]
+    for stale in set(layout.all_shards(stage_listing(out))) - set(names):
+        (out / stale).unlink()
     files: list[str] = []
     rows = 0
-    for part, commits, mask in zip(parts, part_commits, keep_masks):
-        if not any(mask):
-            continue
-        name = f"commits-{len(files):05d}.parquet"
+    for (part, commits, mask), name in zip(published, names):
         forked = any(len(holders[c]) > 1 for c, keep in zip(commits, mask) if keep)
         if all(mask) and not forked:
             _publish(part, out / name)
@@ -608,8 +620,8 @@ def _finalize(out: Location, work: Location, keys: list[str]) -> tuple[int, list
         files.append(name)
         rows += sum(mask)
     if not files:  # readers still get a shard with the schema
-        write_parquet_atomic(_schema().empty_table(), out / "commits-00000.parquet")
-        files.append("commits-00000.parquet")
+        write_parquet_atomic(_schema().empty_table(), out / names[0])
+        files.append(names[0])
     duplicates = sum(len(m) for m in keep_masks) - rows
     return rows, files, duplicates
 
@@ -619,6 +631,7 @@ def _publish(part: Location, dest: Location) -> None:
     if isinstance(dest, ObjectPath):  # a server-side copy: the bytes stay in the bucket
         copy_file(part, dest)
         return
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:

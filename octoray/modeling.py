@@ -76,7 +76,7 @@ def load_tokenizer(name_or_path: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(local_copy(name_or_path))
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load tokenizer '{name_or_path}': {str(exc).splitlines()[0]}") from None
+        raise load_error("tokenizer", name_or_path, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; EOS is what StarCoder uses
     return tokenizer
@@ -92,4 +92,73 @@ def load_model(name_or_path: str, **kwargs: Any) -> Any:
     try:
         return AutoModelForCausalLM.from_pretrained(local_copy(name_or_path), **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}") from None
+        raise load_error("model", name_or_path, exc) from None
+
+
+def load_error(what: str, name_or_path: str, exc: BaseException) -> UserError:
+    """The one-line error for a failed ``from_pretrained`` of a ``what`` ("tokenizer", "model").
+
+    A gated hub model (``bigcode/starcoder``, the filter's default tokenizer, is one) fails with
+    an authorization error for anyone who has not accepted its licence or is not logged in; the
+    message then says what to do instead of repeating the Hub's HTTP status.
+    """
+    if _is_gated(exc):
+        return UserError(
+            f"cannot load {what} '{name_or_path}': it is a gated model on the Hugging Face Hub: accept its "
+            f"licence at https://huggingface.co/{name_or_path} and log in ('hf auth login' or HF_TOKEN), "
+            f"or give another {what.split()[0]}: a hub id you can read or a local directory "
+            "(model= in filter and train)")
+    text = str(exc).strip()
+    return UserError(f"cannot load {what} '{name_or_path}': {text.splitlines()[0] if text else type(exc).__name__}")
+
+
+def _is_gated(exc: BaseException) -> bool:
+    """True when ``exc`` comes from huggingface_hub's ``GatedRepoError`` (transformers wraps it in an OSError)."""
+    try:
+        from huggingface_hub.errors import GatedRepoError
+    except ImportError:  # an old huggingface_hub: only the text can tell
+        GatedRepoError = ()  # type: ignore[assignment]  # noqa: N806
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, GatedRepoError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "gated repo" in str(exc).lower()
+
+
+def preflight_model(name_or_path: str) -> tuple[str, Any]:
+    """Check a model before any Ray work: ``(model, config)`` with a local directory made
+    absolute (Ray workers do not share our working directory), or a one-line UserError.
+
+    Loads the tokenizer and the model config -- small files -- never the weights.
+    """
+    from transformers import AutoConfig
+
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise UserError(f"model '{name_or_path}' is a file; give a model directory or a hub id")
+        model = str(local.resolve())
+    elif not _is_hub_id(name_or_path):
+        raise UserError(f"model '{name_or_path}': no such model directory, and not a hub id "
+                        "(hub ids look like 'bigcode/starcoder')")
+    else:
+        model = name_or_path
+    load_tokenizer(model)
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise load_error("model config", name_or_path, exc) from None
+    return model, config
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` is a well-formed Hugging Face Hub repo id (it may still not exist)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+

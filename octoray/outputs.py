@@ -1,7 +1,8 @@
 """Stage output directories: atomic writes, manifests, completeness.
 
 Every stage writes Parquet shards plus ``manifest.json`` (and often ``stats.json``) into its own
-directory, which may be a local/shared path or an object-store URI (:mod:`octoray.storage`).
+directory (where inside it: :mod:`octoray.layout`), which may be a local/shared path or an
+object-store URI (:mod:`octoray.storage`).
 On a file system, files are written under a temporary name and renamed when whole; on an object
 store, where there is no rename, each file is one upload that becomes visible only when complete.
 Either way a crash never leaves a half-written shard that a rerun would trust.
@@ -59,24 +60,33 @@ def atomic_write_json(path: Location, data: Any) -> None:
 
 def write_parquet_atomic(table: Any, path: Location) -> None:
     """Write a pyarrow Table as one Parquet file, atomically."""
-    import pyarrow.parquet as pq
-
     if isinstance(path, ObjectPath):
         # Written to local disk first, then uploaded whole: a writer that dies mid-way leaves
         # no object behind (an unfinished multipart upload is never visible).
         with tempfile.TemporaryDirectory(prefix="octoray-upload-") as tmp:
             local = Path(tmp) / path.name
-            pq.write_table(table, local, compression="zstd")
+            _write_table(table, local)
             upload_file(local, path)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        _write_table(table, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_table(table: Any, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    if table.num_rows:
+        pq.write_table(table, path, compression="zstd")
+    else:
+        # No row group at all, only the schema: pq.write_table would write one empty row group,
+        # and readers that size batches by the first row group (datasets) fail on it.
+        pq.ParquetWriter(path, table.schema, compression="zstd").close()
 
 
 def read_parquet(path: Location, columns: list[str] | None = None) -> Any:
@@ -97,6 +107,22 @@ def parquet_file(path: Location) -> Any:
 
     fs, where = fs_path(path)
     return pq.ParquetFile(fs.open_input_file(where))
+
+
+def stage_listing(stage_dir: Location) -> list[str]:
+    """Names (relative, ``/``-separated) of the files where a stage directory may hold shards.
+
+    Which places to look is :data:`octoray.layout.LISTING_GLOBS`; this only lists them, on any
+    location (object stores list one prefix level at a time, so each pattern is dir + name).
+    """
+    from octoray.layout import LISTING_GLOBS
+
+    found = []
+    for pattern in LISTING_GLOBS:
+        folder, _, name = pattern.rpartition("/")
+        base = stage_dir / folder if folder else stage_dir
+        found += [f"{folder}/{p.name}" if folder else p.name for p in base.glob(name) if p.is_file()]
+    return sorted(found)
 
 
 def read_json(path: Location) -> Any:

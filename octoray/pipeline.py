@@ -1,5 +1,8 @@
 """``octoray pipeline CONFIG``: mine -> filter -> [tune] -> train -> serve -> eval -> report.
 
+With 'tune' among the stages, the train stage trains with the best trial's hyperparameters
+(``train.hparams`` = the tune directory; see :mod:`octoray.hparams`).
+
 Every stage writes its own directory under ``out`` (a path, a shared mount or an object-store URI
 such as ``s3://bucket/runs/demo``) and is skipped when that output is complete,
 so a pipeline killed anywhere (say, during training) is rerun with the same command and picks up
@@ -38,7 +41,8 @@ class PipelineConfig:
                           "s3://bucket/runs/demo (default runs/<name>)")
     sources: tuple[str, ...] = option((".",), "repositories to mine (paths, URLs or list files)")
     stages: tuple[str, ...] = option(("mine", "filter", "train", "serve", "eval", "report"),
-                                     "stages to run, in pipeline order (add 'tune' to search hyperparameters first)")
+                                     "stages to run, in pipeline order (add 'tune' to search hyperparameters first; "
+                                     "the train stage then trains with the best trial's)")
     humanevalpack_dir: str | None = option(None, "HumanEvalPack <language>.jsonl directory (default: the hub)")
     allow_code_execution: bool = option(True, "the eval stage executes generated code in the sandbox; "
                                               "false refuses, as 'octoray eval' does without the flag")
@@ -132,9 +136,10 @@ def stage_configs(config_path: str | Path, by_stage: dict[str, list[str]], cfg: 
     configs: dict[str, Any] = {}
     problems: list[str] = []
 
-    def load(stage: str, cls: type, values: dict[str, Any]) -> None:
+    def load(stage: str, cls: type, values: dict[str, Any], check: Any = None) -> None:
         try:
-            configs[stage] = load_config(cls, config_path, by_stage.get(stage, []), section=stage, values=values)
+            configs[stage] = load_config(cls, config_path, by_stage.get(stage, []), section=stage, values=values,
+                                         check=check)
         except UserError as exc:
             problems.append(f"[{stage}] {exc}")
 
@@ -147,11 +152,17 @@ def stage_configs(config_path: str | Path, by_stage: dict[str, list[str]], cfg: 
     if wanted & {"train", "tune", "serve"}:
         from octoray import training
 
-        load("train", training.TrainConfig, {"data": str(dirs["filter"]), "out": str(dirs["train"])})
+        # After a tune, training starts from the best trial's hyperparameters (train/config.yaml
+        # and the log say which); train.hparams=null on the command line keeps the train: section's.
+        hparams = str(dirs["tune"]) if "tune" in wanted and "train" in wanted else None
+        load("train", training.TrainConfig, {"data": str(dirs["filter"]), "out": str(dirs["train"]),
+                                             "hparams": hparams})
     if "tune" in wanted:
         from octoray import tuning
 
-        load("tune", tuning.TuneConfig, {"data": str(dirs["filter"]), "out": str(dirs["tune"])})
+        # The search space against the trial budget (the train: section), before any work.
+        check = (lambda t: tuning.check_search_space(t, configs["train"])) if "train" in configs else None
+        load("tune", tuning.TuneConfig, {"data": str(dirs["filter"]), "out": str(dirs["tune"])}, check)
     if "serve" in wanted:
         from octoray import serving
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -19,12 +21,47 @@ def ensure_ray(*, dashboard: bool = False, **init_kwargs: Any) -> Any:
     import ray
 
     if not ray.is_initialized():
+        # Ray announces on every start that it turned token auth on for the local cluster; an
+        # embedded cluster that lives and dies with this process needs no such line on stderr
+        # (bad input is meant to be one line there).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         init_kwargs.setdefault("log_to_driver", False)
         init_kwargs.setdefault("include_dashboard", dashboard)
         init_kwargs.setdefault("logging_level", logging.WARNING)
+        if init_kwargs["include_dashboard"] and not _joins_a_cluster(init_kwargs):
+            _pin_state_api(init_kwargs)
         ray.init(**init_kwargs)
     quiet_ray_data()
     return ray
+
+
+def _joins_a_cluster(init_kwargs: dict[str, Any]) -> bool:
+    return bool(init_kwargs.get("address") or os.environ.get("RAY_ADDRESS"))
+
+
+def _pin_state_api(init_kwargs: dict[str, Any]) -> None:
+    """Point every State API call of this job, in the driver and in every worker, at our dashboard.
+
+    Without an address the State API looks for "the" Ray on the machine and gives up when it
+    finds several ("Found multiple active Ray instances"), e.g. two users' local Rays on one
+    host. Ray Train's PlacementGroupCleaner, which frees the worker placement group of a trial
+    that ASHA stopped, asks exactly that question from inside the cluster; unanswered, the
+    group holds its CPUs and later trials and stages wait for them. The dashboard's port is
+    chosen here so its address can go into the job's runtime environment before Ray starts.
+    """
+    port = init_kwargs.setdefault("dashboard_port", _free_port())
+    url = f"http://127.0.0.1:{port}"
+    runtime_env = dict(init_kwargs.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), "RAY_API_SERVER_ADDRESS": url}
+    init_kwargs["runtime_env"] = runtime_env
+    init_kwargs.setdefault("dashboard_host", "127.0.0.1")
+    os.environ["RAY_API_SERVER_ADDRESS"] = url
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def has_state_api() -> bool:

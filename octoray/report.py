@@ -1,7 +1,8 @@
 """The run report: ``report.md`` and its PNGs, from the stage directories of one pipeline run.
 
-Sections: the data funnel (mining drops, then the CommitPackFT rules), the loss curve, pass@k per
-task x language beside OctoCoder's published pass@1, and serving latency. A stage that did not run
+Sections: the data funnel (mining drops, then the CommitPackFT rules), the hyperparameter search
+(a row per trial, validation loss against steps), the loss curve, pass@k per task x language
+beside OctoCoder's published pass@1, and serving latency. A stage that did not run
 gets a line saying so rather than a missing section.
 """
 
@@ -40,6 +41,7 @@ def write_report(root: Any, out: Any) -> Any:
     out.mkdir(parents=True, exist_ok=True)
     sections = [f"# octoray run report: `{root}`\n",
                 _funnel_section(root / "commits", root / "sft", out),
+                _tuning_section(root / "tune", root / "train", out),
                 _training_section(root / "train", out),
                 _eval_section(root / "eval", out),
                 _latency_section(root / "serve", out)]
@@ -84,6 +86,11 @@ def _funnel_section(commits: Path, sft: Path, out: Path) -> str:
     if filtered:
         lines.append(f"\nCommitPackFT rows: {filtered.get('commitpackft_rows', 0):,}; OASST rows mixed in: "
                      f"{filtered.get('oasst_rows', 0):,}.")
+        norm = filtered.get("subject_normalisation")
+        if norm and "strip" in (norm.get("pr_suffix"), norm.get("emoji_prefix")):
+            lines.append(f"Subject normalisation (pr_suffix={norm.get('pr_suffix')}, emoji_prefix="
+                         f"{norm.get('emoji_prefix')}) rescued {norm.get('rescued', 0):,} of the CommitPackFT rows: "
+                         "the paper's rules would drop them for a trailing PR number or a leading emoji.")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * len(steps))))
     names = [s[0] for s in steps][::-1]
@@ -94,6 +101,56 @@ def _funnel_section(commits: Path, sft: Path, out: Path) -> str:
     fig.savefig(out / "funnel.png", dpi=100)
     plt.close(fig)
     return "\n".join(lines) + "\n\n![funnel](funnel.png)\n"
+
+
+def _tuning_section(tune_dir: Path, train_dir: Path, out: Path) -> str:
+    """The search: a row per trial (hyperparameters, best val_loss, steps, how it ended) and a plot."""
+    best = _read_json(tune_dir / "best.json")
+    if not best or not best.get("trials"):
+        return "## Hyperparameter search\n\nTuning did not run.\n"
+    trials, winner = best["trials"], best["best"]["trial_id"]
+    keys = list(dict.fromkeys(k for t in trials for k in (t.get("config") or {})))
+    lines = ["## Hyperparameter search\n",
+             f"{best.get('search', 'random')} search with ASHA, {len(trials)} trials of up to "
+             f"{best.get('max_steps', '?')} steps, {best.get('trial_steps', sum(t.get('steps', 0) for t in trials))} "
+             f"trial-steps in all; best trial **{winner}** (val_loss {best['best']['val_loss']:.4f}).",
+             "", "| trial | " + " | ".join(keys) + " | best val_loss | steps | ended |",
+             "|---|" + "---:|" * len(keys) + "---:|---:|---|"]
+    for t in trials:
+        config = t.get("config") or {}
+        ended = t.get("status") or ("stopped by ASHA" if t.get("stopped_early") else "completed")
+        if t.get("error"):
+            ended += f": {str(t['error'])[:120].replace('|', '/')}"
+        name = f"**{t['trial_id']}**" if t["trial_id"] == winner else str(t["trial_id"])
+        lines.append(f"| {name} | " + " | ".join(_cell(config.get(k)) for k in keys) +
+                     f" | {_cell(t.get('val_loss'))} | {t.get('steps', '-')} | {ended} |")
+    handoff = (_read_json(train_dir / "manifest.json") or {}).get("hparams_from")
+    if handoff:
+        start = "continued from its checkpoint" if handoff.get("checkpoint") else "trained from scratch"
+        lines.append(f"\nThe train stage used trial {handoff['trial_id']}'s hyperparameters ({start}).")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in trials:
+        curve = t.get("val_curve") or []
+        if curve:
+            is_best = t["trial_id"] == winner
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", linewidth=2.5 if is_best else 1,
+                    label=f"{t['trial_id']}{' (best)' if is_best else ''}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_title("val_loss per trial (a line that ends early: stopped by ASHA)")
+    if len(trials) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "tuning.png", dpi=100)
+    plt.close(fig)
+    return "\n".join(lines) + "\n\n![tuning](tuning.png)\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _training_section(run_dir: Path, out: Path) -> str:

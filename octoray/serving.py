@@ -27,11 +27,11 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 from octoray.config import from_mapping, help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
+from octoray.node_types import require_feasible, resource_problems
 
 logger = logging.getLogger("octoray.serve")
 
@@ -60,6 +60,9 @@ class ServeConfig:
     max_ongoing_requests: int = option(128, "requests a replica accepts at once (must be >= max_batch_size)")
     num_cpus: float = option(1.0, "CPUs reserved per replica")
     num_gpus: Optional[float] = option(None, "GPUs per replica (default: 1 when the Ray cluster has GPUs, else 0)")
+    resources: Optional[dict[str, float]] = option(
+        None, "extra Ray resources per replica, e.g. {fake_gpu: 1} for a node type that advertises its "
+              "accelerators as a custom resource")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "weights dtype; auto = float32 on CPU, the model's half dtype (or bfloat16) on GPU")
     max_model_len: Optional[int] = option(None, "context window, prompt + completion (default: the model's)")
@@ -90,6 +93,7 @@ class ServeConfig:
             found.append("num_cpus/num_gpus: must be >= 0")
         if self.max_model_len is not None and self.max_model_len < 2:
             found.append(f"max_model_len: must be >= 2, got {self.max_model_len}")
+        found += resource_problems("resources", self.resources)
         return found
 
 
@@ -172,9 +176,11 @@ def build_app(cfg: ServeConfig) -> Any:
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else _default_num_gpus()
     if cfg.engine == "vllm":
         return _vllm_app(cfg, num_gpus)
+    replica = {"CPU": cfg.num_cpus, "GPU": num_gpus, **(cfg.resources or {})}
+    require_feasible("serve", [replica] * max(1, cfg.min_replicas))
     deployment = serve.deployment(serve.ingress()(CompletionServer)).options(
         name="CompletionServer",
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": num_gpus},
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": num_gpus, "resources": dict(cfg.resources or {})},
         max_ongoing_requests=cfg.max_ongoing_requests,
         autoscaling_config=_autoscaling(cfg),
     )
@@ -649,20 +655,15 @@ def _torch_dtype(name: str, device: Any, model: str) -> Any:
 
 def _preflight(cfg: ServeConfig) -> tuple[str, int]:
     """Resolve a local model path and find the context length, failing in one line before deploying."""
-    from transformers import AutoConfig
-
-    from octoray.modeling import load_tokenizer
-
+    from octoray.modeling import preflight_model
     from octoray.storage import is_uri, local_copy
 
-    # A model directory URI stays a URI: every replica downloads it once to its node's cache.
-    local = Path(cfg.model).expanduser()
-    model = cfg.model if is_uri(cfg.model) else str(local.resolve()) if local.exists() else cfg.model
-    load_tokenizer(model)
-    try:
-        config = AutoConfig.from_pretrained(local_copy(model))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model config '{cfg.model}': {str(exc).splitlines()[0]}") from None
+    if is_uri(cfg.model):
+        # A model directory URI stays a URI: every replica downloads it once to its node's cache
+        # (checked here on this node's copy).
+        model, config = cfg.model, preflight_model(local_copy(cfg.model))[1]
+    else:
+        model, config = preflight_model(cfg.model)
     if cfg.max_model_len is not None:
         return model, cfg.max_model_len
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):

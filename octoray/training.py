@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from typing import Any, Literal, Optional, Sequence
 
 from octoray.config import help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
+from octoray.node_types import require_feasible, resource_problems
 from octoray.outputs import is_complete, require_stage_output, write_manifest, write_resolved_config
 from octoray.storage import Location, ObjectPath, display, local_copy, location, scratch_dir, upload_dir
 from octoray.run_metrics import LOSS_PNG, METRICS_FILE, MetricsLog, mfu, peak_flops, plot_loss
@@ -63,6 +65,9 @@ class TrainConfig:
     val_fraction: float = option(0.0, "fraction of packed sequences held out for validation loss (0 = none)")
     num_workers: int = option(2, "Ray Train workers (one per GPU on a GPU cluster)")
     cpus_per_worker: int = option(1, "CPUs reserved per worker")
+    worker_resources: Optional[dict[str, float]] = option(
+        None, "extra Ray resources per worker, e.g. {fake_gpu: 1} for a node type that advertises its "
+              "accelerators as a custom resource (the GPU itself comes from device)")
     device: Literal["auto", "cpu", "gpu"] = option("auto", "gpu when the cluster has GPUs (auto), else cpu")
     precision: Literal["auto", "bf16", "fp32"] = option("auto", "bf16 on GPUs that have it (auto), fp32 on CPU")
     zero_stage: Literal[0, 1, 2, 3] = option(2, "DeepSpeed ZeRO stage")
@@ -87,6 +92,13 @@ class TrainConfig:
     export: bool = option(True, "write the final model in Hugging Face format to RUN_DIR/model")
     seed: int = option(0, "seed for shuffling, OASST sampling and init")
     fail_at_step: int = option(0, "testing hook: the last worker exits abruptly once before this step (0 = never)")
+    hparams: Optional[str] = option(None, "tune directory written by 'octoray tune': its best trial's hyperparameters "
+                                           "override this section's (the pipeline sets it when 'tune' runs; or --hparams)")
+    from_best_checkpoint: bool = option(False, "with hparams: continue from the best trial's checkpoint instead of "
+                                               "training from scratch; needs the trial to have trained like this run "
+                                               "(same max_steps, num_workers, model, schedule)")
+    resource_wait_s: float = option(600.0, "seconds to wait for the workers' CPUs/GPUs (an autoscaling cluster adds "
+                                           "nodes meanwhile) before failing with what holds the cluster")
 
     @property
     def grad_accum(self) -> int:
@@ -118,6 +130,11 @@ class TrainConfig:
             out.append("precision bf16 needs device gpu (CPU training runs in fp32)")
         if self.lora and not self.lora_targets:
             out.append("lora_targets must name at least one module")
+        if self.from_best_checkpoint and self.hparams is None:
+            out.append("from_best_checkpoint needs hparams (a tune directory)")
+        if self.resource_wait_s <= 0:
+            out.append(f"resource_wait_s must be > 0, got {self.resource_wait_s}")
+        out += resource_problems("worker_resources", self.worker_resources)
         return out
 
 
@@ -126,9 +143,17 @@ def run(cfg: TrainConfig) -> Location:
     started = time.time()
     data_dir, run_dir = _require_paths(cfg)
     sft_manifest = require_stage_output(data_dir, "filter", "SFT data")
+    handoff = None
+    if cfg.hparams is not None:
+        from octoray.hparams import apply_best
+
+        cfg, handoff = apply_best(cfg)
     if is_complete(run_dir, STAGE):
         print(f"octoray train: {run_dir} is already complete (manifest.json); nothing to do")
+        _warn_if_stale(run_dir, handoff)
         return run_dir
+    if handoff is not None:
+        print(f"octoray train: {handoff.summary()}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     _init_ray()
     import ray
@@ -136,16 +161,83 @@ def run(cfg: TrainConfig) -> Location:
     from octoray.shared_storage import require_shared_storage
 
     require_shared_storage(ray, run_dir, "train --out")
-    write_resolved_config(run_dir, cfg)
+    _write_config(run_dir, cfg, handoff)
+    if handoff is not None and handoff.checkpoint is not None:
+        _seed_from_trial(handoff, run_dir)
     model_path = resolve_model(cfg, data_dir, run_dir)
     datasets, counts = prepare_datasets(cfg, data_dir, model_path)
-    fit(cfg, model_path=model_path, datasets=datasets, run_dir=run_dir)
+    _wait_for_workers(cfg, "octoray train")
+    fit(cfg, model_path=model_path, datasets=datasets, run_dir=run_dir,
+        init_checkpoint=handoff.checkpoint if handoff is not None else None)
     plot_loss(run_dir / METRICS_FILE, run_dir / LOSS_PNG)
     files = [METRICS_FILE, LOSS_PNG, "config.yaml"] + (["model"] if cfg.export else [])
     write_manifest(run_dir, STAGE, cfg, rows=counts["train_sequences"], files=files, started=started,
                    inputs={"sft": {"path": display(data_dir), "rows": sft_manifest.get("rows")}},
-                   extra={"model_path": model_path, "counts": counts, "last_metrics": _last_metrics(run_dir)})
+                   extra={"model_path": model_path, "counts": counts, "last_metrics": _last_metrics(run_dir),
+                          "hparams_from": handoff.record() if handoff is not None else None})
     return run_dir
+
+
+def _write_config(run_dir: Location, cfg: TrainConfig, handoff: Any) -> None:
+    """config.yaml, headed by where its hyperparameters came from when a tune chose them."""
+    if handoff is None:
+        write_resolved_config(run_dir, cfg)
+        return
+    from octoray.config import dump_yaml
+    from octoray.outputs import RESOLVED_CONFIG, atomic_write_text
+
+    atomic_write_text(run_dir / RESOLVED_CONFIG, f"# {handoff.summary()}\n{dump_yaml(cfg)}")
+
+
+def _warn_if_stale(run_dir: Location, handoff: Any) -> None:
+    """A finished run is kept; say so when the tune it took its hyperparameters from has a new winner."""
+    from octoray.outputs import read_manifest
+
+    if handoff is None:
+        return
+    before = (read_manifest(run_dir) or {}).get("hparams_from") or {}
+    if before.get("params") != handoff.params:
+        print(f"octoray train: note: {run_dir} was trained with {before.get('params')}, the tune's best trial is now "
+              f"{handoff.trial_id} with {handoff.params}; delete {run_dir} to train with them")
+
+
+def _seed_from_trial(handoff: Any, run_dir: Path) -> None:
+    """Continue a trial: its demo base model (tokenizer included) and its metrics up to the checkpoint."""
+    import shutil
+
+    trial_base = handoff.tune_dir / "base_model"
+    if handoff.trial_config.get("model") == DEMO and trial_base.is_dir() and not (run_dir / "base_model").exists():
+        shutil.copytree(trial_base, run_dir / "base_model")  # the checkpoint's weights fit this model only
+    state = json.loads((handoff.checkpoint / STATE_FILE).read_text())
+    metrics = handoff.checkpoint.parent / METRICS_FILE
+    if metrics.is_file() and not (run_dir / METRICS_FILE).exists():
+        # The loss curve of the continued run starts at step 1, not at the checkpoint.
+        from octoray.run_metrics import read_metrics
+
+        rows = [r for r in read_metrics(metrics) if r["step"] <= state["step"]]
+        (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _wait_for_workers(cfg: TrainConfig, what: str) -> None:
+    """Reserve the worker group's bundles once, with a deadline, before Ray Train tries.
+
+    Ray Train itself would retry a worker group that cannot be placed for ever; this fails
+    within ``resource_wait_s`` with a line naming what holds the cluster.
+    """
+    from octoray.resources import wait_for_resources
+
+    bundles = [_worker_resources(cfg)] * cfg.num_workers
+    # A request no node type can ever hold fails now, naming the node types; one that fits waits
+    # (an autoscaling cluster starts a node for it) for at most resource_wait_s.
+    require_feasible("train", bundles)
+    wait_for_resources(bundles, what=f"{what} ({cfg.num_workers} workers)", timeout_s=cfg.resource_wait_s)
+
+
+def _worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What one Ray Train worker asks for: its CPUs, a GPU when training on GPUs, and any custom
+    resources the config adds (a node type's accelerator resource)."""
+    return {"CPU": float(cfg.cpus_per_worker), **({"GPU": 1.0} if _use_gpu(cfg) else {}),
+            **{k: float(v) for k, v in (cfg.worker_resources or {}).items()}}
 
 
 def _require_paths(cfg: TrainConfig) -> tuple[Location, Location]:
@@ -184,12 +276,12 @@ def resolve_model(cfg: TrainConfig, data_dir: Location, run_dir: Location) -> st
         raise UserError(f"model directory not found: {cfg.model} (give a hub id, a local model directory, or 'demo')")
     from transformers import AutoConfig
 
-    from octoray.modeling import load_tokenizer
+    from octoray.modeling import load_error, load_tokenizer
 
     try:  # the config is a few KB: a cheap check that the model exists before Ray starts workers
         config = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model '{cfg.model}': {str(exc).strip().splitlines()[0]}") from None
+        raise load_error("model", cfg.model, exc) from None
     load_tokenizer(cfg.model)
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if positions and cfg.seq_len > positions:
@@ -198,8 +290,13 @@ def resolve_model(cfg: TrainConfig, data_dir: Location, run_dir: Location) -> st
 
 
 def sft_files(data_dir: Location) -> list[str]:
-    """The Parquet shards of an ``sft/`` directory (paths, or URIs when it is in object storage)."""
-    files = sorted(str(p) for p in location(data_dir).rglob("*.parquet") if not p.name.startswith("."))
+    """The Parquet shards of an ``sft/`` directory (paths, or URIs when it is in object storage),
+    in either layout (:func:`octoray.layout.data_files`)."""
+    from octoray.layout import data_files
+    from octoray.outputs import read_manifest, stage_listing
+
+    data_dir = location(data_dir)
+    files = [str(data_dir / name) for name in data_files(read_manifest(data_dir), stage_listing(data_dir))]
     if not files:
         raise UserError(f"no Parquet shards in {data_dir}")
     return files
@@ -294,7 +391,7 @@ def _keep_row(row: dict[str, Any], *, keep: float, seed: int) -> bool:
 
 
 def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir: Location,
-        callbacks: Sequence[Any] = ()) -> Any:
+        callbacks: Sequence[Any] = (), init_checkpoint: Optional[Path] = None) -> Any:
     """Run :func:`train_loop_per_worker` on ``cfg.num_workers`` Ray Train workers; return the Result.
 
     ``RunConfig(storage_path=RUN_DIR's parent, name=RUN_DIR's name)`` makes a rerun of the same
@@ -302,15 +399,19 @@ def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir:
     ``FailureConfig`` restarts the worker group from it after a worker dies. A URI RUN_DIR goes to
     Ray as ``storage_path`` (bucket/prefix) plus ``storage_filesystem``: checkpoints are uploaded by
     the workers straight to the bucket, and a run resumes from there on any node.
+    ``init_checkpoint``
+    (a tune trial's checkpoint) is where workers start when the run has no checkpoint of its own
+    (Train V2 dropped ``resume_from_checkpoint``; its guide passes the path in the loop config).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     use_gpu = _use_gpu(cfg)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = _worker_resources(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir), "model_path": model_path},
+        train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir), "model_path": model_path,
+                           "init_checkpoint": str(init_checkpoint) if init_checkpoint else None},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -321,7 +422,12 @@ def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir:
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute="val_loss" if cfg.val_fraction > 0 else None,
                 checkpoint_score_order="min"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # controller_failure_limit bounds Ray Train's retries of a worker group it cannot place
+            # (WorkerGroupStartupTimeoutError, one per RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S = 60 s
+            # by default): unbounded by default, which hung a pipeline whose CPUs another run held.
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.max_failures,
+                controller_failure_limit=max(1, math.ceil(cfg.resource_wait_s / 60))),
             callbacks=list(callbacks)),
         datasets=datasets,
     )
@@ -394,7 +500,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
 
-    step, tokens_seen = _maybe_resume(engine, ray.train.get_checkpoint())
+    checkpoint = ray.train.get_checkpoint()  # this run's own latest, after a restart or rerun
+    if checkpoint is None and config.get("init_checkpoint"):
+        checkpoint = ray.train.Checkpoint.from_directory(config["init_checkpoint"])  # a tune trial's
+    step, tokens_seen = _maybe_resume(engine, checkpoint)
     start_step = step  # logged with every row: shows where a (re)started worker group resumed
     if rank == 0:
         _sync_metrics(run_dir, local_dir, down=True)
@@ -650,6 +759,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a YAML config (its train: section) and key=value overrides")
     parser.add_argument("--data", help="sft/ directory written by 'octoray filter'")
     parser.add_argument("--out", help="run directory (checkpoints, metrics, model/)")
+    parser.add_argument("--hparams", metavar="TUNE_DIR",
+                        help="train with the best trial's hyperparameters from TUNE_DIR/best.json ('octoray tune')")
     parser.epilog = "config keys:\n" + "\n".join(help_lines(TrainConfig))
 
 
@@ -659,7 +770,7 @@ def load_train_config(args: argparse.Namespace) -> TrainConfig:
     if len(positional) > 1:
         raise UserError(f"expected one config file, got {len(positional)}: {' '.join(positional)}")
     return load_config(TrainConfig, positional[0] if positional else None, overrides, section="train",
-                       values={"data": args.data, "out": args.out})
+                       values={"data": args.data, "out": args.out, "hparams": getattr(args, "hparams", None)})
 
 
 def main(args: argparse.Namespace) -> int:

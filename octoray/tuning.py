@@ -8,22 +8,31 @@ to Tune (it is Ray's bridge from ``ray.train.report`` on the workers to ``ray.tu
 where ASHA stops the trials that fall behind.
 
 The config file's ``train:`` section is the base of every trial; its ``tune:`` section is the
-search space and the scheduler. ``DIR/best.json`` names the best trial, its hyperparameters, its
-validation loss and its best checkpoint; ``DIR/trials/<trial_id>/`` holds each trial's run.
+search space, the searcher (random sampling or Optuna's TPE) and the scheduler. The space is
+checked against the trial budget before any trial starts. ``DIR/best.json`` names the best trial,
+its hyperparameters, its validation loss and its best checkpoint, with a row per trial (its
+validation curve, steps run, whether ASHA stopped it); ``DIR/trials/<trial_id>/`` holds each
+trial's run. ``octoray train --hparams DIR`` (and the pipeline's train stage) train with the best
+trial's hyperparameters (:mod:`octoray.hparams`).
+
+When the search ends, however it ends, every placement group it created is removed before the
+function returns (:mod:`octoray.resources`), so the next stage finds the cluster free.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from octoray.config import from_mapping, help_lines, load_config, option, split_overrides, to_dict
+from octoray.config import ConfigError, from_mapping, help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
-from octoray.outputs import atomic_write_json, is_complete, require_stage_output, write_manifest, write_resolved_config
+from octoray.outputs import (atomic_write_json, is_complete, read_manifest, require_stage_output, write_manifest,
+                             write_resolved_config)
 
 STAGE = "tune"
 METRIC = "val_loss"
@@ -37,10 +46,15 @@ class TuneConfig:
     data: Optional[str] = option(None, "sft/ directory written by 'octoray filter' (or --data); a path or a URI")
     out: Optional[str] = option(None, "tuning directory: trials/, tune/ (Ray Tune state), best.json (or --out); "
                                       "a path or a URI (s3://bucket/prefix)")
+    search: Literal["random", "optuna"] = option("random", "searcher: random sampling, or optuna (Optuna's TPE "
+                                                           "through ray.tune.search.optuna; pip install 'octoray[tune]')")
     lr: tuple[float, ...] = option((1e-4, 1e-3), "learning-rate range [low, high], sampled log-uniformly")
-    warmup_steps: tuple[int, ...] = option((1, 3), "warmup steps to choose from")
+    warmup_steps: tuple[int, ...] = option((1, 3), "warmup steps to choose from (each < the trial's max_steps)")
     batch_size: tuple[int, ...] = option((), "global batch sizes to choose from (empty: the train: value)")
+    weight_decay: tuple[float, ...] = option((), "AdamW weight decays to choose from (empty: the train: value)")
     lora_r: tuple[int, ...] = option((), "LoRA ranks to choose from (needs lora: true under train:)")
+    lora_alpha: tuple[int, ...] = option((), "LoRA alphas to choose from (needs lora: true under train:)")
+    lora_dropout: tuple[float, ...] = option((), "LoRA dropouts to choose from (needs lora: true under train:)")
     num_samples: int = option(8, "number of trials")
     max_steps: int = option(0, "optimizer steps per trial (0: the train: value)")
     num_workers: int = option(0, "Ray Train workers per trial (0: the train: value)")
@@ -48,16 +62,26 @@ class TuneConfig:
     grace_period: int = option(1, "ASHA: validation reports (one per checkpoint) before a trial may be stopped")
     reduction_factor: int = option(2, "ASHA: keep the best 1/reduction_factor at each rung")
     max_concurrent_trials: int = option(0, "trials at once (0: as many as the cluster's CPUs/GPUs hold)")
-    seed: int = option(0, "seed of the random search")
+    startup_trials: int = option(0, "optuna: random trials before TPE models the results (0: a quarter of "
+                                    "num_samples, at least 2; Optuna's own default, 10, would leave TPE idle in a small search)")
+    seed: int = option(0, "seed of the search (random sampling and Optuna's TPE)")
+    fail_trial: int = option(0, "testing hook: the N-th trial (1-based) crashes (its Ray Train controller exits "
+                                "abruptly) at its first report (0 = never)")
 
     def problems(self) -> list[str]:
-        """Every inconsistency in the search space, for one ConfigError."""
+        """Every inconsistency in the search space itself, for one ConfigError (the trial budget is
+        checked against the train: section by :func:`check_search_space`)."""
         out = []
         if len(self.lr) != 2 or not 0 < self.lr[0] <= self.lr[1]:
             out.append(f"lr must be a range [low, high] with 0 < low <= high, got {list(self.lr)}")
-        for name in ("warmup_steps", "batch_size", "lora_r"):
-            if any(v < (0 if name == "warmup_steps" else 1) for v in getattr(self, name)):
-                out.append(f"{name} choices must be positive, got {list(getattr(self, name))}")
+        for name, low in (("warmup_steps", 0), ("batch_size", 1), ("weight_decay", 0), ("lora_r", 1),
+                          ("lora_alpha", 1), ("lora_dropout", 0)):
+            if any(v < low for v in getattr(self, name)):
+                out.append(f"{name} choices must be >= {low}, got {list(getattr(self, name))}")
+        if any(v >= 1 for v in self.lora_dropout):
+            out.append(f"lora_dropout choices must be < 1, got {list(self.lora_dropout)}")
+        if self.startup_trials < 0 or self.fail_trial < 0:
+            out.append("startup_trials and fail_trial must be >= 0")
         for name in ("num_samples", "grace_period", "reduction_factor"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -68,27 +92,64 @@ class TuneConfig:
         return out
 
 
+#: Search-space keys that are lists of choices (lr is a range).
+CHOICE_KEYS = ("warmup_steps", "batch_size", "weight_decay", "lora_r", "lora_alpha", "lora_dropout")
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout")
+
+
 def trial_base(train_cfg: Any, tcfg: TuneConfig) -> Any:
-    """The TrainConfig every trial starts from: the train: section with the tune: budget applied."""
+    """The TrainConfig every trial starts from: the train: section with the tune: budget applied.
+
+    Raises one ConfigError listing every way the search space breaks that budget.
+    """
+    base, problems = _trial_base(train_cfg, tcfg)
+    if problems:
+        raise ConfigError(problems, "tune config")
+    return base
+
+
+def check_search_space(tcfg: TuneConfig, train_cfg: Any) -> list[str]:
+    """Every reason the search space cannot work with the trial budget, as sentences (empty: fine).
+
+    Each choice is tried on the trial base as the trial would build it, so every rule of
+    TrainConfig applies (warmup shorter than max_steps, a batch that divides into workers ...)
+    without being restated here; a trial can then no longer die at start for its hyperparameters.
+    """
+    return _trial_base(train_cfg, tcfg)[1]
+
+
+def _trial_base(train_cfg: Any, tcfg: TuneConfig) -> tuple[Any, list[str]]:
     from octoray.training import TrainConfig
 
     changes: dict[str, Any] = {"val_fraction": tcfg.val_fraction, "export": False, "fail_at_step": 0,
-                               "data": None, "out": None}
+                               "data": None, "out": None, "hparams": None, "from_best_checkpoint": False}
     if tcfg.max_steps:
         changes["max_steps"] = tcfg.max_steps
     if tcfg.num_workers:
         changes["num_workers"] = tcfg.num_workers
-    base = from_mapping(TrainConfig, {**to_dict(train_cfg), **changes}, source="train: section under tune")
-    problems = []
-    for batch in tcfg.batch_size:
-        if batch % (base.micro_batch * base.num_workers):
-            problems.append(f"batch_size choice {batch} is not divisible by micro_batch x num_workers = "
-                            f"{base.micro_batch} x {base.num_workers}")
-    if tcfg.lora_r and not base.lora:
-        problems.append("lora_r choices need lora: true in the train: section")
-    if problems:
-        raise UserError("invalid tune config: " + "; ".join(problems))
-    return base
+    try:
+        base = from_mapping(TrainConfig, {**to_dict(train_cfg), **changes}, source="train: section under tune")
+    except ConfigError as exc:
+        return None, [f"the trial base (the train: section with tune's budget) is invalid: {p}" for p in exc.problems]
+    budget = f"a trial runs max_steps={base.max_steps} on {base.num_workers} worker(s) x micro_batch {base.micro_batch}"
+    problems: list[str] = []
+    if not base.lora:
+        problems += [f"{name} choices need lora: true in the train: section" for name in LORA_KEYS
+                     if getattr(tcfg, name)]
+    trial_keys = [name for name in CHOICE_KEYS if name not in LORA_KEYS or base.lora]
+    candidates = [("lr", v) for v in dict.fromkeys(tcfg.lr[:2])] if len(tcfg.lr) == 2 else []
+    candidates += [(name, v) for name in trial_keys for v in dict.fromkeys(getattr(tcfg, name))]
+    for name, value in candidates:
+        try:
+            from_mapping(TrainConfig, {**to_dict(base), name: value})
+        except ConfigError as exc:
+            problems += [f"{name} choice {value} does not fit the trial budget ({budget}): {p}" for p in exc.problems]
+    reports = math.ceil(base.max_steps / base.checkpoint_every)
+    if tcfg.grace_period > reports:
+        problems.append(f"grace_period {tcfg.grace_period} exceeds the {reports} validation report(s) a trial makes "
+                        f"(max_steps {base.max_steps} / checkpoint_every {base.checkpoint_every}), so ASHA could "
+                        "never stop a trial: lower it or report more often")
+    return base, list(dict.fromkeys(problems))
 
 
 def run(tcfg: TuneConfig, train_cfg: Any) -> Path:
@@ -102,25 +163,72 @@ def run(tcfg: TuneConfig, train_cfg: Any) -> Path:
 
     data_dir, out_dir = location(tcfg.data).resolve(), location(tcfg.out).resolve()
     sft_manifest = require_stage_output(data_dir, "filter", "SFT data")
+    base = trial_base(train_cfg, tcfg)  # every problem of the space, before any work
     if is_complete(out_dir, STAGE):
-        print(f"octoray tune: {out_dir} is already complete (manifest.json); nothing to do")
-        return out_dir
-    base = trial_base(train_cfg, tcfg)
+        changed = _changed_keys(read_manifest(out_dir) or {}, tcfg, base)
+        if not changed:
+            print(f"octoray tune: {out_dir} is already complete (manifest.json); nothing to do")
+            return out_dir
+        print(f"octoray tune: the search changed since {out_dir} was written ({', '.join(changed)}); searching again")
+        _clear(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out_dir, tcfg)
     model_path = resolve_model(base, data_dir, out_dir)
     _init_ray(dashboard=True)
     _require_state_api()
+    if tcfg.search == "optuna":
+        _require_optuna()
     datasets, counts = prepare_datasets(base, data_dir, model_path)
-    results = _run_tuner(tcfg, base, model_path, datasets, out_dir)
-    best = summarize(results, base)
+
+    from octoray.resources import placement_groups, release_placement_groups
+    from octoray.training import _wait_for_workers
+
+    before = set(placement_groups())
+    try:
+        _wait_for_workers(base, "octoray tune (one trial)")
+        results = _run_tuner(tcfg, base, model_path, datasets, out_dir)
+    finally:
+        # However the search ended, nothing it reserved may outlive it: a stopped or failed trial's
+        # worker placement group would otherwise hold its CPUs until the driver exits.
+        removed = release_placement_groups(before)
+        if removed:
+            print(f"octoray tune: removed {len(removed)} placement group(s) left by trials: {', '.join(removed)}")
+    best = summarize(results, base, out_dir / "trials")
+    best["search"] = tcfg.search
     atomic_write_json(out_dir / BEST_FILE, best)
     print(f"octoray tune: best trial {best['best']['trial_id']} {METRIC}={best['best'][METRIC]:.4f} "
-          f"config={best['best']['config']}")
+          f"config={best['best']['config']} ({tcfg.search} search, {best['trial_steps']} trial-steps)")
     write_manifest(out_dir, STAGE, tcfg, rows=len(best["trials"]), files=[BEST_FILE, "config.yaml"],
                    started=started, inputs={"sft": {"path": str(data_dir), "rows": sft_manifest.get("rows")}},
                    extra={"model_path": model_path, "counts": counts, "train_config": to_dict(base)})
     return out_dir
+
+
+def _changed_keys(manifest: dict[str, Any], tcfg: TuneConfig, base: Any) -> list[str]:
+    """Keys of the tune: section or the trial base that differ from the finished search's."""
+    paths = {"data", "out"}
+    searched = set(CHOICE_KEYS) | {"lr"}
+    old_tune, old_base = manifest.get("config", {}), manifest.get("train_config", {})
+    changed = [k for k, v in to_dict(tcfg).items() if k not in paths and old_tune.get(k) != v]
+    changed += [f"train.{k}" for k, v in to_dict(base).items()
+                if k not in paths | searched and old_base.get(k) != v]
+    return changed
+
+
+def _clear(out_dir: Path) -> None:
+    """Drop a finished search's outputs (manifest first: an interrupted clear is just incomplete)."""
+    for name in ("manifest.json", BEST_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+    for name in ("trials", "tune"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+
+
+def _require_optuna() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:  # an optional extra: say how to get it
+        raise UserError("search: optuna needs the optuna package: pip install 'octoray[tune]' "
+                        "(or search: random)")
 
 
 def _require_state_api() -> None:
@@ -144,7 +252,7 @@ def search_space(tcfg: TuneConfig) -> dict[str, Any]:
     from ray import tune
 
     space: dict[str, Any] = {"lr": tune.loguniform(tcfg.lr[0], tcfg.lr[1]) if tcfg.lr[0] < tcfg.lr[1] else tcfg.lr[0]}
-    for name in ("warmup_steps", "batch_size", "lora_r"):
+    for name in CHOICE_KEYS:
         choices = list(getattr(tcfg, name))
         if choices:
             space[name] = tune.choice(choices) if len(choices) > 1 else choices[0]
@@ -168,16 +276,37 @@ def max_concurrent(tcfg: TuneConfig, base: Any) -> int:
     return max(1, fits)
 
 
+def searcher(tcfg: TuneConfig, concurrent: int) -> Any:
+    """The search algorithm, limited to ``concurrent`` trials at once and seeded.
+
+    The limit goes to the searcher itself: Tune ignores TuneConfig.max_concurrent_trials when
+    search_alg is given, and trials past what the CPUs hold would wait on their worker groups.
+    Optuna's TPE models the results of finished trials, so it is wrapped in a ConcurrencyLimiter
+    (and, on a small cluster, sees each result before it suggests the next trial).
+    """
+    if tcfg.search == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=tcfg.seed, max_concurrent=concurrent)
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    startup = tcfg.startup_trials or max(2, tcfg.num_samples // 4)
+    sampler = optuna.samplers.TPESampler(seed=tcfg.seed, n_startup_trials=startup)
+    return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrent)
+
+
 def _run_tuner(tcfg: TuneConfig, base: Any, model_path: str, datasets: dict[str, Any], out_dir: Path) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from octoray.training import _ray_storage
 
     reports = math.ceil(base.max_steps / base.checkpoint_every)  # one val_loss per checkpoint
     trainable = tune.with_parameters(_trial, base=to_dict(base), model_path=model_path,
-                                     trials_dir=str(out_dir / "trials"), datasets=datasets)
+                                     trials_dir=str(out_dir / "trials"), datasets=datasets,
+                                     fail_trial=tcfg.fail_trial)
     # The trial function only waits on its TorchTrainer; the workers hold the CPUs/GPUs. Tune
     # refuses an all-zero bundle, so the driver reserves 1 MiB of memory instead of a CPU.
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 2**20})
@@ -187,20 +316,16 @@ def _run_tuner(tcfg: TuneConfig, base: Any, model_path: str, datasets: dict[str,
         param_space=search_space(tcfg),
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="min", num_samples=tcfg.num_samples,
-            # The limit goes to the generator itself: Tune ignores TuneConfig.max_concurrent_trials
-            # when search_alg is a SearchGenerator, and trials past what the CPUs hold would wait
-            # on their worker groups until Ray Train's startup timeout.
-            search_alg=BasicVariantGenerator(random_state=tcfg.seed, max_concurrent=concurrent),
+            search_alg=searcher(tcfg, concurrent),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(1, reports),
-                                    grace_period=min(tcfg.grace_period, max(1, reports)),
-                                    reduction_factor=tcfg.reduction_factor)),
+                                    grace_period=tcfg.grace_period, reduction_factor=tcfg.reduction_factor)),
         run_config=tune.RunConfig(name="tune", **_ray_storage(out_dir)),  # a path, or bucket + file system
     )
     return tuner.fit()
 
 
 def _trial(params: dict[str, Any], *, base: dict[str, Any], model_path: str, trials_dir: str,
-           datasets: dict[str, Any]) -> None:
+           datasets: dict[str, Any], fail_trial: int = 0) -> None:
     """One trial: the base TrainConfig with this trial's hyperparameters, trained by ``fit``."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -208,34 +333,94 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], model_path: str, tri
     from octoray.storage import location
     from octoray.training import TrainConfig, fit
 
-    cfg = from_mapping(TrainConfig, {**base, **params})
-    run_dir = location(trials_dir) / ray.tune.get_context().get_trial_id()
-    fit(cfg, model_path=model_path, datasets=datasets, run_dir=run_dir, callbacks=[TuneReportCallback()])
+    cfg = from_mapping(TrainConfig, {**base, **params}, source="trial config")
+    trial_id = ray.tune.get_context().get_trial_id()
+    callbacks = [TuneReportCallback()]
+    if fail_trial and _trial_number(trial_id) == fail_trial:
+        callbacks.insert(0, _DieAtFirstReport())  # first: Tune never sees the report, the trial errors
+    fit(cfg, model_path=model_path, datasets=datasets, run_dir=location(trials_dir) / trial_id, callbacks=callbacks)
 
 
-def summarize(results: Any, base: Any) -> dict[str, Any]:
-    """best.json: the best trial (lowest val_loss ever reported), its checkpoint, and every trial."""
+def _trial_number(trial_id: str) -> int:
+    """1-based start order of a trial from its id (``<experiment>_<00000-based index>``)."""
+    return int(trial_id.rsplit("_", 1)[-1]) + 1
+
+
+def _DieAtFirstReport() -> Any:
+    """Test hook (``fail_trial``): a Ray Train callback that kills the trial's Train controller
+    abruptly at its first report (callbacks run in the controller; this one runs before
+    TuneReportCallback forwards the report), with its worker group and placement group still up:
+    the trial errors, and the placement group is left behind, as after a real crash."""
+    import os
+
+    from ray.train.v2.api.callback import UserCallback
+
+    class DieAtFirstReport(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            os._exit(1)
+
+    return DieAtFirstReport()
+
+
+def summarize(results: Any, base: Any, trials_dir: Path) -> dict[str, Any]:
+    """best.json: the best trial (lowest val_loss ever reported), its checkpoint, and a row per trial.
+
+    Each row: trial_id, config, val_loss (its best), checkpoint, reports, steps (optimizer steps
+    it ran, from its metrics.jsonl: the compute it cost), val_curve ([step, val_loss] per report),
+    status (completed / stopped by ASHA / error) and error (one line).
+    """
+    from octoray.run_metrics import read_metrics
+
     trials = []
     for result in results:
+        trial_id = _trial_id(result)
+        rows = read_metrics(trials_dir / trial_id / "metrics.jsonl") if trial_id else []
+        row: dict[str, Any] = {"trial_id": trial_id, "config": _plain(result.config), METRIC: None,
+                               "checkpoint": None, "reports": 0, "steps": max((r["step"] for r in rows), default=0),
+                               "val_curve": [], "status": "completed", "error": None}
         frame = result.metrics_dataframe
-        row: dict[str, Any] = {"trial_id": result.metrics.get("trial_id") if result.metrics else None,
-                               "config": _plain(result.config), "error": str(result.error) if result.error else None,
-                               "reports": 0, METRIC: None, "checkpoint": None, "stopped_early": False}
         if frame is not None and METRIC in frame:
             frame = frame.dropna(subset=[METRIC])
             if len(frame):
                 best_row = frame.loc[frame[METRIC].idxmin()]
                 row.update(reports=int(len(frame)), **{METRIC: float(best_row[METRIC])},
                            checkpoint=best_row.get("checkpoint_path"),
-                           last_step=int(frame["step"].max()) if "step" in frame else None)
-                row["stopped_early"] = row["last_step"] is not None and row["last_step"] < base.max_steps
+                           val_curve=[[int(s), float(v)] for s, v in zip(frame["step"], frame[METRIC])]
+                           if "step" in frame else [])
+        if result.error is not None:
+            row.update(status="error", error=error_line(result.error))
+        elif row["steps"] < base.max_steps:
+            row["status"] = "stopped by ASHA"
+        row["stopped_early"] = row["status"] == "stopped by ASHA"
         trials.append(row)
     ranked = [t for t in trials if t[METRIC] is not None]
     if not ranked:
-        errors = "; ".join(t["error"] for t in trials if t["error"]) or "no trial reported a validation loss"
-        raise RuntimeError(f"every trial failed: {errors[:2000]}")
+        errors = "; ".join(dict.fromkeys(t["error"] for t in trials if t["error"])) or "no trial reported a validation loss"
+        raise UserError(f"every trial failed: {errors[:500]}")
     best = min(ranked, key=lambda t: t[METRIC])
-    return {"metric": METRIC, "mode": "min", "best": best, "trials": trials}
+    return {"metric": METRIC, "mode": "min", "max_steps": base.max_steps,
+            "trial_steps": sum(t["steps"] for t in trials), "best": best, "trials": trials}
+
+
+def _trial_id(result: Any) -> str | None:
+    """The trial's id: reported with its metrics, else in its Tune directory's name."""
+    import re
+
+    if result.metrics and result.metrics.get("trial_id"):
+        return str(result.metrics["trial_id"])
+    match = re.search(r"_([0-9a-f]{5}_\d{5})(?:_|$)", Path(str(result.path or "")).name)
+    return match.group(1) if match else None
+
+
+def error_line(error: BaseException) -> str:
+    """A trial's error as one readable line: the octoray UserError inside, else the last line."""
+    from octoray.cli import _user_error
+
+    user = _user_error(error)
+    if user is not None:
+        return str(user).strip().splitlines()[0]
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _plain(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -266,8 +451,10 @@ def load_tune_configs(args: argparse.Namespace) -> tuple[TuneConfig, Any]:
     path = positional[0] if positional else None
     train_overrides = [o[len("train."):] for o in overrides if o.startswith("train.")]
     tune_overrides = [o for o in overrides if not o.startswith("train.")]
-    tcfg = load_config(TuneConfig, path, tune_overrides, section="tune", values={"data": args.data, "out": args.out})
     train_cfg = load_config(TrainConfig, path, train_overrides, section="train")
+    # The space is checked against the trial budget together with the tune: section's own checks.
+    tcfg = load_config(TuneConfig, path, tune_overrides, section="tune", values={"data": args.data, "out": args.out},
+                       check=lambda t: check_search_space(t, train_cfg))
     return tcfg, train_cfg
 
 

@@ -34,9 +34,11 @@ def ray_local():
     """
     import ray
 
+    from octoray.raylocal import ensure_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+        ensure_ray(dashboard=True, num_cpus=2, log_to_driver=False,
+                   runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     yield ray
 
 

@@ -66,6 +66,8 @@ def test_cluster_yaml_is_valid(path: Path, shared_dir: Path) -> None:
     doc = _load(path)
     if isinstance(doc, dict) and str(doc.get("apiVersion", "")).startswith("ray.io/"):
         problems = kuberay_problems(doc, shared_dir)
+    elif isinstance(doc, dict) and doc.get("provider", {}).get("type") == "fake_multinode":
+        problems = local_autoscaling_problems(doc)
     elif isinstance(doc, dict) and "provider" in doc:
         problems = launcher_problems(doc, path)
     else:
@@ -113,6 +115,34 @@ def launcher_problems(config: dict[str, Any], path: Path | None = None) -> list[
         for command in (f"ray up cluster/{path.name}", "octoray submit"):
             if command not in header:
                 problems.append(f"header comment lacks the command '{command}'")
+    return problems
+
+
+def local_autoscaling_problems(config: dict[str, Any]) -> list[str]:
+    """Ray's schema check of the fake multi-node config (complete as written: Ray's wheel lacks
+    the provider's defaults file, so nothing is merged in), and that it mirrors aws.yaml's node
+    types: a head without CPUs, a CPU-only worker type, an accelerator worker type, all min 0."""
+    import jsonschema
+    from ray.autoscaler._private.util import validate_config
+
+    try:
+        validate_config(copy.deepcopy(config))
+    except (jsonschema.ValidationError, ValueError, KeyError, AssertionError) as exc:
+        return [f"ray rejects it: {str(exc).splitlines()[0]}"]
+    problems = []
+    types = config["available_node_types"]
+    if types[config["head_node_type"]].get("resources", {}).get("CPU") != 0:
+        problems.append("the head must have CPU: 0 (no work on the head, as in aws.yaml)")
+    workers = {n: t for n, t in types.items() if n != config["head_node_type"]}
+    if not any(set(t["resources"]) == {"CPU"} for t in workers.values()):
+        problems.append("no CPU-only worker type")
+    if not any(set(t["resources"]) - {"CPU", "GPU"} for t in workers.values()):
+        problems.append("no worker type advertising an accelerator custom resource")
+    if any(t.get("min_workers", 0) for t in workers.values()):
+        problems.append("worker types must start at min_workers 0")
+    aws = _launcher("aws.yaml")
+    if aws["available_node_types"][aws["head_node_type"]]["resources"].get("CPU") != 0:
+        problems.append("aws.yaml's head runs work (CPU > 0) but the local mirror does not")
     return problems
 
 
@@ -460,3 +490,14 @@ def test_outputs_default_to_a_bucket_with_node_identity() -> None:
         assert workers and all(identity in t["node_config"] for t in workers), path.name
     for path in sorted(CLUSTER.rglob("*.yaml")):
         assert not re.search(r"(?i)(aws_secret_access_key|secret_key)\s*[:=]", path.read_text()), path.name
+
+
+def test_local_autoscaling_check_rejects_broken_copies() -> None:
+    good = _load(CLUSTER / "local" / "autoscaling.yaml")
+    assert local_autoscaling_problems(good) == []
+    busy_head = copy.deepcopy(good)
+    busy_head["available_node_types"][good["head_node_type"]]["resources"]["CPU"] = 2
+    assert any("CPU: 0" in p for p in local_autoscaling_problems(busy_head))
+    no_accelerator = copy.deepcopy(good)
+    no_accelerator["available_node_types"]["gpu_worker"]["resources"].pop("fake_gpu")
+    assert "no worker type advertising an accelerator custom resource" in local_autoscaling_problems(no_accelerator)

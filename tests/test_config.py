@@ -64,6 +64,10 @@ def test_missing_and_bad_files(tmp_path: Path) -> None:
     bad.write_text("a: [\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(Example, bad)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  lr: 1\nother: 2\ntrain: 3\n")
+    with pytest.raises(UserError, match=r"key 'train' appears twice \(line 4\)"):
+        load_config(Example, twice)
 
 
 def test_split_overrides_keeps_urls() -> None:

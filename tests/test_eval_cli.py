@@ -49,6 +49,14 @@ def test_bad_generator_and_key(tmp_path) -> None:
                     "did you mean 'n_samples'")
 
 
+def test_missing_model_is_one_line_before_any_work(tmp_path) -> None:
+    for model in ("/nonexistent", "runs/no/such/model"):
+        result = run_cli("eval", "--generator", f"hf:{model}", "--allow-code-execution",
+                         "--out", tmp_path / "eval")
+        _one_line_error(result, f"model '{model}': no such model directory, and not a hub id")
+    assert not (tmp_path / "eval").exists()
+
+
 def test_endpoint_alias_conflicts_with_another_generator() -> None:
     _one_line_error(run_cli("eval", "--endpoint", "http://127.0.0.1:9/v1", "--generator", "oracle:canonical",
                             "--allow-code-execution"), "either --generator or --endpoint")
@@ -262,6 +270,23 @@ def test_oracle_buggy_fix_fails_everywhere(ray_local, tmp_path, shared_dir) -> N
     assert {lang: cell["pass@1"] for lang, cell in metrics["fix"].items()} == {lang: 0.0 for lang in hep.LANGUAGES}
     statuses = {r["status"] for r in _read(out / "results.parquet")}
     assert "pass" not in statuses and "error" not in statuses  # failures of the code, not of the harness
+
+
+@pytest.mark.ray
+@pytest.mark.toolchain
+def test_incomplete_toolchain_is_one_line_before_any_work(tmp_path, shared_dir) -> None:
+    """A machine whose Rust crates lack regex's default features (no ``librust-regex+default-dev``):
+    one line naming the language and the package, and nothing generated or executed. Its own
+    embedded Ray, so that the probe's workers see the registry this test points at."""
+    from tests.test_execution import _registry_without
+
+    out = tmp_path / "eval"
+    result = run_cli("eval", "--generator", "oracle:canonical", "--languages", "python,rust",
+                     "--data-dir", shared_dir / "humanevalpack", "--allow-code-execution",
+                     "--out", out, "--limit", "1",
+                     env={"OCTORAY_CARGO_REGISTRY": str(_registry_without(tmp_path, "aho-corasick"))})
+    _one_line_error(result, "cannot execute rust samples", "aho-corasick", "librust-regex+default-dev")
+    assert not out.exists()
 
 
 @pytest.mark.ray

@@ -183,3 +183,44 @@ def test_javac_maps_its_class_data_archive_inside_the_sandbox(sandbox: Sandbox,
     program = build_program("java", p, p["declaration"] + p["canonical_solution"])
     status, tail = sandbox._execute_program("java", program.filename, program.source, 60, strict)
     assert status == "pass", tail
+
+
+# -- toolchain probe -------------------------------------------------------------------------------
+
+def _registry_without(tmp_path: Path, crate: str) -> Path:
+    """A copy (by symlinks) of Debian's cargo registry lacking ``crate``: what a machine without
+    regex's ``+default`` packages looks like to cargo."""
+    from octoray.evaluation import execution
+
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    for entry in execution.DEBIAN_CARGO_REGISTRY.iterdir():
+        if not entry.name.startswith(f"{crate}-"):
+            (registry / entry.name).symlink_to(entry)
+    return registry
+
+
+@pytest.mark.toolchain
+def test_toolchain_probe_names_the_crate_a_registry_lacks(tmp_path: Path, monkeypatch) -> None:
+    from octoray.evaluation import execution
+
+    assert execution.toolchain_problem("rust") is None
+    monkeypatch.setattr(execution, "DEBIAN_CARGO_REGISTRY", _registry_without(tmp_path, "aho-corasick"))
+    problem = execution.toolchain_problem("rust")
+    assert problem is not None and "aho-corasick" in problem and "librust-regex+default-dev" in problem
+    assert "\n" not in problem
+
+
+@pytest.mark.toolchain
+def test_install_script_check_fails_naming_the_missing_piece(tmp_path: Path) -> None:
+    """``--check`` installs nothing and names what is missing: here js-md5, in a checkout that
+    never ran the installer (the system toolchains it checks first are present on this machine)."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "install_toolchains.sh").write_text(
+        (repo / "scripts" / "install_toolchains.sh").read_text())
+    result = subprocess.run(["bash", "scripts/install_toolchains.sh", "--check"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED: js-md5 missing" in result.stderr
+    assert not (tmp_path / ".toolchains").exists()  # --check installed nothing

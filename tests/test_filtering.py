@@ -3,17 +3,22 @@ the tokenizer rule with a tiny local tokenizer, resume, and one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
+import http.server
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from octoray import commitpackft_rules as rules
 from octoray.errors import UserError
 from octoray.filtering import FUNNEL_KEYS, FilterConfig, _read_oasst, add_prompts
+from octoray.subjects import reference_normalise
 from tests.conftest import run_cli
 
 
@@ -175,7 +180,9 @@ def _rows() -> list[dict]:
                 "Fix #3 in client loop handling", "Fix the client.py loop handling", "Refactoring client loop code",
                 "Bump version to 1.2.4 for release", "Fix what i broke in the loop", "Update readme", "Fix it",
                 "Add retry to the client loop [ci skip]", "Use issue 7 workaround in loop", "Fix WIP loop retry code",
-                "Avoid retry storms in the loop", "Handle empty input in loop again"]
+                "Avoid retry storms in the loop", "Handle empty input in loop again",
+                "Add retry to the client loop (#12)", "🐛 Handle empty input in loop (GH-3)",
+                ":bug: fix #4 in the client loop", "Bump retry from 1.2 to 1.3 (#99)", "✨ (#7, #8)"]
     rows = []
     for i, subject in enumerate(subjects):
         for j, (path, lang) in enumerate([("src/client.py", "Python"), ("src/x.ts", "Python"), ("lib/y.d.ts", "TypeScript")]):
@@ -184,8 +191,10 @@ def _rows() -> list[dict]:
     return rows
 
 
+@pytest.mark.parametrize("normalise", ["keep", "strip"])
 @pytest.mark.parametrize("table_kind", ["shipped", "original"])
-def test_vectorised_rules_match_the_per_row_reference(table_kind: str, request: pytest.FixtureRequest) -> None:
+def test_vectorised_rules_match_the_per_row_reference(table_kind: str, normalise: str,
+                                                      request: pytest.FixtureRequest) -> None:
     import numpy as np
 
     from octoray.filtering import _first_rules
@@ -195,7 +204,7 @@ def test_vectorised_rules_match_the_per_row_reference(table_kind: str, request: 
     batch = pa.Table.from_pylist(rows)
     # Dropped rows come back slimmed to (path, lang, _drop): a per-row "path" keeps them apart.
     batch = batch.append_column("path", batch.column("commit"))
-    out = _first_rules(batch, ext_for)
+    out = _first_rules(batch, ext_for, pr_suffix=normalise, emoji_prefix=normalise)
     drop = np.array(out.column("_drop").to_pylist())
     alive = out.filter(pa.array(drop == 0))
     later = np.zeros(alive.num_rows, dtype=int)
@@ -205,7 +214,9 @@ def test_vectorised_rules_match_the_per_row_reference(table_kind: str, request: 
         later = np.where((later == 0) & ~np.array(mask.to_pylist()), rules.CODE[name], later)
     final = dict(zip(out.column("path").to_pylist(), drop.tolist()))
     final.update(zip(alive.column("path").to_pylist(), later.tolist()))
-    expected = {r["commit"]: rules.reference_decision(r, tables, ext_for)[0] for r in rows}
+    strip = normalise == "strip"
+    expected = {r["commit"]: rules.reference_decision(r, tables, ext_for, pr_suffix=strip, emoji_prefix=strip)[0]
+                for r in rows}
     assert final == expected
     assert 0 < sum(v == 0 for v in final.values()) < len(rows)
 
@@ -258,18 +269,60 @@ def test_partial_output_resumes_only_with_the_same_input_and_rules(tmp_path: Pat
     from octoray.filtering import _prepare_out
 
     out = tmp_path / "sft"
+    shard = out / "data" / "train-00000-of-00001.parquet"
     source = {"dir": "/c", "rows": 10, "started_at": "2026-01-01T00:00:00Z"}
     cfg = FilterConfig(commits="/c", out=str(out))
     _prepare_out(out, cfg, source)
-    (out / "commits-00000.parquet").write_bytes(b"x")
+    shard.parent.mkdir()
+    shard.write_bytes(b"x")
     (out / "_funnel" / "commits-00000.parquet.json").write_text("{}")
     _prepare_out(out, FilterConfig(commits="/c", out=str(out), actors=4), source)  # speed only: resume
-    assert (out / "commits-00000.parquet").is_file()
+    assert shard.is_file()
     _prepare_out(out, cfg, {**source, "rows": 11})  # re-mined input: start over
-    assert not (out / "commits-00000.parquet").exists()
-    (out / "commits-00000.parquet").write_bytes(b"x")
+    assert not shard.exists()
+    shard.write_bytes(b"x")
     _prepare_out(out, FilterConfig(commits="/c", out=str(out), seed=1), {**source, "rows": 11})  # other rules
+    assert not shard.exists() and not (out / "_funnel" / "commits-00000.parquet.json").exists()
+    # A partial output of octoray 0.1 (shards beside manifest.json) starts over: new shards go under data/.
+    cfg = FilterConfig(commits="/c", out=str(out), seed=1)
+    (out / "commits-00000.parquet").write_bytes(b"x")
+    (out / "_funnel" / "commits-00000.parquet.json").write_text("{}")
+    _prepare_out(out, cfg, {**source, "rows": 11})
     assert not (out / "commits-00000.parquet").exists() and not (out / "_funnel" / "commits-00000.parquet.json").exists()
+
+
+def _sft_rows(sft: Path) -> list[dict]:
+    files = json.loads((sft / "manifest.json").read_text())["files"]
+    return pa.concat_tables([pq.read_table(sft / f) for f in files]).to_pylist()
+
+
+def _check_hub_folder(sft: Path, cache: Path) -> None:
+    """``datasets.load_dataset(DIR)`` and ``pandas.read_parquet(DIR/data)`` give exactly the manifest's rows."""
+    import datasets
+    import pandas as pd
+    import yaml
+
+    from octoray.mining import COLUMNS
+
+    manifest = json.loads((sft / "manifest.json").read_text())
+    n = len(manifest["files"])
+    assert manifest["files"] == [f"data/train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
+    columns = [*COLUMNS, "prompt", "completion", "source"]
+    ds = datasets.load_dataset(str(sft), split="train", cache_dir=str(cache))
+    assert ds.num_rows == manifest["rows"] and ds.column_names == columns
+    assert sorted(ds["prompt"]) == sorted(r["prompt"] for r in _sft_rows(sft))
+    frame = pd.read_parquet(sft / "data")
+    assert len(frame) == manifest["rows"] and list(frame.columns) == columns
+    text = (sft / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n", 2)[1])
+    (declared,) = meta["configs"][0]["data_files"]
+    assert declared["split"] == "train"
+    assert sorted(p.relative_to(sft).as_posix() for p in sft.glob(declared["path"])) == manifest["files"]
+    assert meta["language"] == ["code", "en"] and meta["size_categories"] == ["n<1K"]
+    stats = json.loads((sft / "stats.json").read_text())
+    funnel = stats["funnel"]  # the funnel, with the rows each rule dropped
+    assert f"| decontam | {funnel['decontam']} | {funnel['second_pass'] - funnel['decontam']} |" in text
+    assert f"rescued {stats['subject_normalisation']['rescued']} kept rows" in text
 
 
 def _fake_mine_dir(path: Path, rows: int) -> Path:
@@ -298,8 +351,6 @@ def test_cli_bad_input_is_one_line(case: str, tmp_path: Path) -> None:
         (tmp_path / "o.jsonl").write_text("not json\n")
         extra.append(f"oasst_file={tmp_path / 'o.jsonl'}")
         # a non-empty (but row-less) mine output, so the OASST file is what fails
-        import pyarrow.parquet as pq
-
         from octoray.mining import _schema
         pq.write_table(pa.Table.from_pylist([{"commit": "0" * 40, "subject": "Fix it"}], schema=_schema()),
                        commits / "commits-00000.parquet")
@@ -311,6 +362,53 @@ def test_cli_bad_input_is_one_line(case: str, tmp_path: Path) -> None:
     expected = {"missing": "not found", "not_mine": "not an output of 'octoray mine'", "empty": "no commits",
                 "bad_option": "did you mean 'min_tokens'", "bad_oasst": "o.jsonl:1: not valid JSON"}[case]
     assert expected in lines[0]
+
+
+class _GatedHub(http.server.BaseHTTPRequestHandler):
+    """Answers every request as the Hub answers one for a gated model without accepted access."""
+
+    paths: list[str] = []
+
+    def _gated(self) -> None:
+        self.paths.append(self.path)
+        self.send_response(401)
+        self.send_header("X-Error-Code", "GatedRepo")
+        self.send_header("X-Error-Message", "Access to model bigcode/starcoder is restricted. You must have access "
+                                            "to it and be authenticated to access it. Please log in.")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _gated  # noqa: N815 - http.server's names
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_gated_default_tokenizer_says_what_to_do(tmp_path: Path) -> None:
+    """The real loader (transformers -> huggingface_hub) against a local endpoint that answers like the Hub."""
+    commits = tmp_path / "commits"
+    from octoray.layout import shard_name
+    from octoray.mining import _schema
+    from octoray.outputs import write_manifest, write_parquet_atomic
+
+    write_parquet_atomic(pa.Table.from_pylist([{"commit": "0" * 40, "subject": "Fix it"}], schema=_schema()),
+                         commits / shard_name(0, 1))
+    write_manifest(commits, "mine", FilterConfig(), rows=1, files=[shard_name(0, 1)], started=0.0)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HOME": str(tmp_path / "hf"),
+               "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_TOKEN": "", "HF_HUB_ETAG_TIMEOUT": "5"}
+        result = run_cli("filter", commits, "--out", tmp_path / "sft", "decontam=false", env=env)
+    finally:
+        server.shutdown()
+    assert any("bigcode/starcoder" in path for path in _GatedHub.paths), "the loader never asked the endpoint"
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("octoray filter: error: cannot load tokenizer 'bigcode/starcoder': it is a gated model")
+    for advice in ("accept its licence at https://huggingface.co/bigcode/starcoder", "hf auth login", "model="):
+        assert advice in lines[0]
 
 
 # ------------------------------------------------------------------------------- the funnel on a mined repository
@@ -376,6 +474,9 @@ def _build_repo(repo: Path, shared_dir: Path) -> dict[str, str]:
         ("src/net.py", BODY + "RETRIES = 8\n", "Add retry support, see issue 42 for details", "second_pass"),
         ("src/closeness.py", "import math\n\n" + py0["prompt"] + py0["canonical_solution"],
          "Add a helper to compare nearby numbers", "decontam"),
+        # Kept only because the subject is normalised first (pr_suffix / emoji_prefix = strip).
+        ("src/net.py", BODY + "RETRIES = 9\n", "Add jitter to the retry delay (#31)", ""),
+        ("lib/util.js", files["lib/util.js"] + "const SOME = [];\n", "✨ Handle null input in the loop helper", ""),
     ]
     for path, text, message, _ in plan:
         _commit(repo, path, text, message)
@@ -384,8 +485,6 @@ def _build_repo(repo: Path, shared_dir: Path) -> dict[str, str]:
 
 @pytest.mark.ray
 def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_local) -> None:
-    import pyarrow.parquet as pq
-
     from octoray import filtering, mining
     from octoray.config import load_config
     from octoray.modeling import load_tokenizer, train_bpe_tokenizer
@@ -393,9 +492,9 @@ def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_loca
     expected = _build_repo(tmp_path / "repo", shared_dir)
     commits = mining.run(load_config(mining.MineConfig, None, ["allow_unlicensed=true", "chunk_commits=8", "progress=false"],
                                      values={"sources": [str(tmp_path / "repo")], "out": str(tmp_path / "commits")}))
-    mined = pa.concat_tables([pq.read_table(p) for p in sorted(commits.glob("*.parquet"))])
+    mined = pa.concat_tables([pq.read_table(p) for p in sorted(commits.glob("data/*.parquet"))])
     assert sorted(mined.column("subject").to_pylist()) == sorted(expected)  # every planned commit was mined
-    assert len(list(commits.glob("*.parquet"))) == 2
+    assert len(list(commits.glob("data/*.parquet"))) == 2
 
     # A tiny byte-level BPE tokenizer, saved and loaded back like a hub model.
     tok_dir = tmp_path / "tok"
@@ -423,18 +522,34 @@ def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_loca
         left -= dropped_by[rule]
         want[rule] = left
     assert stats["funnel"] == want
-    assert stats["funnel_by_language"]["JavaScript"]["decontam"] == 1
-    assert stats["rows"] == 3 and stats["oasst_rows"] == 1
+    assert stats["funnel_by_language"]["JavaScript"]["decontam"] == 2
+    assert stats["rows"] == 5 and stats["oasst_rows"] == 1
+    assert stats["subject_normalisation"] == {"pr_suffix": "strip", "emoji_prefix": "strip", "rescued": 2,
+                                              "rescued_by_language": {"JavaScript": 1, "Python": 1}}
 
     files = json.loads((out / "manifest.json").read_text())["files"]
     table = pa.concat_tables([pq.read_table(out / f) for f in files])
     by_source = {s: table.filter(pa.compute.equal(table.column("source"), s)) for s in ("commitpackft", "oasst")}
     assert sorted(by_source["commitpackft"].column("subject").to_pylist()) == sorted(
-        m for m, rule in expected.items() if rule == "")
+        reference_normalise(m, True, True) for m, rule in expected.items() if rule == "")
+    assert "Add jitter to the retry delay" in by_source["commitpackft"].column("subject").to_pylist()
     row = by_source["commitpackft"].to_pylist()[0]
     assert row["prompt"] == f"Question: {row['subject']}\n{row['old_contents']}\n\nAnswer: \n"
     assert row["completion"] == row["new_contents"]
     assert by_source["oasst"].to_pylist()[0]["prompt"] == "Question: What is Ray?\n\nAnswer: \n"
+    _check_hub_folder(out, tmp_path / "hf")
+
+    # octoray 0.1's flat commits/ layout (shards beside manifest.json) is read as well.
+    legacy = tmp_path / "commits_v01"
+    legacy.mkdir()
+    mine_manifest = json.loads((commits / "manifest.json").read_text())
+    flat = [f"commits-{i:05d}.parquet" for i in range(len(mine_manifest["files"]))]
+    for new, old in zip(mine_manifest["files"], flat):
+        (legacy / old).write_bytes((commits / new).read_bytes())
+    (legacy / "manifest.json").write_text(json.dumps({**mine_manifest, "files": flat}))
+    from_legacy = filtering.run(dataclasses.replace(cfg, commits=str(legacy), out=str(tmp_path / "sft_v01")))
+    assert json.loads((from_legacy / "stats.json").read_text()) == stats
+    assert _sft_rows(from_legacy) == _sft_rows(out)
 
     # Rerun on a complete output: nothing to do (no Ray needed, so through the CLI).
     again = run_cli("filter", commits, "--out", out, f"model={tok_dir}", f"oasst_file={oasst}", "oasst_limit=1",
@@ -442,10 +557,19 @@ def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_loca
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
     # A partial output resumes: only the shard without its funnel sidecar is filtered again.
-    first, second = sorted(p.name for p in commits.glob("*.parquet"))
+    first, second = sorted(p.name for p in commits.glob("data/*.parquet"))
     (out / "manifest.json").unlink()
     (out / "_funnel" / f"{second}.json").unlink()
     kept_mtime = (out / "_funnel" / f"{first}.json").stat().st_mtime_ns
     filtering.run(cfg)
     assert (out / "_funnel" / f"{first}.json").stat().st_mtime_ns == kept_mtime
     assert json.loads((out / "stats.json").read_text()) == stats
+
+    # The paper's rules as published: '#' (rule 2) and the emoji (rule 7) drop the two again.
+    paper = filtering.run(dataclasses.replace(cfg, out=str(tmp_path / "sft_paper"), pr_suffix="keep",
+                                              emoji_prefix="keep"))
+    paper_stats = json.loads((paper / "stats.json").read_text())
+    assert paper_stats["funnel"]["no_hash"] == stats["funnel"]["no_hash"] - 1
+    assert paper_stats["funnel"]["capitalized"] == stats["funnel"]["capitalized"] - 2
+    assert paper_stats["commitpackft_rows"] == stats["commitpackft_rows"] - stats["subject_normalisation"]["rescued"]
+    assert paper_stats["subject_normalisation"]["rescued"] == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from octoray import mining
 from octoray.config import load_config
@@ -238,6 +239,57 @@ def test_own_history_matches_git_log(tmp_path: Path) -> None:
     assert stats["commits_seen"] - structural == single_modified
     again = run_cli("mine", REPO_ROOT, "--out", out, "allow_unlicensed=true")
     assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def _card_header(stage_dir: Path) -> dict:
+    text = (stage_dir / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+@pytest.mark.ray
+def test_output_is_a_hub_dataset_folder(tmp_path: Path, rules_repo: GitRepo, ray_local) -> None:
+    """``datasets.load_dataset(DIR)`` and ``pandas.read_parquet(DIR/data)`` give exactly the manifest's rows."""
+    import datasets
+    import pandas as pd
+
+    out = tmp_path / "commits"
+
+    def mine(*sources: Path) -> dict:
+        mining.run(load_config(mining.MineConfig, None, ["max_file_bytes=1000", "chunk_commits=5", "progress=false"],
+                               values={"sources": [str(s) for s in sources], "out": str(out)}))
+        return json.loads((out / "manifest.json").read_text())
+
+    manifest = mine(rules_repo.path)
+    n = len(manifest["files"])
+    assert n == 2 and manifest["files"] == [f"data/train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == manifest["rows"] == 3 and ds.column_names == list(mining.COLUMNS)
+    assert set(ds["subject"]) == KEPT_SUBJECTS
+    frame = pd.read_parquet(out / "data")
+    assert len(frame) == manifest["rows"] and list(frame.columns) == list(mining.COLUMNS)
+
+    meta = _card_header(out)
+    (declared,) = meta["configs"][0]["data_files"]
+    assert declared["split"] == "train"
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob(declared["path"])) == manifest["files"]
+    assert meta["license"] == "mit" and meta["size_categories"] == ["n<1K"] and "code" in meta["language"]
+    card = (out / "README.md").read_text()
+    assert "| rules |" in card and "| binary | 4 | 1 |" in card and "| Python | 2 |" in card
+    assert (out / ".gitignore").read_text().split() == [".work/", ".repos/"]
+
+    # Mined again with another repository, the shard count changes: shards of the earlier count
+    # and of octoray 0.1's flat layout are gone, so the data glob holds exactly the new rows.
+    (out / "commits-00000.parquet").write_bytes((out / manifest["files"][0]).read_bytes())
+    other = GitRepo(tmp_path / "other")
+    other.commit("Start the other project", {"LICENSE": MIT, "o.py": "o = 1\n"})
+    for i in range(2, 8):
+        other.commit(f"Change the value of o to {i}", {"o.py": f"o = {i}\n"})
+    manifest = mine(rules_repo.path, other.path)
+    assert manifest["rows"] == 9 and len(manifest["files"]) == 4
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet") if ".work" not in p.parts) == \
+        manifest["files"]
+    assert len(datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf2"))) == 9
 
 
 def test_not_a_repository_is_one_line(tmp_path: Path) -> None:

@@ -81,3 +81,43 @@ def test_pipeline_killed_during_training_reruns_to_completion(tmp_path: Path, sh
     assert all(row["start_step"] == (0 if row["step"] <= resume_step else resume_step) for row in rows)
     assert (out / "train" / "model" / "config.json").is_file()
     assert (out / "eval" / "metrics.json").is_file() and (out / "report" / "report.md").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pipeline_tune_then_train_with_best_trial_after_a_crashed_trial(tmp_path: Path, ray_local,
+                                                                        shared_dir: Path) -> None:
+    """Issue 17 on the demo preset, in one pipeline and one Ray: a tune whose second trial crashes
+    (its Train controller dies with its worker placement group up), then the train stage, which
+    needs every CPU. It used to hang on a placement group the tune left behind; now it completes,
+    trains with the best trial's learning rate and warmup, and no placement group remains."""
+    import json
+
+    import yaml
+
+    from octoray import pipeline
+    from octoray.resources import live_placement_groups, placement_groups
+
+    before = set(placement_groups())
+    out = tmp_path / "run"
+    pipeline.run(REPO_ROOT / "jobs" / "demo.yaml",
+                 [f"sources=[{REPO_ROOT}]", "stages=[mine,filter,tune,train,report]",
+                  "tune.num_samples=3", "tune.max_steps=4", "tune.warmup_steps=[1, 3]", "tune.fail_trial=2",
+                  "train.max_steps=4", "train.resource_wait_s=240"], out=str(out),
+                 data_dir=str(shared_dir / "humanevalpack"))  # the filter's decontamination reads it
+    best = json.loads((out / "tune" / "best.json").read_text())
+    assert [t["status"] for t in best["trials"]].count("error") == 1
+    crashed = next(t for t in best["trials"] if t["status"] == "error")
+    assert crashed["trial_id"].endswith("_00001") and "\n" not in crashed["error"]
+    config_text = (out / "train" / "config.yaml").read_text()
+    resolved = yaml.safe_load(config_text)
+    demo_train = yaml.safe_load((REPO_ROOT / "jobs" / "demo.yaml").read_text())["train"]
+    assert resolved["lr"] == best["best"]["config"]["lr"] != demo_train["lr"]
+    assert resolved["warmup_steps"] == best["best"]["config"]["warmup_steps"] != demo_train["warmup_steps"]
+    assert config_text.startswith(f"# hyperparameters of the best trial {best['best']['trial_id']} of ")
+    manifest = json.loads((out / "train" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["hparams_from"]["trial_id"] == best["best"]["trial_id"]
+    assert [r["step"] for r in read_metrics(out / "train" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert not live_placement_groups(exclude=before), "a placement group outlived the pipeline"
+    report = (out / "report" / "report.md").read_text()
+    assert "## Hyperparameter search" in report and f"**{best['best']['trial_id']}**" in report

@@ -21,7 +21,9 @@ def _write(path: Path, data: object) -> None:
 def test_report_renders_every_section(tmp_path: Path) -> None:
     _write(tmp_path / "commits/stats.json", {"commits_seen": 10, "kept": 4, "dropped": {"merge": 2, "no_diff": 4}})
     _write(tmp_path / "sft/stats.json", {"funnel": {"input": 4, "content": 3, "imperative": 2},
-                                         "commitpackft_rows": 2, "oasst_rows": 1})
+                                         "commitpackft_rows": 2, "oasst_rows": 1,
+                                         "subject_normalisation": {"pr_suffix": "strip", "emoji_prefix": "keep",
+                                                                   "rescued": 1, "rescued_by_language": {"Go": 1}}})
     _write(tmp_path / "train/metrics.jsonl", "".join(json.dumps({"step": s, "loss": 5.0 - s / 10,
                                                                  "tokens_per_s": 100.0}) + "\n" for s in range(1, 6)))
     _write(tmp_path / "eval/metrics.json", {"fix": {"python": {"pass@1": 0.25, "pass@10": None,
@@ -31,6 +33,7 @@ def test_report_renders_every_section(tmp_path: Path) -> None:
                                              "latencies_s": [0.1, 0.1, 0.3]})
     text = report.write_report(tmp_path, tmp_path / "report").read_text()
     assert "| mine: merge | 8 |" in text and "| filter: imperative | 2 |" in text
+    assert "Subject normalisation (pr_suffix=strip, emoji_prefix=keep) rescued 1 of the CommitPackFT rows" in text
     assert "loss 4.900 -> 4.500" in text
     assert "| fix | python | 25.0 | - | 30.4 | 4 | 8 |" in text
     assert "| 3 | 2 | 8 | 0.100 | 0.300 |" in text
@@ -51,3 +54,11 @@ def test_stage_overrides_are_routed_and_checked(tmp_path: Path) -> None:
         pipeline.run("jobs/demo.yaml", ["train.max_stpes=3"], out=str(tmp_path))
     with pytest.raises(UserError, match="'eval' queries the served model"):
         pipeline.run("jobs/demo.yaml", ["stages=[mine, eval]"], out=str(tmp_path))
+
+
+def test_report_names_no_rescue_when_the_paper_rules_ran(tmp_path: Path) -> None:
+    _write(tmp_path / "sft/stats.json", {"funnel": {"input": 4, "no_hash": 1}, "commitpackft_rows": 1, "oasst_rows": 0,
+                                         "subject_normalisation": {"pr_suffix": "keep", "emoji_prefix": "keep",
+                                                                   "rescued": 0, "rescued_by_language": {}}})
+    text = report.write_report(tmp_path, tmp_path / "report").read_text()
+    assert "| filter: no_hash | 1 |" in text and "Subject normalisation" not in text

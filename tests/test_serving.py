@@ -103,7 +103,7 @@ def test_config_reports_every_problem_at_once() -> None:
 
 def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     for args, needle in ((("m", "max_batchsize=4"), "did you mean 'max_batch_size'"),
-                         ((str(tmp_path / "no-such-model"),), "cannot load tokenizer")):
+                         ((str(tmp_path / "no-such-model"),), "no such model directory, and not a hub id")):
         result = run_cli("serve", *args, "--port", str(_free_port()))
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()

@@ -73,6 +73,17 @@ def test_runtime_env_pip_auto_is_the_project_deps_without_ray() -> None:
     assert jobs.runtime_env(jobs.SubmitConfig(pip=("tqdm",)), REPO_ROOT)["pip"]["packages"] == ["tqdm"]
 
 
+def test_working_dir_none_uploads_nothing_and_keeps_paths_absolute(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("c.yaml").write_text("train: {}\n")
+    command = jobs.entrypoint(["c.yaml", "lr=1e-3"], None, None, None)
+    assert command == f"python -m octoray.cli pipeline {tmp_path / 'c.yaml'} lr=1e-3"
+    env = jobs.runtime_env(jobs.SubmitConfig(pip=("none",), working_dir="none"), None)
+    assert env == {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    assert jobs._working_dir(jobs.SubmitConfig(working_dir="none")) is None
+    assert jobs._working_dir(jobs.SubmitConfig()) == REPO_ROOT
+
+
 def test_submit_section_of_the_config_is_read_and_checked(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("train: {lr: 1.0}\nsubmit:\n  pip: none\n  env_vars: {HF_HOME: /nfs/hf}\n  bogus: 1\n")

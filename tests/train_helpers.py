@@ -35,13 +35,19 @@ def sft_rows(n: int, seed: int = 0, oasst: int = 0) -> list[dict[str, str]]:
     return rows
 
 
-def write_sft(out_dir: Path, n: int = 200, seed: int = 0, oasst: int = 0) -> Path:
-    """Write an sft/ directory (one Parquet shard + a complete 'filter' manifest)."""
+def write_sft(out_dir: Path, n: int = 200, seed: int = 0, oasst: int = 0, *, legacy: bool = False) -> Path:
+    """Write an sft/ directory (one Parquet shard + a complete 'filter' manifest).
+
+    The shard goes where 'octoray filter' puts it (``data/train-00000-of-00001.parquet``), or with
+    ``legacy`` at the top level as octoray 0.1 did.
+    """
     import pyarrow as pa
 
+    from octoray.layout import shard_name
     from octoray.outputs import write_manifest, write_parquet_atomic
 
     rows = sft_rows(n, seed, oasst)
-    write_parquet_atomic(pa.Table.from_pylist(rows), out_dir / "part-00000.parquet")
-    write_manifest(out_dir, "filter", WrittenBy(), rows=len(rows), files=["part-00000.parquet"], started=time.time())
+    name = "part-00000.parquet" if legacy else shard_name(0, 1)
+    write_parquet_atomic(pa.Table.from_pylist(rows), out_dir / name)
+    write_manifest(out_dir, "filter", WrittenBy(), rows=len(rows), files=[name], started=time.time())
     return out_dir

@@ -128,10 +128,15 @@ def run(cfg: EvalConfig) -> Path:
         print(format_table(read_json(out / METRICS)))
         return out
 
+    if cfg.generator.startswith("hf:") and not (out / SAMPLES).is_file():
+        from octoray.modeling import preflight_model
+
+        preflight_model(cfg.generator.removeprefix("hf:"))  # one line, before any Ray work
     all_problems = {lang: load_problems(lang, cfg.data_dir) for lang in cfg.languages}
     problems = {lang: items[: cfg.limit] if cfg.limit else items for lang, items in all_problems.items()}
-    samples = _load_or_generate_samples(cfg, out, fingerprint, problems, all_problems)
     _init_ray(cfg)
+    runner.probe_toolchains(cfg.languages)  # a missing toolchain is one line, not a table of zeros
+    samples = _load_or_generate_samples(cfg, out, fingerprint, problems, all_problems)
 
     by_id = {p["task_id"]: p for items in problems.values() for p in items}
     results, executed = runner.execute(
@@ -184,8 +189,6 @@ def _load_or_generate_samples(cfg: EvalConfig, out: Path, fingerprint: dict[str,
                         "use a new --out or delete that directory")
     if (out / "results.parquet").exists() or (out / "results.parts").exists():
         raise UserError(f"{out} holds results but no samples; use a new --out or delete that directory")
-    if cfg.generator.startswith("hf:"):
-        _init_ray(cfg)  # Ray Data batch inference; the other generators need no cluster
     samples = generators.generate(cfg, problems, all_problems)
     out.mkdir(parents=True, exist_ok=True)
     columns = ("task_id", "language", "task", "sample_idx", "prompt", "completion", "description", "code")

@@ -63,7 +63,11 @@ TAIL_CHARS = 2000
 # gen_range(a, b) takes two arguments; rand 0.8 takes a range, so the canonical solutions of
 # Rust/32 and Rust/50 do not compile here (documented exception in docs/execution.md).
 RUST_DEPS = {"rand": "0.8", "regex": "1", "md5": "0.7"}
-DEBIAN_CARGO_REGISTRY = Path("/usr/share/cargo/registry")
+# Where Debian's librust-*-dev packages put the crates; OCTORAY_CARGO_REGISTRY points elsewhere
+# (another offline directory source).
+DEBIAN_CARGO_REGISTRY = Path(os.environ.get("OCTORAY_CARGO_REGISTRY", "/usr/share/cargo/registry"))
+# regex's default features (aho-corasick, memchr) are a package of their own, only a Recommends.
+RUST_PACKAGES = "librust-rand-dev librust-regex-dev 'librust-regex+default-dev' librust-md5-dev"
 GOPATH = "/usr/share/gocode"  # golang-github-stretchr-testify-dev installs testify here
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NODE_MODULES = REPO_ROOT / ".toolchains" / "node_modules"  # js-md5, scripts/install_toolchains.sh
@@ -185,6 +189,11 @@ class Sandbox:
         timeout = TIMEOUTS_S[language] * self.limits.timeout_scale
         status, tail = self._execute_program(language, program.filename, program.source, timeout)
         return ExecutionResult(status, tail, time.monotonic() - start)
+
+    def toolchain_problem(self, language: str) -> str | None:
+        """What this sandbox lacks to run ``language`` (one line), or None once its toolchain is
+        probed and its dependency caches are warm; the answer is kept for the Sandbox's life."""
+        return self._toolchain_problem(language)
 
     def _execute_program(self, language: str, filename: str, source: str, timeout: float,
                          command: str | None = None) -> tuple[Status, str]:
@@ -328,7 +337,7 @@ class Sandbox:
 
     def _toolchain_problem_locked(self, language: str) -> str | None:
         if language not in self._toolchain_problems:
-            problem = _check_toolchain(language)
+            problem = toolchain_problem(language)
             if problem is None:
                 problem = self._probe(language)
             try:
@@ -606,11 +615,51 @@ def _check_toolchain(language: str) -> str | None:
     if language == "go" and not Path(GOPATH, "src/github.com/stretchr/testify").is_dir():
         return "testify missing: apt-get install golang-github-stretchr-testify-dev"
     if language == "rust" and not DEBIAN_CARGO_REGISTRY.is_dir():
-        return ("Debian rust crates missing: apt-get install librust-rand-dev "
-                "librust-regex-dev librust-md5-dev")
+        return f"Debian rust crates missing: apt-get install {RUST_PACKAGES}"
     if language == "cpp" and not Path("/usr/include/boost/any.hpp").is_file():
         return "boost headers missing: apt-get install libboost-dev"
     return None
+
+
+def toolchain_problem(language: str) -> str | None:
+    """One line naming what ``language`` is missing on this machine, or None.
+
+    Cheap (well under a second, nothing compiled), so it can run before any work starts: tools
+    on PATH, the library packages, and for Rust that rand/regex/md5 resolve offline from the
+    Debian registry -- a crate present without its default-feature packages resolves only there,
+    not by looking at directories.
+    """
+    problem = _check_toolchain(language)
+    if problem is None and language == "rust":
+        with tempfile.TemporaryDirectory(prefix="octoray-rust-check-") as tmp:
+            env = _write_rust_project(Path(tmp))
+            try:
+                res = subprocess.run(["cargo", "generate-lockfile", "--offline"], cwd=tmp, env=env,
+                                     capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as exc:
+                return f"rust: cargo failed to run ({exc})"
+            if res.returncode != 0:
+                lines = [line for line in res.stderr.splitlines() if line.startswith("error")]
+                why = lines[0].removeprefix("error: ") if lines else "cargo could not resolve them"
+                return (f"rust crates rand/regex/md5 do not resolve offline ({why}): apt-get install "
+                        f"{RUST_PACKAGES}")
+    return problem
+
+
+def _write_rust_project(project: Path) -> dict[str, str]:
+    """A cargo project depending on :data:`RUST_DEPS` from the Debian directory source, in
+    ``project``; returns the environment cargo needs to use it offline."""
+    (project / "src").mkdir(parents=True, exist_ok=True)
+    (project / "src" / "lib.rs").write_text("")
+    (project / "Cargo.toml").write_text(
+        '[package]\nname = "octoray-rust-deps"\nversion = "0.1.0"\nedition = "2021"\n\n'
+        "[dependencies]\n" + "".join(f'{k} = "{v}"\n' for k, v in RUST_DEPS.items()))
+    home = project / "cargo-home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        '[source.crates-io]\nreplace-with = "debian"\n\n'
+        f'[source.debian]\ndirectory = "{DEBIAN_CARGO_REGISTRY}"\n')
+    return {**os.environ, "CARGO_HOME": str(home)}
 
 
 def _rust_deps(cache_dir: Path) -> list[str]:
@@ -624,17 +673,7 @@ def _rust_deps(cache_dir: Path) -> list[str]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if ready.is_file():
             return json.loads(ready.read_text())
-        (deps / "src").mkdir(exist_ok=True)
-        (deps / "src" / "lib.rs").write_text("")
-        (deps / "Cargo.toml").write_text(
-            '[package]\nname = "octoray-rust-deps"\nversion = "0.1.0"\nedition = "2021"\n\n'
-            "[dependencies]\n" + "".join(f'{k} = "{v}"\n' for k, v in RUST_DEPS.items()))
-        home = deps / "cargo-home"
-        home.mkdir(exist_ok=True)
-        (home / "config.toml").write_text(
-            '[source.crates-io]\nreplace-with = "debian"\n\n'
-            f'[source.debian]\ndirectory = "{DEBIAN_CARGO_REGISTRY}"\n')
-        env = {**os.environ, "CARGO_HOME": str(home)}
+        env = _write_rust_project(deps)
         res = subprocess.run(["cargo", "build", "--offline", "--message-format=json"], cwd=deps,
                              env=env, capture_output=True, text=True, timeout=900)
         if res.returncode != 0:

@@ -42,6 +42,15 @@ class Executor:
         self.sandbox = Sandbox(cache_dir=Path(cache_dir) if cache_dir else None,
                                limits=Limits(timeout_scale=timeout_scale))
 
+    def toolchain_problems(self, languages: Sequence[str]) -> dict[str, str]:
+        """``language -> what is missing`` for this actor's node; empty when all are usable.
+        Also warms the dependency caches, so no sample pays for them."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()[:8]
+        found = {lang: self.sandbox.toolchain_problem(lang) for lang in languages}
+        return {lang: f"{problem} (node {node})" for lang, problem in found.items() if problem}
+
     def run(self, sample: dict[str, Any]) -> dict[str, Any]:
         """Execute one sample's code against its problem's tests; one results row."""
         problem = self.problems[sample["task_id"]]
@@ -82,6 +91,9 @@ def execute(samples: Sequence[dict[str, Any]], problems: dict[str, dict[str, Any
     done = {key_of(r): r for r in read_results(out_dir) if key_of(r) in wanted}
     pending = [s for s in samples if key_of(s) not in done]
     if pending:
+        from octoray.node_types import require_feasible
+
+        require_feasible("eval", [{"CPU": 1}], what="execution actors of 1 CPU")
         # One per *free* CPU: CPUs held by others (a Serve replica in the pipeline) would leave
         # extra actors pending forever, with samples queued on them.
         num_actors = num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
@@ -97,6 +109,7 @@ def execute(samples: Sequence[dict[str, Any]], problems: dict[str, dict[str, Any
 
         actors = [new_actor() for _ in range(num_actors)]
         try:
+            _require_toolchains(actors, sorted({s["language"] for s in pending}))
             new_rows = _dispatch(actors, new_actor, pending, out_dir, in_flight_per_actor, flush_every, tqdm)
         finally:
             for actor in actors:
@@ -106,6 +119,44 @@ def execute(samples: Sequence[dict[str, Any]], problems: dict[str, dict[str, Any
     results = [done[key_of(s)] for s in samples]
     consolidate(out_dir, results)
     return results, len(pending)
+
+
+def probe_toolchains(languages: Sequence[str]) -> None:
+    """Stop with one line naming a language and what it is missing, before any work starts.
+
+    Runs where execution will run (a Ray task asking for the executors' one CPU), and checks
+    only what is cheap to check; the executors' full probe follows in :func:`execute`.
+    """
+    import ray
+
+    from octoray.evaluation.execution import toolchain_problem
+
+    def check(langs: Sequence[str]) -> dict[str, str]:
+        found = {lang: toolchain_problem(lang) for lang in langs}
+        return {lang: problem for lang, problem in found.items() if problem}
+
+    problems = ray.get(ray.remote(num_cpus=1)(check).remote(list(languages)))
+    _raise_toolchain_problems(problems)
+
+
+def _require_toolchains(actors: Sequence[Any], languages: Sequence[str]) -> None:
+    """Every executor probes (and warms) the toolchains of ``languages``; one line if any lacks one."""
+    import ray
+
+    problems: dict[str, str] = {}
+    for found in ray.get([actor.toolchain_problems.remote(languages) for actor in actors]):
+        for lang, problem in found.items():
+            problems.setdefault(lang, problem)
+    _raise_toolchain_problems(problems)
+
+
+def _raise_toolchain_problems(problems: dict[str, str]) -> None:
+    from octoray.errors import UserError
+
+    if problems:
+        lang = sorted(problems)[0]
+        others = f" (also: {', '.join(sorted(problems)[1:])})" if len(problems) > 1 else ""
+        raise UserError(f"cannot execute {lang} samples: {problems[lang]}{others}")
 
 
 def _dispatch(actors: list[Any], new_actor: Callable[[], Any], pending: Sequence[dict[str, Any]],
