@@ -63,14 +63,15 @@ class DataSummary:
 
 
 def summarize(shards: Iterable[Any]) -> DataSummary:
-    """Row, language, license and repository counts of Parquet ``shards`` (paths), column-wise."""
-    import pyarrow.parquet as pq
+    """Row, language, license and repository counts of Parquet ``shards`` (paths or object-store
+    locations), column-wise."""
+    from octoray.outputs import parquet_file, read_parquet
 
     rows, langs, licenses, repos = 0, Counter(), Counter(), Counter()
     repo_license: dict[str, str] = {}
     for shard in shards:
-        wanted = [c for c in ("lang", "license", "repo") if c in pq.read_schema(shard).names]
-        table = pq.read_table(shard, columns=wanted)
+        wanted = [c for c in ("lang", "license", "repo") if c in parquet_file(shard).schema_arrow.names]
+        table = read_parquet(shard, columns=wanted)
         rows += table.num_rows
         for name, counter in (("lang", langs), ("license", licenses)):
             if name in wanted:

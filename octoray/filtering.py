@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -35,8 +34,9 @@ from octoray import dataset_card, layout, subjects
 from octoray.config import help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
 from octoray.outputs import (RESOLVED_CONFIG, atomic_write_json, atomic_write_text, is_complete, iter_jsonl,
-                             read_manifest, require_stage_output, stage_listing, write_manifest,
+                             parquet_file, read_manifest, require_stage_output, stage_listing, write_manifest,
                              write_parquet_atomic, write_resolved_config)
+from octoray.storage import Location, display, fs_path, location, rmtree
 
 STAGE = "filter"
 FUNNEL_DIR = "_funnel"  # resume sidecars, outside data/ (and "_": Parquet dataset readers skip it)
@@ -148,18 +148,18 @@ def main(args: argparse.Namespace) -> int:
 # The stage
 
 
-def run(cfg: FilterConfig) -> Path:
+def run(cfg: FilterConfig) -> Location:
     """Filter ``cfg.commits`` into ``cfg.out``; returns the output directory."""
     started = time.time()
-    in_dir, out = Path(cfg.commits), Path(cfg.out)
+    in_dir, out = location(cfg.commits), location(cfg.out)
     in_manifest = require_stage_output(in_dir, "mine", "commits")
-    if out.resolve() == in_dir.resolve():
+    if display(out) == display(in_dir):
         raise UserError("--out must differ from the input directory (the filter would overwrite its input)")
     shards = _input_shards(in_dir, in_manifest)
     expected = {path.name: _num_rows(path) for path in shards}
     if sum(expected.values()) == 0:
         raise UserError(f"{in_dir} holds no commits: nothing to filter")
-    source = {"dir": str(in_dir.resolve()), "rows": in_manifest.get("rows"), "started_at": in_manifest.get("started_at")}
+    source = {"dir": display(in_dir), "rows": in_manifest.get("rows"), "started_at": in_manifest.get("started_at")}
     if is_complete(out, STAGE):
         previous = read_manifest(out) or {}
         if (_result_config(previous.get("config", {})) == _result_config(to_dict(cfg))
@@ -172,7 +172,7 @@ def run(cfg: FilterConfig) -> Path:
     from octoray.languages import language_table
 
     lang_table = language_table(cfg.languages_file)
-    oasst = _read_oasst(Path(cfg.oasst_file), cfg.oasst_limit) if cfg.oasst_file else None
+    oasst = _read_oasst(location(cfg.oasst_file), cfg.oasst_limit) if cfg.oasst_file else None
     if cfg.tokenizer_rule:
         from octoray.modeling import load_tokenizer
 
@@ -180,6 +180,10 @@ def run(cfg: FilterConfig) -> Path:
     if cfg.decontam:
         _check_problems(cfg)
 
+    from octoray.raylocal import ensure_ray
+    from octoray.shared_storage import require_shared_storage
+
+    require_shared_storage(ensure_ray(), out, "filter --out")
     _prepare_out(out, cfg, source)
     # Output shard i of N for input shard i (N counts the OASST shard too): fixed by the input and
     # the config, so a resumed run names every shard as the first attempt did.
@@ -207,7 +211,7 @@ def run(cfg: FilterConfig) -> Path:
     return out
 
 
-def _input_shards(in_dir: Path, manifest: dict[str, Any]) -> list[Path]:
+def _input_shards(in_dir: Location, manifest: dict[str, Any]) -> list[Location]:
     """The mine output's shards, in either layout (``data/train-*`` or octoray 0.1's flat one)."""
     shards = [in_dir / name for name in layout.data_files(manifest, stage_listing(in_dir))]
     missing = [p.name for p in shards if not p.is_file()]
@@ -218,11 +222,9 @@ def _input_shards(in_dir: Path, manifest: dict[str, Any]) -> list[Path]:
     return shards
 
 
-def _num_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
+def _num_rows(path: Location) -> int:
     try:
-        return pq.ParquetFile(path).metadata.num_rows
+        return parquet_file(path).metadata.num_rows
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a torn file
         raise UserError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
@@ -231,7 +233,7 @@ def _result_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in _RUNTIME_ONLY}
 
 
-def _prepare_out(out: Path, cfg: FilterConfig, source: dict[str, Any]) -> None:
+def _prepare_out(out: Location, cfg: FilterConfig, source: dict[str, Any]) -> None:
     """Resume an output begun with the same rules on the same input; otherwise start it over.
 
     An output in octoray 0.1's flat layout (shards beside manifest.json) is started over too: its
@@ -253,7 +255,7 @@ def _prepare_out(out: Path, cfg: FilterConfig, source: dict[str, Any]) -> None:
             print(f"octoray filter: {out} was written {why}; starting over", file=sys.stderr)
             (out / "manifest.json").unlink(missing_ok=True)
             (out / layout.CARD).unlink(missing_ok=True)
-            shutil.rmtree(out / FUNNEL_DIR, ignore_errors=True)
+            rmtree(out / FUNNEL_DIR)
             for stale in layout.all_shards(listing):
                 (out / stale).unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -261,7 +263,7 @@ def _prepare_out(out: Path, cfg: FilterConfig, source: dict[str, Any]) -> None:
     atomic_write_json(marker, source)
 
 
-def _shard_done(out: Path, name: str, out_name: str) -> bool:
+def _shard_done(out: Location, name: str, out_name: str) -> bool:
     """Input shard ``name`` is filtered when its sidecar (written after its output shard) is whole."""
     sidecar = out / FUNNEL_DIR / f"{name}.json"
     if not sidecar.is_file():
@@ -273,11 +275,10 @@ def _shard_done(out: Path, name: str, out_name: str) -> bool:
     return (out / out_name).is_file()
 
 
-def _output_schema(first_shard: Path) -> Any:
+def _output_schema(first_shard: Location) -> Any:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    schema = pq.read_schema(first_shard)
+    schema = parquet_file(first_shard).schema_arrow
     schema = pa.schema([f for f in schema if f.name not in ("prompt", "completion", "source")])
     for name in ("prompt", "completion", "source"):
         schema = schema.append(pa.field(name, pa.string()))
@@ -288,15 +289,16 @@ def _output_schema(first_shard: Path) -> Any:
 # Ray Data
 
 
-def _filter_shards(cfg: FilterConfig, pending: list[Path], expected: dict[str, int], out_names: dict[str, str],
-                   out: Path, schema: Any, tables: rules.Tables, lang_table: Any) -> None:
+def _filter_shards(cfg: FilterConfig, pending: list[Location], expected: dict[str, int], out_names: dict[str, str],
+                   out: Location, schema: Any, tables: rules.Tables, lang_table: Any) -> None:
     """Run the pending shards through Ray Data and write each one as soon as it is whole."""
     from octoray.raylocal import ensure_ray
     from octoray.node_types import require_feasible
 
     ray = ensure_ray()  # quiet Ray Data: our bar counts rows, Ray's counts blocks per operator
     require_feasible("filter", [{"CPU": 1}], what="tasks of 1 CPU")
-    ds = ray.data.read_parquet([str(p) for p in pending], include_paths=True)
+    filesystem, _ = fs_path(pending[0])
+    ds = ray.data.read_parquet([fs_path(p)[1] for p in pending], include_paths=True, filesystem=filesystem)
     ds = ds.map_batches(_first_rules, batch_format="pyarrow", batch_size=cfg.batch_size,
                         fn_kwargs={"extensions_for": lang_table.extensions_for, "pr_suffix": cfg.pr_suffix,
                                    "emoji_prefix": cfg.emoji_prefix})
@@ -474,7 +476,7 @@ def _collect_kept(block: Any, names: list[str], kept: dict[str, list[Any]]) -> N
         kept[name].append(live.filter(pc.equal(pa.array(live_names), name)))
 
 
-def _write_shard(out: Path, name: str, out_name: str, parts: list[Any], codes: Counter, n_input: int, schema: Any,
+def _write_shard(out: Location, name: str, out_name: str, parts: list[Any], codes: Counter, n_input: int, schema: Any,
                  template: str, rescued: Counter) -> None:
     """Write one input shard's kept rows as ``out_name`` and then its funnel sidecar (``rescued``:
     kept rows per language that only the subject normalisation saved).
@@ -530,7 +532,7 @@ def _funnel(codes: Counter, n_input: int) -> tuple[dict[str, int], dict[str, dic
     return left(overall, n_input), {lang: left(c, sum(c.values())) for lang, c in sorted(per_lang.items())}
 
 
-def _aggregate(out: Path, names: list[str], oasst_rows: int, cfg: FilterConfig) -> dict[str, Any]:
+def _aggregate(out: Location, names: list[str], oasst_rows: int, cfg: FilterConfig) -> dict[str, Any]:
     """Sum the per-shard funnels (and rescued counts) into stats.json."""
     funnel: Counter = Counter()
     by_lang: dict[str, Counter] = defaultdict(Counter)
@@ -574,7 +576,7 @@ def _decontam_index(cfg: FilterConfig) -> rules.NgramIndex:
     return rules.build_ngram_index(texts, cfg.decontam_ngram)
 
 
-def _read_oasst(path: Path, limit: int | None) -> list[tuple[str, str]]:
+def _read_oasst(path: Location, limit: int | None) -> list[tuple[str, str]]:
     """``(input, output)`` pairs of a JSONL file, with a one-line error naming the bad line."""
     if not path.is_file():
         raise UserError(f"oasst_file not found: {path}")
@@ -609,7 +611,7 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="row", desc="filtering", disable=not enabled, file=sys.stderr)
 
 
-def _print_summary(out: Path, stats: dict[str, Any], seconds: float) -> None:
+def _print_summary(out: Location, stats: dict[str, Any], seconds: float) -> None:
     funnel = stats["funnel"]
     print(f"\nfiltered {funnel['input']:,} commits in {seconds:.1f} s -> {out}")
     print(f"  {'rule':<16}{'rows left':>11}{'dropped':>10}")

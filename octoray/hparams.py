@@ -21,6 +21,7 @@ from typing import Any
 from octoray.config import from_mapping, to_dict
 from octoray.errors import UserError
 from octoray.outputs import read_json, require_stage_output
+from octoray.storage import Location, location
 
 BEST_FILE = "best.json"
 
@@ -36,7 +37,7 @@ CHECKPOINT_KEYS = ("model", "demo_layers", "demo_embd", "demo_vocab", "seq_len",
 class Handoff:
     """Where a train run's hyperparameters came from."""
 
-    tune_dir: Path
+    tune_dir: Location
     trial_id: str
     val_loss: float
     params: dict[str, Any]      # the searched keys and the best trial's values
@@ -60,9 +61,9 @@ class Handoff:
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None}
 
 
-def read_best(tune_dir: Path) -> dict[str, Any]:
+def read_best(tune_dir: Location) -> dict[str, Any]:
     """``best.json`` of a complete tune directory, or a one-line UserError."""
-    tune_dir = Path(tune_dir)
+    tune_dir = location(tune_dir)
     require_stage_output(tune_dir, "tune", "tuning (hparams)")
     best = read_json(tune_dir / BEST_FILE)
     if not isinstance(best, dict) or not isinstance(best.get("best"), dict) or "config" not in best["best"]:
@@ -74,7 +75,7 @@ def apply_best(cfg: Any) -> tuple[Any, Handoff]:
     """``cfg`` (a TrainConfig with ``hparams`` set) with the best trial's hyperparameters applied."""
     from octoray.training import TrainConfig
 
-    tune_dir = Path(cfg.hparams).resolve()
+    tune_dir = location(cfg.hparams).resolve()
     best = read_best(tune_dir)
     trial = best["best"]
     params = dict(trial["config"])

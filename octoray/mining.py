@@ -15,7 +15,10 @@ Pipeline (each step streams; no git process per commit):
    folder, :mod:`octoray.layout`), then ``stats.json``, the ``README.md`` dataset card and, last,
    ``manifest.json``.
 
-For a multi-node cluster ``OUT`` must be on storage every node sees (clones live in ``OUT/.repos``).
+``OUT`` may be a local path, a shared mount or an object-store URI (``s3://bucket/prefix``); on a
+multi-node cluster it must be one every node sees. Clones live in ``OUT/.repos`` on a file system,
+and in each node's local cache (``~/.cache/octoray/repos``) when ``OUT`` is a URI: git needs a
+real directory, and a node that finds no clone makes its own.
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ from octoray.languages import LanguageTable, language_table
 from octoray.licenses import LICENSE_FILE_NAMES, PERMISSIVE, classify_license
 from octoray.raylocal import ensure_ray, unreserved_ray_data
 from octoray.node_types import cluster_capacity, require_feasible
-from octoray.outputs import (atomic_write_json, atomic_write_text, is_complete, read_manifest, stage_listing,
-                             write_manifest, write_parquet_atomic, write_resolved_config)
+from octoray.outputs import (atomic_write_json, atomic_write_text, is_complete, read_manifest, read_parquet,
+                             stage_listing, write_manifest, write_parquet_atomic, write_resolved_config)
+from octoray.shared_storage import require_shared_storage
+from octoray.storage import Location, ObjectPath, copy_file, location, rmtree, scratch_dir
 
 STAGE = "mine"
 
@@ -91,7 +96,8 @@ class MineConfig:
     max_file_bytes: int = option(1_000_000, "skip commits whose old or new file is larger (huge blobs)")
     non_utf8: Literal["drop", "replace"] = option("drop", "file contents that are not UTF-8: drop the commit, "
                                                           "or decode with U+FFFD replacements")
-    clone_dir: str | None = option(None, "where URLs are cloned (default OUT/.repos)")
+    clone_dir: str | None = option(None, "where URLs are cloned (default OUT/.repos; with OUT a URI, "
+                                         "a cache on each node)")
     progress: bool = option(True, "show a progress bar")
 
     def problems(self) -> list[str]:
@@ -153,10 +159,10 @@ def main(args: argparse.Namespace) -> int:
 # The stage
 
 
-def run(cfg: MineConfig) -> Path:
+def run(cfg: MineConfig) -> Location:
     """Mine ``cfg.sources`` into ``cfg.out``; returns the output directory."""
     started = time.time()
-    out = Path(cfg.out)
+    out = location(cfg.out)
     sources = resolve_sources(cfg.sources)
     language_table(cfg.languages_file)  # fail fast on a bad languages file, before Ray starts
     previous = read_manifest(out)
@@ -164,12 +170,11 @@ def run(cfg: MineConfig) -> Path:
             and not previous.get("failed_repos")):
         print(f"octoray mine: {out} is already complete ({previous['rows']} rows); nothing to do")
         return out
+    ray = ensure_ray()
+    require_shared_storage(ray, out, "mine --out")  # before any work
     out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out, cfg)
     work = out / ".work"
-    clone_root = Path(cfg.clone_dir) if cfg.clone_dir else out / ".repos"
-
-    ray = ensure_ray()
     require_feasible("mine", [{"CPU": 1}], what="tasks of 1 CPU")
     # One task per CPU the cluster can have: an autoscaling cluster starts with none.
     workers = cfg.workers or max(1, int(min(cluster_capacity("CPU"), 256)))
@@ -180,7 +185,7 @@ def run(cfg: MineConfig) -> Path:
     # worker starts at once (octoray.raylocal.unreserved_ray_data).
     with unreserved_ray_data():
         plans = list(ray.data.from_items(items, override_num_blocks=len(items))
-                     .map(lambda row: _plan_repo(Source(**row), cfg, work, clone_root), compute=compute).iter_rows())
+                     .map(lambda row: _plan_repo(Source(**row), cfg, work), compute=compute).iter_rows())
         chunks = [chunk for plan in plans if not plan.get("error") and not plan.get("done")
                   for chunk in plan["chunks"]]
         repo_stats = {p["key"]: p for p in plans}
@@ -276,11 +281,19 @@ def _repo_name(spec: str, is_url: bool) -> str:
 # Plan: one task per repository
 
 
-def _plan_repo(source: Source, cfg: MineConfig, work: Path, clone_root: Path) -> dict[str, Any]:
-    """Clone if needed, detect the license, list commits, cut them into chunks."""
+def _clone_root(cfg: MineConfig, work: Location) -> Path:
+    """Where URLs are cloned on this node: ``clone_dir``, ``OUT/.repos``, or a local cache for a URI ``OUT``."""
+    if cfg.clone_dir:
+        return Path(cfg.clone_dir)
+    return scratch_dir(work.parent, "repos") if isinstance(work, ObjectPath) else Path(work.parent) / ".repos"
+
+
+def _plan_repo(source: Source, cfg: MineConfig, work: Location, clone_root: Path | None = None) -> dict[str, Any]:
+    """Clone if needed (into ``clone_root``, default :func:`_clone_root`), detect the license, list
+    commits, cut them into chunks."""
     plan: dict[str, Any] = {"key": source.key, "name": source.name, "source": source.spec, "chunks": []}
     try:
-        repo = _clone(source, clone_root) if source.is_url else Path(source.spec)
+        repo = _clone(source, clone_root or _clone_root(cfg, work)) if source.is_url else Path(source.spec)
         head = gitio.head_commit(repo, cfg.ref) if cfg.ref == "HEAD" else None
         range_id = head or gitio.git(repo, "rev-parse", "--verify", "--quiet", cfg.ref, check=False).decode().strip()
         done = work / source.key / "done.json"
@@ -303,7 +316,8 @@ def _plan_repo(source: Source, cfg: MineConfig, work: Path, clone_root: Path) ->
         size = cfg.chunk_commits
         plan["chunks"] = [
             {"key": source.key, "name": source.name, "repo": str(repo), "license": license_id,
-             "partial": plan["partial"], "index": i, "commits": commits[start:start + size]}
+             "partial": plan["partial"], "index": i, "commits": commits[start:start + size],
+             "source": dataclasses.asdict(source)}
             for i, start in enumerate(range(0, len(commits), size))
         ]
         if not plan["chunks"]:  # nothing to mine (unlicensed, or only merges): finish now
@@ -322,7 +336,7 @@ def _clone(source: Source, clone_root: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)  # a clone interrupted half-way
     clone_root.mkdir(parents=True, exist_ok=True)
-    tmp = clone_root / f".{source.key}.tmp"
+    tmp = clone_root / f".{source.key}.{os.getpid()}.tmp"  # tasks on one node may race
     shutil.rmtree(tmp, ignore_errors=True)
     # Partial clone: blobs over 1 MB (the default size cap) stay on the server. Servers without
     # filter support ignore the flag and send everything.
@@ -337,7 +351,12 @@ def _clone(source: Source, clone_root: Path) -> Path:
     for key in ("remote.origin.promisor", "extensions.partialclone"):
         subprocess.run(["git", "-C", str(tmp), "config", "--unset", key], capture_output=True)
     subprocess.run(["git", "-C", str(tmp), "config", "octoray.partial", "true"], capture_output=True)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another task on this node finished the same clone first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if gitio.head_commit(dest) is None:
+            raise
     return dest
 
 
@@ -345,13 +364,13 @@ def _is_partial(repo: Path) -> bool:
     return gitio.git(repo, "config", "--get", "octoray.partial", check=False).strip() == b"true"
 
 
-def _reset_stale_work(repo_work: Path, range_id: str, cfg: MineConfig) -> None:
+def _reset_stale_work(repo_work: Location, range_id: str, cfg: MineConfig) -> None:
     """Keep finished chunks only when they were cut from the same history with the same size."""
     plan_file = repo_work / "plan.json"
     expected = {"head": range_id, "chunk_commits": cfg.chunk_commits}
     if plan_file.is_file() and json.loads(plan_file.read_text()) == expected:
         return
-    shutil.rmtree(repo_work, ignore_errors=True)
+    rmtree(repo_work)
     atomic_write_json(plan_file, expected)
 
 
@@ -381,7 +400,7 @@ def _license_ok(license_id: str | None, cfg: MineConfig) -> bool:
 # Mine: one task per chunk of history
 
 
-def _mine_chunk(chunk: dict[str, Any], cfg: MineConfig, work: Path) -> dict[str, Any]:
+def _mine_chunk(chunk: dict[str, Any], cfg: MineConfig, work: Location) -> dict[str, Any]:
     """Mine one chunk into ``.work/<key>/part-NNNNN.parquet``; return its drop counts."""
     part = work / chunk["key"] / f"part-{chunk['index']:05d}.parquet"
     sidecar = part.with_suffix(".json")
@@ -389,6 +408,10 @@ def _mine_chunk(chunk: dict[str, Any], cfg: MineConfig, work: Path) -> dict[str,
     if part.is_file() and sidecar.is_file():
         return {**base, **json.loads(sidecar.read_text())}  # finished by an earlier run
     try:
+        source = Source(**chunk["source"]) if chunk.get("source") else None
+        if source is not None and source.is_url and chunk["commits"]:
+            # With OUT on object storage clones are node-local: this node may not have it yet.
+            chunk = {**chunk, "repo": str(_clone(source, _clone_root(cfg, work)))}
         rows, dropped = _mine_commits(chunk, cfg, language_table(cfg.languages_file))
     except (gitio.GitError, OSError) as exc:
         return {**base, "error": str(exc) or type(exc).__name__, "dropped": {}, "kept": 0}
@@ -535,7 +558,7 @@ def _schema() -> Any:
 # Finish: per repository, then the whole run
 
 
-def _finish_repo(work: Path, plan: dict[str, Any], results: list[dict]) -> dict[str, Any]:
+def _finish_repo(work: Location, plan: dict[str, Any], results: list[dict]) -> dict[str, Any]:
     """Sum a repository's chunk counts; mark it done unless a chunk failed."""
     dropped: Counter = Counter()
     for result in results:
@@ -552,7 +575,7 @@ def _finish_repo(work: Path, plan: dict[str, Any], results: list[dict]) -> dict[
     return stats
 
 
-def _finalize(out: Path, work: Path, keys: list[str]) -> tuple[int, list[str], int]:
+def _finalize(out: Location, work: Location, keys: list[str]) -> tuple[int, list[str], int]:
     """Deduplicate every finished repository's rows by commit and publish the output shards.
 
     Only the small ``commit``/``repo`` columns are read to find duplicates. A chunk shard without
@@ -563,7 +586,6 @@ def _finalize(out: Path, work: Path, keys: list[str]) -> tuple[int, list[str], i
     of the legacy flat layout, are removed so the data glob holds exactly the manifest's rows.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     parts = [p for key in keys for p in sorted((work / key).glob("part-*.parquet"))]
     seen: set[str] = set()
@@ -571,7 +593,7 @@ def _finalize(out: Path, work: Path, keys: list[str]) -> tuple[int, list[str], i
     part_commits: list[list[str]] = []
     keep_masks: list[list[bool]] = []
     for part in parts:
-        meta = pq.read_table(part, columns=["commit", "repo"])
+        meta = read_parquet(part, columns=["commit", "repo"])
         commits = meta["commit"].to_pylist()
         mask = []
         for commit, repo in zip(commits, meta["repo"].to_pylist()):
@@ -591,7 +613,7 @@ def _finalize(out: Path, work: Path, keys: list[str]) -> tuple[int, list[str], i
         if all(mask) and not forked:
             _publish(part, out / name)
         else:
-            table = pq.read_table(part).filter(pa.array(mask))
+            table = read_parquet(part).filter(pa.array(mask))
             repos = [",".join(sorted(holders[c])) for c, keep in zip(commits, mask) if keep]
             table = table.set_column(table.schema.get_field_index("repos"), "repos", pa.array(repos, pa.string()))
             write_parquet_atomic(table, out / name)
@@ -604,8 +626,11 @@ def _finalize(out: Path, work: Path, keys: list[str]) -> tuple[int, list[str], i
     return rows, files, duplicates
 
 
-def _publish(part: Path, dest: Path) -> None:
+def _publish(part: Location, dest: Location) -> None:
     """Put a finished chunk shard into the output without copying its bytes where possible."""
+    if isinstance(dest, ObjectPath):  # a server-side copy: the bytes stay in the bucket
+        copy_file(part, dest)
+        return
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     tmp.unlink(missing_ok=True)
@@ -637,7 +662,7 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="commit", desc="mining", disable=not enabled, file=sys.stderr)
 
 
-def _print_summary(out: Path, stats: dict[str, Any], failed: dict[str, str], seconds: float) -> None:
+def _print_summary(out: Location, stats: dict[str, Any], failed: dict[str, str], seconds: float) -> None:
     n_repos = len(stats["repos"])
     print(f"\nmined {n_repos} repositor{'y' if n_repos == 1 else 'ies'} in {seconds:.1f} s -> {out}")
     print(f"  commits seen {stats['commits_seen']:>9,}")

@@ -65,11 +65,16 @@ def build_demo_model(
 
 
 def load_tokenizer(name_or_path: str) -> Any:
-    """``AutoTokenizer.from_pretrained`` with a one-line error when it cannot be found."""
+    """``AutoTokenizer.from_pretrained`` with a one-line error when it cannot be found.
+
+    A model directory URI (``s3://bucket/runs/x/model``) is downloaded once per node first.
+    """
     from transformers import AutoTokenizer
 
+    from octoray.storage import local_copy
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(local_copy(name_or_path))
     except (OSError, ValueError) as exc:
         raise load_error("tokenizer", name_or_path, exc) from None
     if tokenizer.pad_token is None:
@@ -78,11 +83,14 @@ def load_tokenizer(name_or_path: str) -> Any:
 
 
 def load_model(name_or_path: str, **kwargs: Any) -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` with a one-line error when it cannot be found."""
+    """``AutoModelForCausalLM.from_pretrained`` with a one-line error when it cannot be found
+    (a URI is downloaded once per node first)."""
     from transformers import AutoModelForCausalLM
 
+    from octoray.storage import local_copy
+
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(local_copy(name_or_path), **kwargs)
     except (OSError, ValueError) as exc:
         raise load_error("model", name_or_path, exc) from None
 

@@ -1,9 +1,13 @@
 """Stage output directories: atomic writes, manifests, completeness.
 
 Every stage writes Parquet shards plus ``manifest.json`` (and often ``stats.json``) into its own
-directory (where inside it: :mod:`octoray.layout`). Files are written under a temporary name and renamed when whole, so a crash never
-leaves a half-written shard that a rerun would trust. ``manifest.json`` is written last: its
-presence with ``"complete": true`` is what makes a stage skip on rerun.
+directory (where inside it: :mod:`octoray.layout`), which may be a local/shared path or an
+object-store URI (:mod:`octoray.storage`).
+On a file system, files are written under a temporary name and renamed when whole; on an object
+store, where there is no rename, each file is one upload that becomes visible only when complete.
+Either way a crash never leaves a half-written shard that a rerun would trust.
+``manifest.json`` is written last: its presence with ``"complete": true`` is what makes a stage
+skip on rerun (on object storage it is the commit marker).
 """
 
 from __future__ import annotations
@@ -18,14 +22,19 @@ from typing import Any, Iterable, Iterator, Mapping
 from octoray import __version__
 from octoray.config import dump_yaml, to_dict
 from octoray.errors import UserError
+from octoray.storage import Location, ObjectPath, upload_file
 
 MANIFEST = "manifest.json"
 STATS = "stats.json"
 RESOLVED_CONFIG = "config.yaml"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and an atomic rename."""
+def atomic_write_bytes(path: Location, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory and an atomic rename
+    (on object storage: one upload, visible only once complete)."""
+    if isinstance(path, ObjectPath):
+        path.write_bytes(data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -39,60 +48,102 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Location, text: str) -> None:
     """Atomically write UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
+def atomic_write_json(path: Location, data: Any) -> None:
     """Atomically write indented JSON."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def write_parquet_atomic(table: Any, path: Path) -> None:
+def write_parquet_atomic(table: Any, path: Location) -> None:
     """Write a pyarrow Table as one Parquet file, atomically."""
-    import pyarrow.parquet as pq
-
+    if isinstance(path, ObjectPath):
+        # Written to local disk first, then uploaded whole: a writer that dies mid-way leaves
+        # no object behind (an unfinished multipart upload is never visible).
+        with tempfile.TemporaryDirectory(prefix="octoray-upload-") as tmp:
+            local = Path(tmp) / path.name
+            _write_table(table, local)
+            upload_file(local, path)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        if table.num_rows:
-            pq.write_table(table, tmp, compression="zstd")
-        else:
-            # No row group at all, only the schema: pq.write_table would write one empty row group,
-            # and readers that size batches by the first row group (datasets) fail on it.
-            pq.ParquetWriter(tmp, table.schema, compression="zstd").close()
+        _write_table(table, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def stage_listing(stage_dir: Path) -> list[str]:
+def _write_table(table: Any, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    if table.num_rows:
+        pq.write_table(table, path, compression="zstd")
+    else:
+        # No row group at all, only the schema: pq.write_table would write one empty row group,
+        # and readers that size batches by the first row group (datasets) fail on it.
+        pq.ParquetWriter(path, table.schema, compression="zstd").close()
+
+
+def read_parquet(path: Location, columns: list[str] | None = None) -> Any:
+    """One Parquet file as a pyarrow Table, from any location."""
+    import pyarrow.parquet as pq
+
+    from octoray.storage import fs_path
+
+    fs, where = fs_path(path)
+    return pq.read_table(where, columns=columns, filesystem=fs)
+
+
+def parquet_file(path: Location) -> Any:
+    """A ``pyarrow.parquet.ParquetFile`` (metadata, schema) for any location."""
+    import pyarrow.parquet as pq
+
+    from octoray.storage import fs_path
+
+    fs, where = fs_path(path)
+    return pq.ParquetFile(fs.open_input_file(where))
+
+
+def stage_listing(stage_dir: Location) -> list[str]:
     """Names (relative, ``/``-separated) of the files where a stage directory may hold shards.
 
-    Which places to look is :data:`octoray.layout.LISTING_GLOBS`; this only lists them.
+    Which places to look is :data:`octoray.layout.LISTING_GLOBS`; this only lists them, on any
+    location (object stores list one prefix level at a time, so each pattern is dir + name).
     """
     from octoray.layout import LISTING_GLOBS
 
-    stage_dir = Path(stage_dir)
-    return sorted(p.relative_to(stage_dir).as_posix() for pattern in LISTING_GLOBS
-                  for p in stage_dir.glob(pattern) if p.is_file())
+    found = []
+    for pattern in LISTING_GLOBS:
+        folder, _, name = pattern.rpartition("/")
+        base = stage_dir / folder if folder else stage_dir
+        found += [f"{folder}/{p.name}" if folder else p.name for p in base.glob(name) if p.is_file()]
+    return sorted(found)
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Location) -> Any:
     """Read a JSON file, with a one-line error when it is missing or broken."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(_loc(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"missing file: {path}") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
 
 
-def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+def _loc(path: Location | str) -> Location:
+    from octoray.storage import location
+
+    return location(path)
+
+
+def read_manifest(out_dir: Location) -> dict[str, Any] | None:
     """The manifest of a stage directory, or None when there is none (yet)."""
-    path = Path(out_dir) / MANIFEST
+    path = _loc(out_dir) / MANIFEST
     if not path.is_file():
         return None
     try:
@@ -101,15 +152,15 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
         return None  # a torn manifest means "not complete"; the stage reruns
 
 
-def is_complete(out_dir: Path, stage: str) -> bool:
+def is_complete(out_dir: Location, stage: str) -> bool:
     """True when ``out_dir`` holds a complete output of ``stage``."""
     manifest = read_manifest(out_dir)
     return bool(manifest and manifest.get("stage") == stage and manifest.get("complete"))
 
 
-def require_stage_output(in_dir: Path, stage: str, what: str) -> dict[str, Any]:
+def require_stage_output(in_dir: Location, stage: str, what: str) -> dict[str, Any]:
     """The manifest of a complete ``stage`` output in ``in_dir``, or a one-line UserError."""
-    in_dir = Path(in_dir)
+    in_dir = _loc(in_dir)
     if not in_dir.is_dir():
         raise UserError(f"{what} directory not found: {in_dir}")
     manifest = read_manifest(in_dir)
@@ -120,13 +171,13 @@ def require_stage_output(in_dir: Path, stage: str, what: str) -> dict[str, Any]:
     return manifest
 
 
-def write_resolved_config(out_dir: Path, cfg: Any) -> None:
+def write_resolved_config(out_dir: Location, cfg: Any) -> None:
     """Write the fully resolved config beside the outputs, for reproducibility."""
-    atomic_write_text(Path(out_dir) / RESOLVED_CONFIG, dump_yaml(cfg))
+    atomic_write_text(_loc(out_dir) / RESOLVED_CONFIG, dump_yaml(cfg))
 
 
 def write_manifest(
-    out_dir: Path,
+    out_dir: Location,
     stage: str,
     cfg: Any,
     *,
@@ -149,16 +200,16 @@ def write_manifest(
         "seconds": round(time.time() - started, 3),
         **dict(extra or {}),
     }
-    atomic_write_json(Path(out_dir) / MANIFEST, manifest)
+    atomic_write_json(_loc(out_dir) / MANIFEST, manifest)
     return manifest
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+def iter_jsonl(path: Location) -> Iterator[tuple[str, Any]]:
     """``(where, value)`` per non-blank line of a JSONL file; ``where`` is ``path:line`` for errors.
 
     A line that is not JSON stops with a one-line UserError naming the file and line.
     """
-    with Path(path).open(encoding="utf-8") as handle:
+    with _loc(path).open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, 1):
             if not line.strip():
                 continue

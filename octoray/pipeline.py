@@ -3,7 +3,8 @@
 With 'tune' among the stages, the train stage trains with the best trial's hyperparameters
 (``train.hparams`` = the tune directory; see :mod:`octoray.hparams`).
 
-Every stage writes its own directory under ``out`` and is skipped when that output is complete,
+Every stage writes its own directory under ``out`` (a path, a shared mount or an object-store URI
+such as ``s3://bucket/runs/demo``) and is skipped when that output is complete,
 so a pipeline killed anywhere (say, during training) is rerun with the same command and picks up
 where it stopped: mining and filtering are not redone, training resumes from its last checkpoint.
 All stages share one Ray: the embedded local one on a laptop, the cluster inside a Ray Job.
@@ -36,7 +37,8 @@ class PipelineConfig:
     """The ``pipeline:`` section of a jobs/ YAML file."""
 
     name: str = option("demo", "run name")
-    out: str = option("", "root directory of every stage's output (default runs/<name>)")
+    out: str = option("", "root of every stage's output: a path, a shared mount or a URI such as "
+                          "s3://bucket/runs/demo (default runs/<name>)")
     sources: tuple[str, ...] = option((".",), "repositories to mine (paths, URLs or list files)")
     stages: tuple[str, ...] = option(("mine", "filter", "train", "serve", "eval", "report"),
                                      "stages to run, in pipeline order (add 'tune' to search hyperparameters first; "
@@ -89,7 +91,9 @@ def run(config_path: str | Path, overrides: list[str] = (), *, out: str | None =
         by_stage.setdefault(stage, []).append(item.split(".", 1)[1] if stage != "pipeline" else item)
     cfg = load_config(PipelineConfig, config_path, by_stage.get("pipeline", []), section="pipeline",
                       values={"out": out, "humanevalpack_dir": data_dir})
-    root = Path(cfg.out or f"runs/{cfg.name}")
+    from octoray.storage import location
+
+    root = location(cfg.out or f"runs/{cfg.name}")
     dirs = {stage: root / name for stage, name in
             (("mine", "commits"), ("filter", "sft"), ("tune", "tune"), ("train", "train"),
              ("serve", "serve"), ("eval", "eval"), ("report", "report"))}
@@ -99,7 +103,10 @@ def run(config_path: str | Path, overrides: list[str] = (), *, out: str | None =
 
     from octoray.raylocal import ensure_ray
 
-    ensure_ray(dashboard="tune" in wanted)  # tune needs the State API (octoray.tuning._require_state_api)
+    ray = ensure_ray(dashboard="tune" in wanted)  # tune needs the State API (octoray.tuning._require_state_api)
+    from octoray.shared_storage import require_shared_storage
+
+    require_shared_storage(ray, root, "out")  # before any work: every node must see the outputs
     for stage in ("mine", "filter", "tune", "train"):
         if stage in wanted:
             _banner(stage, dirs[stage])

@@ -23,8 +23,21 @@ OCTOCODER_PASS1 = {
 LANGUAGE_ORDER = ("python", "js", "java", "go", "cpp", "rust")
 
 
-def write_report(root: Path, out: Path) -> Path:
-    """Write ``out/report.md`` (+ PNGs) from the stage directories under ``root``; returns its path."""
+def write_report(root: Any, out: Any) -> Any:
+    """Write ``out/report.md`` (+ PNGs) from the stage directories under ``root``; returns its path.
+
+    ``root`` and ``out`` may be paths or object-store locations (:mod:`octoray.storage`); for the
+    latter the report is drawn in a local temp directory and uploaded, ``report.md`` last.
+    """
+    from octoray.storage import ObjectPath, upload_dir
+
+    if isinstance(out, ObjectPath):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="octoray-report-") as tmp:
+            write_report(root, Path(tmp))
+            upload_dir(Path(tmp), out, last="report.md")
+        return out / "report.md"
     out.mkdir(parents=True, exist_ok=True)
     sections = [f"# octoray run report: `{root}`\n",
                 _funnel_section(root / "commits", root / "sft", out),

@@ -80,9 +80,11 @@ class MetricsLog:
             self._tb.close()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics JSONL file (a torn last line from a crash is skipped)."""
-    path = Path(path)
+def read_metrics(path: Any) -> list[dict[str, Any]]:
+    """The rows of a metrics JSONL file, local or in object storage (a torn last line from a crash is skipped)."""
+    from octoray.storage import location
+
+    path = location(path)
     if not path.is_file():
         return []
     rows = []
@@ -94,7 +96,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_loss(metrics_path: Path, png_path: Path) -> bool:
+def plot_loss(metrics_path: Any, png_path: Any) -> bool:
     """Write the loss curve (train, and validation where logged) as a PNG; False if no rows."""
     rows = read_metrics(metrics_path)
     if not rows:
@@ -114,7 +116,13 @@ def plot_loss(metrics_path: Path, png_path: Path) -> bool:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
+    import io
+
+    from octoray.outputs import atomic_write_bytes
+    from octoray.storage import location
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    atomic_write_bytes(location(png_path), buffer.getvalue())  # local file or one object upload
     return True

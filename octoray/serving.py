@@ -45,7 +45,8 @@ FALLBACK_MAX_MODEL_LEN = 2048
 class ServeConfig:
     """Configuration of ``octoray serve`` (YAML section ``serve:``)."""
 
-    model: str = option("", "model to serve: the model/ dir written by `octoray train`, a local HF dir or a hub id")
+    model: str = option("", "model to serve: the model/ dir written by `octoray train` (a path or a URI such as "
+                            "s3://bucket/runs/x/model, downloaded once per node), a local HF dir or a hub id")
     model_name: str = option("", "name clients pass as `model` and /v1/models lists (default: the model argument)")
     host: str = option("127.0.0.1", "address the HTTP proxy listens on (0.0.0.0 for every interface)")
     port: int = option(8000, "HTTP port; the API is at http://HOST:PORT/v1")
@@ -645,7 +646,9 @@ def _torch_dtype(name: str, device: Any, model: str) -> Any:
         return torch.float32  # half precision is slow or unsupported on most CPUs
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model)
+    from octoray.storage import local_copy
+
+    config = AutoConfig.from_pretrained(local_copy(model))
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return saved if saved in (torch.float16, torch.bfloat16) else torch.bfloat16
 
@@ -653,8 +656,14 @@ def _torch_dtype(name: str, device: Any, model: str) -> Any:
 def _preflight(cfg: ServeConfig) -> tuple[str, int]:
     """Resolve a local model path and find the context length, failing in one line before deploying."""
     from octoray.modeling import preflight_model
+    from octoray.storage import is_uri, local_copy
 
-    model, config = preflight_model(cfg.model)
+    if is_uri(cfg.model):
+        # A model directory URI stays a URI: every replica downloads it once to its node's cache
+        # (checked here on this node's copy).
+        model, config = cfg.model, preflight_model(local_copy(cfg.model))[1]
+    else:
+        model, config = preflight_model(cfg.model)
     if cfg.max_model_len is not None:
         return model, cfg.max_model_len
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):

@@ -9,7 +9,11 @@ Ray Train worker runs: DeepSpeed engine, resume, the step loop, checkpoints, exp
 RUN_DIR layout: Ray Train's run (``checkpoint_<step>/`` with every rank's DeepSpeed shard,
 Ray's own state files), ``metrics.jsonl``, ``tb/``, ``loss.png``, ``config.yaml``, ``model/``
 (Hugging Face format, tokenizer included), ``base_model/`` (demo only) and ``manifest.json`` last.
-RUN_DIR must be on storage every worker sees (local disk for one node, NFS/EFS for a cluster).
+RUN_DIR may be a local path, a shared mount or an object-store URI (``s3://bucket/runs/x``); on a
+cluster it must be one every node sees. With a URI, Ray Train writes checkpoints straight to the
+bucket (``RunConfig(storage_path=..., storage_filesystem=...)``); rank 0 keeps ``metrics.jsonl`` and
+``tb/`` in a node-local scratch directory and uploads them at every checkpoint and at the end, and
+``model/`` is uploaded once exported. Workers load a model given as a URI from a per-node cache.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from octoray.config import help_lines, load_config, option, split_overrides, to_
 from octoray.errors import UserError
 from octoray.node_types import require_feasible, resource_problems
 from octoray.outputs import is_complete, require_stage_output, write_manifest, write_resolved_config
+from octoray.storage import Location, ObjectPath, display, local_copy, location, scratch_dir, upload_dir
 from octoray.run_metrics import LOSS_PNG, METRICS_FILE, MetricsLog, mfu, peak_flops, plot_loss
 
 STAGE = "train"
@@ -47,8 +52,9 @@ DEMO = "demo"
 class TrainConfig:
     """Everything ``octoray train`` reads; the ``train:`` section of a jobs/ YAML file."""
 
-    data: Optional[Path] = option(None, "sft/ directory written by 'octoray filter' (or --data)")
-    out: Optional[Path] = option(None, "run directory RUN_DIR: checkpoints, metrics, model/ (or --out)")
+    data: Optional[str] = option(None, "sft/ directory written by 'octoray filter' (or --data); a path or a URI")
+    out: Optional[str] = option(None, "run directory RUN_DIR: checkpoints, metrics, model/ (or --out); "
+                                      "a path or a URI (s3://bucket/prefix)")
     model: str = option(DEMO, "hub id or local path of a causal LM (e.g. bigcode/starcoder), or 'demo' for a tiny GPTBigCode built from the SFT text")
     demo_layers: int = option(2, "demo model: transformer layers")
     demo_embd: int = option(128, "demo model: hidden size")
@@ -86,7 +92,7 @@ class TrainConfig:
     export: bool = option(True, "write the final model in Hugging Face format to RUN_DIR/model")
     seed: int = option(0, "seed for shuffling, OASST sampling and init")
     fail_at_step: int = option(0, "testing hook: the last worker exits abruptly once before this step (0 = never)")
-    hparams: Optional[Path] = option(None, "tune directory written by 'octoray tune': its best trial's hyperparameters "
+    hparams: Optional[str] = option(None, "tune directory written by 'octoray tune': its best trial's hyperparameters "
                                            "override this section's (the pipeline sets it when 'tune' runs; or --hparams)")
     from_best_checkpoint: bool = option(False, "with hparams: continue from the best trial's checkpoint instead of "
                                                "training from scratch; needs the trial to have trained like this run "
@@ -132,7 +138,7 @@ class TrainConfig:
         return out
 
 
-def run(cfg: TrainConfig) -> Path:
+def run(cfg: TrainConfig) -> Location:
     """Train per ``cfg`` and return RUN_DIR; a complete RUN_DIR is left as is, a partial one resumes."""
     started = time.time()
     data_dir, run_dir = _require_paths(cfg)
@@ -149,11 +155,16 @@ def run(cfg: TrainConfig) -> Path:
     if handoff is not None:
         print(f"octoray train: {handoff.summary()}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _init_ray()
+    import ray
+
+    from octoray.shared_storage import require_shared_storage
+
+    require_shared_storage(ray, run_dir, "train --out")
     _write_config(run_dir, cfg, handoff)
     if handoff is not None and handoff.checkpoint is not None:
         _seed_from_trial(handoff, run_dir)
     model_path = resolve_model(cfg, data_dir, run_dir)
-    _init_ray()
     datasets, counts = prepare_datasets(cfg, data_dir, model_path)
     _wait_for_workers(cfg, "octoray train")
     fit(cfg, model_path=model_path, datasets=datasets, run_dir=run_dir,
@@ -161,13 +172,13 @@ def run(cfg: TrainConfig) -> Path:
     plot_loss(run_dir / METRICS_FILE, run_dir / LOSS_PNG)
     files = [METRICS_FILE, LOSS_PNG, "config.yaml"] + (["model"] if cfg.export else [])
     write_manifest(run_dir, STAGE, cfg, rows=counts["train_sequences"], files=files, started=started,
-                   inputs={"sft": {"path": str(data_dir), "rows": sft_manifest.get("rows")}},
+                   inputs={"sft": {"path": display(data_dir), "rows": sft_manifest.get("rows")}},
                    extra={"model_path": model_path, "counts": counts, "last_metrics": _last_metrics(run_dir),
                           "hparams_from": handoff.record() if handoff is not None else None})
     return run_dir
 
 
-def _write_config(run_dir: Path, cfg: TrainConfig, handoff: Any) -> None:
+def _write_config(run_dir: Location, cfg: TrainConfig, handoff: Any) -> None:
     """config.yaml, headed by where its hyperparameters came from when a tune chose them."""
     if handoff is None:
         write_resolved_config(run_dir, cfg)
@@ -178,7 +189,7 @@ def _write_config(run_dir: Path, cfg: TrainConfig, handoff: Any) -> None:
     atomic_write_text(run_dir / RESOLVED_CONFIG, f"# {handoff.summary()}\n{dump_yaml(cfg)}")
 
 
-def _warn_if_stale(run_dir: Path, handoff: Any) -> None:
+def _warn_if_stale(run_dir: Location, handoff: Any) -> None:
     """A finished run is kept; say so when the tune it took its hyperparameters from has a new winner."""
     from octoray.outputs import read_manifest
 
@@ -229,12 +240,12 @@ def _worker_resources(cfg: TrainConfig) -> dict[str, float]:
             **{k: float(v) for k, v in (cfg.worker_resources or {}).items()}}
 
 
-def _require_paths(cfg: TrainConfig) -> tuple[Path, Path]:
+def _require_paths(cfg: TrainConfig) -> tuple[Location, Location]:
     if cfg.data is None:
         raise UserError("no SFT data given: pass --data SFT_DIR (the output of 'octoray filter')")
     if cfg.out is None:
         raise UserError("no run directory given: pass --out RUN_DIR")
-    return Path(cfg.data).resolve(), Path(cfg.out).resolve()
+    return location(cfg.data).resolve(), location(cfg.out).resolve()
 
 
 def _init_ray(dashboard: bool = False) -> None:
@@ -245,7 +256,7 @@ def _init_ray(dashboard: bool = False) -> None:
     ensure_ray(log_to_driver=True, dashboard=dashboard)
 
 
-def resolve_model(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> str:
+def resolve_model(cfg: TrainConfig, data_dir: Location, run_dir: Location) -> str:
     """The model to fine-tune: a hub id / local path checked up front, or the demo model built once."""
     if cfg.model == DEMO:
         base = run_dir / "base_model"
@@ -255,8 +266,11 @@ def resolve_model(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> str:
             texts = sft_texts(data_dir, limit=20_000)
             # The context is StarCoder's 2048 whatever seq_len trains: the served model must take
             # HumanEvalPack prompts (hundreds of tokens with a small BPE vocabulary).
-            build_demo_model(base, texts, vocab_size=cfg.demo_vocab, n_layer=cfg.demo_layers,
+            local = base if not isinstance(base, ObjectPath) else scratch_dir(base, "build") / "base_model"
+            build_demo_model(local, texts, vocab_size=cfg.demo_vocab, n_layer=cfg.demo_layers,
                              n_embd=cfg.demo_embd, n_positions=max(cfg.seq_len, 2048), seed=cfg.seed)
+            if isinstance(base, ObjectPath):  # config.json last: its presence means "built"
+                upload_dir(local, base, last="config.json")
         return str(base)
     if cfg.model.startswith(("/", "./", "../", "~")) and not Path(cfg.model).expanduser().is_dir():
         raise UserError(f"model directory not found: {cfg.model} (give a hub id, a local model directory, or 'demo')")
@@ -275,45 +289,49 @@ def resolve_model(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> str:
     return cfg.model
 
 
-def sft_files(data_dir: Path) -> list[str]:
-    """The Parquet shards of an ``sft/`` directory, in either layout (:func:`octoray.layout.data_files`)."""
+def sft_files(data_dir: Location) -> list[str]:
+    """The Parquet shards of an ``sft/`` directory (paths, or URIs when it is in object storage),
+    in either layout (:func:`octoray.layout.data_files`)."""
     from octoray.layout import data_files
     from octoray.outputs import read_manifest, stage_listing
 
-    files = [str(Path(data_dir) / name) for name in data_files(read_manifest(data_dir), stage_listing(data_dir))]
+    data_dir = location(data_dir)
+    files = [str(data_dir / name) for name in data_files(read_manifest(data_dir), stage_listing(data_dir))]
     if not files:
         raise UserError(f"no Parquet shards in {data_dir}")
     return files
 
 
-def sft_texts(data_dir: Path, limit: int) -> list[str]:
+def sft_texts(data_dir: Location, limit: int) -> list[str]:
     """Up to ``limit`` prompt+completion strings, to train the demo tokenizer on."""
-    import pyarrow.parquet as pq
+    from octoray.outputs import read_parquet
 
     texts: list[str] = []
     for path in sft_files(data_dir):
-        table = pq.read_table(path, columns=["prompt", "completion"])
+        table = read_parquet(location(path), columns=["prompt", "completion"])
         texts.extend(p + c for p, c in zip(table["prompt"].to_pylist(), table["completion"].to_pylist()))
         if len(texts) >= limit:
             break
     return texts[:limit]
 
 
-def prepare_datasets(cfg: TrainConfig, data_dir: Path, model_path: str) -> tuple[dict[str, Any], dict[str, int]]:
+def prepare_datasets(cfg: TrainConfig, data_dir: Location, model_path: str) -> tuple[dict[str, Any], dict[str, int]]:
     """Ray Data: read ``sft/``, mix in OASST at ``oasst_ratio``, shuffle, pack, split off validation."""
-    import pyarrow.parquet as pq
     import ray.data
 
+    from octoray.outputs import parquet_file
     from octoray.packing import pack_batch
+    from octoray.storage import fs_path
 
     files = sft_files(data_dir)
-    schema = pq.read_schema(files[0])
+    schema = parquet_file(location(files[0])).schema_arrow
     missing = [c for c in ("prompt", "completion") if c not in schema.names]
     if missing:
         raise UserError(f"{data_dir} lacks column(s) {', '.join(missing)}: is it the output of 'octoray filter'?")
     has_source = "source" in schema.names
     columns = ["prompt", "completion"] + (["source"] if has_source else [])
-    ds = ray.data.read_parquet(files).select_columns(columns)
+    filesystem, _ = fs_path(location(files[0]))
+    ds = ray.data.read_parquet([fs_path(location(f))[1] for f in files], filesystem=filesystem).select_columns(columns)
     counts: dict[str, int] = {}
     if cfg.oasst_ratio is not None and has_source:
         ds, counts = _mix_oasst(ds, files, cfg.oasst_ratio, cfg.seed)
@@ -346,12 +364,12 @@ def _mix_oasst(ds: Any, files: list[str], ratio: float, seed: int) -> tuple[Any,
     filter in the read tasks instead of filter + shuffle + limit + union, and the same rows on
     every rerun (the driver counts them with the same rule for the manifest).
     """
-    import pyarrow.parquet as pq
+    from octoray.outputs import read_parquet
 
     oasst_rows: list[tuple[str, str]] = []
     n_total = 0
     for f in files:
-        table = pq.read_table(f, columns=["source", "prompt", "completion"])
+        table = read_parquet(location(f), columns=["source", "prompt", "completion"])
         n_total += table.num_rows
         oasst_rows.extend((p, c) for s, p, c in zip(table["source"].to_pylist(), table["prompt"].to_pylist(),
                                                    table["completion"].to_pylist()) if s == "oasst")
@@ -372,13 +390,16 @@ def _keep_row(row: dict[str, Any], *, keep: float, seed: int) -> bool:
     return digest / 2**32 < keep
 
 
-def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir: Path,
+def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir: Location,
         callbacks: Sequence[Any] = (), init_checkpoint: Optional[Path] = None) -> Any:
     """Run :func:`train_loop_per_worker` on ``cfg.num_workers`` Ray Train workers; return the Result.
 
     ``RunConfig(storage_path=RUN_DIR's parent, name=RUN_DIR's name)`` makes a rerun of the same
     command find Ray Train's checkpoint state in RUN_DIR and resume from its latest checkpoint;
-    ``FailureConfig`` restarts the worker group from it after a worker dies. ``init_checkpoint``
+    ``FailureConfig`` restarts the worker group from it after a worker dies. A URI RUN_DIR goes to
+    Ray as ``storage_path`` (bucket/prefix) plus ``storage_filesystem``: checkpoints are uploaded by
+    the workers straight to the bucket, and a run resumes from there on any node.
+    ``init_checkpoint``
     (a tune trial's checkpoint) is where workers start when the run has no checkpoint of its own
     (Train V2 dropped ``resume_from_checkpoint``; its guide passes the path in the loop config).
     """
@@ -394,7 +415,7 @@ def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir:
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
+            name=run_dir.name, **_ray_storage(run_dir.parent),
             # With a validation split keep the best checkpoints by val_loss (Ray keeps the latest
             # as well, for resuming); without one, the most recent.
             checkpoint_config=ray.train.CheckpointConfig(
@@ -413,6 +434,13 @@ def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir:
     return trainer.fit()
 
 
+def _ray_storage(parent: Location) -> dict[str, Any]:
+    """``RunConfig`` storage arguments for a directory: a local path, or bucket path + file system."""
+    if isinstance(parent, ObjectPath):
+        return {"storage_path": parent.path, "storage_filesystem": parent.fs}
+    return {"storage_path": str(parent)}
+
+
 def _use_gpu(cfg: TrainConfig) -> bool:
     if cfg.device != "auto":
         return cfg.device == "gpu"
@@ -421,7 +449,7 @@ def _use_gpu(cfg: TrainConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def _last_metrics(run_dir: Path) -> dict[str, Any]:
+def _last_metrics(run_dir: Location) -> dict[str, Any]:
     from octoray.run_metrics import read_metrics
 
     rows = read_metrics(run_dir / METRICS_FILE)
@@ -447,7 +475,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from octoray.deepspeed_config import build_deepspeed_config, warmup_cosine
 
     cfg = from_mapping(TrainConfig, config["cfg"])
-    run_dir, model_path = Path(config["run_dir"]), config["model_path"]
+    run_dir = location(config["run_dir"])
+    model_path = local_copy(config["model_path"])  # a URI: downloaded once per node
+    # Files rank 0 appends to (metrics.jsonl, tb/) live on a local disk; with a URI RUN_DIR they are
+    # uploaded at every checkpoint, so a worker group restarted on another node starts from them.
+    local_dir = _local_run_dir(run_dir)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cuda = torch.cuda.is_available()
@@ -473,7 +505,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(config["init_checkpoint"])  # a tune trial's
     step, tokens_seen = _maybe_resume(engine, checkpoint)
     start_step = step  # logged with every row: shows where a (re)started worker group resumed
-    log = MetricsLog(run_dir, enabled=rank == 0, resume_step=step)
+    if rank == 0:
+        _sync_metrics(run_dir, local_dir, down=True)
+    log = MetricsLog(local_dir, enabled=rank == 0, resume_step=step)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
     train_shard = ray.train.get_dataset_shard("train")
@@ -510,6 +544,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if val_shard is not None:
                 row["val_loss"] = _evaluate(engine, val_shard, cfg.micro_batch)
             log.log(row)
+            if rank == 0:
+                _sync_metrics(run_dir, local_dir)
             _save_and_report(engine, row, step, tokens_seen, rank)
         else:
             log.log(row)
@@ -517,6 +553,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         progress.update(1)
     progress.close()
     log.close()
+    if rank == 0:
+        _sync_metrics(run_dir, local_dir, tensorboard=True)
     # Training is over: stop transformers from building models under zero.Init, or rank 0's fresh
     # export model would start ZeRO-3 collectives the other ranks never join (a deadlock).
     del hf_ds_config
@@ -525,7 +563,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         unset_hf_deepspeed_config()
     if cfg.export:
-        _export(engine, cfg, model_path, run_dir / "model", rank)
+        _export(engine, cfg, model_path, local_dir / "model", rank)
+        if rank == 0 and isinstance(run_dir, ObjectPath):
+            from octoray.storage import rmtree
+
+            rmtree(run_dir / "model")  # a model/ left by an earlier, interrupted export
+            upload_dir(local_dir / "model", run_dir / "model")
+
+
+def _local_run_dir(run_dir: Location) -> Path:
+    """RUN_DIR itself on a file system; a node-local scratch directory for a URI RUN_DIR."""
+    return scratch_dir(run_dir, "runs") if isinstance(run_dir, ObjectPath) else Path(run_dir)
+
+
+def _sync_metrics(run_dir: Location, local_dir: Path, *, down: bool = False, tensorboard: bool = False) -> None:
+    """Copy rank 0's ``metrics.jsonl`` (and ``tb/``) between the scratch directory and a URI RUN_DIR.
+
+    ``down``: before training, take the bucket's copy (the record up to the checkpoint resumed
+    from; MetricsLog then drops later lines), so a fresh node continues the same file.
+    """
+    if not isinstance(run_dir, ObjectPath):
+        return
+    from octoray.storage import download_file, upload_file
+
+    remote, local = run_dir / METRICS_FILE, local_dir / METRICS_FILE
+    if down:
+        local.unlink(missing_ok=True)
+        if remote.is_file():
+            download_file(remote, local)
+        return
+    if local.is_file():
+        upload_file(local, remote)
+    if tensorboard and (local_dir / "tb").is_dir():
+        upload_dir(local_dir / "tb", run_dir / "tb")
 
 
 def _load_model(cfg: TrainConfig, model_path: str, ds_config: dict[str, Any], bf16: bool) -> tuple[Any, Any]:
@@ -606,7 +676,7 @@ def _save_and_report(engine: Any, metrics: dict[str, Any], step: int, tokens: in
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
 
 
-def _maybe_fail(cfg: TrainConfig, run_dir: Path, next_step: int, rank: int, world: int) -> None:
+def _maybe_fail(cfg: TrainConfig, run_dir: Location, next_step: int, rank: int, world: int) -> None:
     """Test hook: the last rank dies abruptly once, to exercise FailureConfig + resume."""
     if cfg.fail_at_step != next_step or rank != world - 1:
         return
@@ -653,7 +723,7 @@ def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank:
 
         from octoray.modeling import load_tokenizer
 
-        hf_config = AutoConfig.from_pretrained(model_path)
+        hf_config = AutoConfig.from_pretrained(local_copy(model_path))
         dtype = next(iter(state.values())).dtype
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         if cfg.lora:

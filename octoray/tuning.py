@@ -43,8 +43,9 @@ BEST_FILE = "best.json"
 class TuneConfig:
     """The ``tune:`` section: search space, trial budget and ASHA settings."""
 
-    data: Optional[Path] = option(None, "sft/ directory written by 'octoray filter' (or --data)")
-    out: Optional[Path] = option(None, "tuning directory: trials/, tune/ (Ray Tune state), best.json (or --out)")
+    data: Optional[str] = option(None, "sft/ directory written by 'octoray filter' (or --data); a path or a URI")
+    out: Optional[str] = option(None, "tuning directory: trials/, tune/ (Ray Tune state), best.json (or --out); "
+                                      "a path or a URI (s3://bucket/prefix)")
     search: Literal["random", "optuna"] = option("random", "searcher: random sampling, or optuna (Optuna's TPE "
                                                            "through ray.tune.search.optuna; pip install 'octoray[tune]')")
     lr: tuple[float, ...] = option((1e-4, 1e-3), "learning-rate range [low, high], sampled log-uniformly")
@@ -158,7 +159,9 @@ def run(tcfg: TuneConfig, train_cfg: Any) -> Path:
     started = time.time()
     if tcfg.data is None or tcfg.out is None:
         raise UserError("pass --data SFT_DIR (the output of 'octoray filter') and --out DIR")
-    data_dir, out_dir = Path(tcfg.data).resolve(), Path(tcfg.out).resolve()
+    from octoray.storage import location
+
+    data_dir, out_dir = location(tcfg.data).resolve(), location(tcfg.out).resolve()
     sft_manifest = require_stage_output(data_dir, "filter", "SFT data")
     base = trial_base(train_cfg, tcfg)  # every problem of the space, before any work
     if is_complete(out_dir, STAGE):
@@ -298,6 +301,8 @@ def _run_tuner(tcfg: TuneConfig, base: Any, model_path: str, datasets: dict[str,
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from octoray.training import _ray_storage
+
     reports = math.ceil(base.max_steps / base.checkpoint_every)  # one val_loss per checkpoint
     trainable = tune.with_parameters(_trial, base=to_dict(base), model_path=model_path,
                                      trials_dir=str(out_dir / "trials"), datasets=datasets,
@@ -314,7 +319,7 @@ def _run_tuner(tcfg: TuneConfig, base: Any, model_path: str, datasets: dict[str,
             search_alg=searcher(tcfg, concurrent),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(1, reports),
                                     grace_period=tcfg.grace_period, reduction_factor=tcfg.reduction_factor)),
-        run_config=tune.RunConfig(storage_path=str(out_dir), name="tune"),
+        run_config=tune.RunConfig(name="tune", **_ray_storage(out_dir)),  # a path, or bucket + file system
     )
     return tuner.fit()
 
@@ -325,6 +330,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], model_path: str, tri
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from octoray.storage import location
     from octoray.training import TrainConfig, fit
 
     cfg = from_mapping(TrainConfig, {**base, **params}, source="trial config")
@@ -332,7 +338,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], model_path: str, tri
     callbacks = [TuneReportCallback()]
     if fail_trial and _trial_number(trial_id) == fail_trial:
         callbacks.insert(0, _DieAtFirstReport())  # first: Tune never sees the report, the trial errors
-    fit(cfg, model_path=model_path, datasets=datasets, run_dir=Path(trials_dir) / trial_id, callbacks=callbacks)
+    fit(cfg, model_path=model_path, datasets=datasets, run_dir=location(trials_dir) / trial_id, callbacks=callbacks)
 
 
 def _trial_number(trial_id: str) -> int:

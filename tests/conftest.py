@@ -46,3 +46,26 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     """Run ``octoray ARGS`` in a subprocess, as a user would; returns CompletedProcess."""
     return subprocess.run([*OCTORAY, *map(str, args)], cwd=cwd or REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto_server) on 127.0.0.1 for the whole session.
+
+    The process environment points at it (``AWS_ENDPOINT_URL`` + dummy keys), so octoray in this
+    process, in subprocesses and in Ray workers started afterwards all reach it.
+    """
+    from tests import s3server
+
+    server = s3server.start()
+    saved = {key: os.environ.get(key) for key in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

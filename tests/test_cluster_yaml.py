@@ -469,6 +469,29 @@ def test_shared_crds_are_found() -> None:
     assert (SHARED / "kuberay-crds" / "ray.io_rayclusters.yaml").is_file()
 
 
+def test_outputs_default_to_a_bucket_with_node_identity() -> None:
+    """Stage outputs on object storage by default (NFS is the documented alternative), and every
+    node carries the cloud identity that grants the bucket (no keys in any file)."""
+    job = _manifest("rayjob.yaml")
+    out = [w for w in shlex.split(job["spec"]["entrypoint"]) if w.startswith("out=")]
+    assert out and re.match(r"out=(s3|gs)://", out[0]), job["spec"]["entrypoint"]
+    serve_args = yaml.safe_load(_manifest("rayservice.yaml")["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert re.match(r"(s3|gs)://", serve_args["model"])
+    for name in ("raycluster.yaml", "rayjob.yaml", "rayservice.yaml"):
+        spec = cluster_spec(_manifest(name))
+        templates = [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+        assert all(t["spec"].get("serviceAccountName") == "octoray" for t in templates), name
+    for path, scheme, identity in ((CLUSTER / "aws.yaml", "s3", "IamInstanceProfile"),
+                                   (CLUSTER / "gcp.yaml", "gs", "serviceAccounts")):
+        text = path.read_text()
+        assert re.search(rf"octoray submit \S+ out={scheme}://", text), path.name
+        doc = _load(path)
+        workers = [t for n, t in doc["available_node_types"].items() if n != doc["head_node_type"]]
+        assert workers and all(identity in t["node_config"] for t in workers), path.name
+    for path in sorted(CLUSTER.rglob("*.yaml")):
+        assert not re.search(r"(?i)(aws_secret_access_key|secret_key)\s*[:=]", path.read_text()), path.name
+
+
 def test_local_autoscaling_check_rejects_broken_copies() -> None:
     good = _load(CLUSTER / "local" / "autoscaling.yaml")
     assert local_autoscaling_problems(good) == []

@@ -41,7 +41,7 @@ class EvalConfig:
     tasks: tuple[str, ...] = option(TASKS, "HumanEvalPack tasks: fix, explain, synthesize")
     languages: tuple[str, ...] = option(LANGUAGES, "languages: python, js, java, go, cpp, rust")
     data_dir: Optional[Path] = option(None, "directory of <language>.jsonl files; unset = hub bigcode/humanevalpack")
-    out: Path = option(Path("eval"), "output directory")
+    out: str = option("eval", "output directory: a path or a URI (s3://bucket/prefix)")
     allow_code_execution: bool = option(False, "required: executes model-generated programs on this machine/cluster")
     limit: Optional[int] = option(None, "only the first N problems of each language (smoke runs)")
     template: Literal["octocoder", "instruct", "continue"] = option(
@@ -119,7 +119,9 @@ def run(cfg: EvalConfig) -> Path:
         raise UserError("refusing to execute model-generated code: pass --allow-code-execution "
                         "(programs run in octoray's sandbox, not a VM; use a disposable machine or container)")
     started = time.time()
-    out = Path(cfg.out)
+    from octoray.storage import location
+
+    out = location(cfg.out)
     fingerprint = {k: v for k, v in to_dict(cfg).items() if k in _SAMPLE_FIELDS}
     if is_complete(out, STAGE) and _samples_match(out, fingerprint):
         print(f"{out} is complete; nothing to do")
@@ -175,14 +177,14 @@ def _load_or_generate_samples(cfg: EvalConfig, out: Path, fingerprint: dict[str,
     new ones: samples from other settings are an error, not silently replaced.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from octoray.evaluation import generators
+    from octoray.outputs import read_parquet
 
     if (out / SAMPLES).is_file():
         if _samples_match(out, fingerprint):
             print(f"reusing {out / SAMPLES}")
-            return pq.read_table(out / SAMPLES).to_pylist()
+            return read_parquet(out / SAMPLES).to_pylist()
         raise UserError(f"{out} holds samples from other generation settings ({out / SAMPLES_KEY}); "
                         "use a new --out or delete that directory")
     if (out / "results.parquet").exists() or (out / "results.parts").exists():

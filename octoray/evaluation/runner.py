@@ -61,13 +61,13 @@ class Executor:
 
 def read_results(out_dir: Path) -> list[dict[str, Any]]:
     """Every result already on disk (consolidated file and part files), first copy of a key wins."""
-    import pyarrow.parquet as pq
+    from octoray.outputs import read_parquet
 
     paths = [out_dir / RESULTS] if (out_dir / RESULTS).is_file() else []
     paths += sorted((out_dir / PARTS).glob("part-*.parquet")) if (out_dir / PARTS).is_dir() else []
     seen: dict[Key, dict[str, Any]] = {}
     for path in paths:
-        for row in pq.read_table(path).to_pylist():
+        for row in read_parquet(path).to_pylist():
             seen.setdefault(key_of(row), row)
     return list(seen.values())
 
@@ -84,7 +84,9 @@ def execute(samples: Sequence[dict[str, Any]], problems: dict[str, dict[str, Any
     import ray
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
+    from octoray.storage import location
+
+    out_dir = location(out_dir)  # a path or an object-store URI
     wanted = {key_of(s) for s in samples}
     done = {key_of(r): r for r in read_results(out_dir) if key_of(r) in wanted}
     pending = [s for s in samples if key_of(s) not in done]
@@ -223,10 +225,9 @@ def consolidate(out_dir: Path, results: Sequence[dict[str, Any]]) -> None:
     ordered = sorted(results, key=sort_key)
     write_parquet_atomic(results_table(ordered), out_dir / RESULTS)
     parts = out_dir / PARTS
-    if parts.is_dir():
-        for part in parts.glob("part-*.parquet"):
-            part.unlink()
-        parts.rmdir()
+    from octoray.storage import rmtree
+
+    rmtree(parts)  # the parts are inside results.parquet now
 
 
 def sort_key(row: dict[str, Any]) -> tuple[Any, ...]:
