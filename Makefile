@@ -1,14 +1,15 @@
 # The two set-up commands of README.md:
 #   make demo   installs everything into .venv/ and runs the demo pipeline on an embedded local Ray
 #   make test   installs everything (Python deps, HumanEvalPack toolchains) and runs the tests
-# CI (.ci/run) calls `make test`.
+#               (all but the `cluster` tier: multi-node and autoscaling clusters, ~15 more minutes)
+# CI (.ci/run) calls `make test`, then `make test-cluster`.
 
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: setup toolchains demo test test-fast
+.PHONY: setup toolchains demo test test-cluster test-fast
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,11 @@ demo: setup
 	SHARED=$(SHARED) bash scripts/demo.sh
 
 test: setup toolchains
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not cluster"
+
+# Ray clusters of their own (ray start): two nodes that share no disk, node loss, autoscaling.
+test-cluster: setup toolchains
+	$(VENV)/bin/pytest -q -m cluster
 
 # Seconds: no Ray, no compilers, no training.
 test-fast: setup
