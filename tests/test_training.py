@@ -199,8 +199,8 @@ def test_zero3_lora_rerun_resumes_exports_merged_model(tmp_path: Path, ray_local
                 max_failures=0)
     with pytest.raises(TrainingFailedError):
         training.run(cfg)  # the worker dies, no retries allowed: the run fails after checkpoint 2
-    assert (cfg.out / FAIL_MARKER).exists()  # it failed because of the hook, not something else
-    assert not (cfg.out / "manifest.json").exists()
+    assert (Path(cfg.out) / FAIL_MARKER).exists()  # it failed because of the hook, not something else
+    assert not (Path(cfg.out) / "manifest.json").exists()
     run_dir = training.run(cfg)  # the same command again resumes from checkpoint 2
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 7))
