@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT, run_cli
+from tests.s3server import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cluster]
 
@@ -41,7 +42,7 @@ class FakeCluster:
     def __init__(self, work: Path) -> None:
         self.token = secrets.token_hex(16)
         self.temp_dir = tempfile.mkdtemp(prefix="oca", dir="/tmp")  # short: socket paths < 108 bytes
-        port, dash = _free_port(), _free_port()
+        port, dash = free_port(), free_port()
         import ray._private.services
 
         # The fake provider starts nodes against provider.gcs_address: the head's own address.
@@ -59,11 +60,11 @@ class FakeCluster:
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=0",
                    f"--port={port}", f"--dashboard-port={dash}", "--include-dashboard=true",
-                   "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}",
+                   "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}",
                    f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
                    f"--autoscaling-config={config_path}",
                    # Ray's default ports may be taken by another Ray on the machine.
-                   *(f"--{flag}={_free_port()}" for flag in (
+                   *(f"--{flag}={free_port()}" for flag in (
                        "node-manager-port", "object-manager-port", "metrics-export-port",
                        "runtime-env-agent-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port"))]
         self.log = work / "head.log"
@@ -137,14 +138,6 @@ def _section(block: str, start: str, end: str) -> dict[str, int]:
             continue
         counts[name] = counts.get(name, 0) + count
     return counts
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
