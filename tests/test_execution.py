@@ -224,3 +224,72 @@ def test_install_script_check_fails_naming_the_missing_piece(tmp_path: Path) -> 
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED: js-md5 missing" in result.stderr
     assert not (tmp_path / ".toolchains").exists()  # --check installed nothing
+
+
+# -- accelerated builds (precompiled C++ header, warm javac) ---------------------------------------
+
+@pytest.mark.toolchain
+def test_accelerated_builds_give_the_reference_verdicts(sandbox: Sandbox, shared_dir: Path) -> None:
+    """The default (accelerated) sandbox against ``accelerated=False``, today's per-sample
+    commands: the same verdict for canonical, buggy and non-compiling programs in every language."""
+    reference = Sandbox(cache_dir=sandbox.cache_dir, accelerated=False)
+    for language in LANGUAGES:
+        problems = _problems(shared_dir, language)
+        for idx in SAMPLE[language]:
+            p = problems[idx]
+            for code in (p["declaration"] + p["canonical_solution"],
+                         p["declaration"] + p["buggy_solution"],
+                         p["declaration"] + "this is not a program\n"):
+                fast, slow = sandbox.execute(language, p, code), reference.execute(language, p, code)
+                assert fast.status == slow.status, (p["task_id"], fast, slow)
+    assert sandbox._java_compiler is not None and reference._java_compiler is None
+    assert sandbox._cpp_header and reference._cpp_header is None
+
+
+@pytest.mark.toolchain
+def test_cpp_samples_use_the_precompiled_header_inside_the_sandbox(sandbox: Sandbox,
+                                                                 shared_dir: Path) -> None:
+    p = _problems(shared_dir, "cpp")[0]
+    assert sandbox.execute("cpp", p, p["declaration"] + p["canonical_solution"]).status == "pass"
+    assert (sandbox.cache_dir / f"{sandbox._cpp_header}.gch").is_file()
+    # -H lists what g++ reads; a usable precompiled header is marked "!", an unusable one is an
+    # error here instead of a silent fallback to the text header.
+    strict = sandbox._command("cpp", 60).replace("g++ ", "g++ -H -Winvalid-pch -Werror=invalid-pch ", 1)
+    program = build_program("cpp", p, p["declaration"] + p["canonical_solution"])
+    status, tail = sandbox._execute_program("cpp", program.filename, program.source, 60, strict)
+    assert status == "pass", tail
+    assert any(line.startswith("! ") and line.endswith("header.h.gch") for line in tail.splitlines()), tail
+
+
+@pytest.mark.toolchain
+def test_warm_javac_reports_compile_errors_like_javac(sandbox: Sandbox, shared_dir: Path) -> None:
+    p = _problems(shared_dir, "java")[0]
+    res = sandbox.execute("java", p, p["declaration"] + "        return undefinedName;\n    }\n}\n")
+    assert res.status == "fail" and "undefinedName" in res.stderr_tail
+    # The program itself runs as before: an exception thrown by the test is a failure.
+    res = sandbox.execute("java", p, p["declaration"] + p["buggy_solution"])
+    assert res.status == "fail" and "AssertionError" in res.stderr_tail
+
+
+@pytest.mark.toolchain
+def test_warm_javac_restarts_after_a_timeout_or_a_dead_process(sandbox: Sandbox,
+                                                               shared_dir: Path) -> None:
+    p = _problems(shared_dir, "java")[0]
+    good = p["declaration"] + p["canonical_solution"]
+    assert sandbox.execute("java", p, good).status == "pass"
+    compiler = sandbox._java_compiler
+    # A compile that outlives its budget: the compiler is killed with its namespace...
+    program = build_program("java", p, good)
+    workdir = sandbox.cache_dir / "work" / "java-too-slow"
+    workdir.mkdir(exist_ok=True)
+    (workdir / program.filename).write_text(program.source)
+    os.chmod(workdir, 0o777)
+    assert compiler.compile(workdir, timeout=0.0)[0] == "timeout"
+    assert compiler._proc is None
+    # ... and the next sample gets a new one.
+    assert sandbox.execute("java", p, good).status == "pass"
+    # A compiler process that died between samples is replaced too.
+    os.killpg(compiler._proc.pid, 9)
+    compiler._proc.wait()
+    assert sandbox.execute("java", p, good).status == "pass"
+    assert sandbox._java_compiler is compiler

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from octoray.evaluation.execution import Limits, Sandbox
+from octoray.evaluation.java_compiler import SERVER_CLASS
 
 pytestmark = pytest.mark.toolchain
 
@@ -33,12 +34,14 @@ def sandbox(tmp_path_factory) -> Sandbox:
 
 
 def _leftovers(sb: Sandbox) -> list[int]:
-    """Processes still running under the sandbox's uid (root mode: one uid per Sandbox)."""
+    """Processes still running under the sandbox's uid (root mode: one uid per Sandbox), but for
+    the Sandbox's own warm java compiler, which lives as long as the Sandbox."""
     pids = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                if os.stat(f"/proc/{pid}").st_uid == sb.uid:
+                if (os.stat(f"/proc/{pid}").st_uid == sb.uid
+                        and SERVER_CLASS.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()):
                     pids.append(int(pid))
             except OSError:
                 pass
@@ -177,3 +180,37 @@ def test_cpp_infinite_loop_times_out(sandbox: Sandbox) -> None:
     quick = Sandbox(cache_dir=sandbox.cache_dir, limits=Limits(memory_mb=1024, timeout_scale=0.2))
     res = _run(quick, "int f(){\n    while (true) {}\n    return 1;\n}\n", "cpp", problem)
     assert res.status == "timeout"
+
+
+# -- hostile programs aimed at the compile step ----------------------------------------------------
+
+CPP_PROBLEM = {"task_id": "CPP/adversarial", "declaration": "int f(){\n",
+               "test": "#include<assert.h>\nint main(){\n    assert(f() == 1);\n}\n"}
+CPP_GOOD = "int f(){\n    return 1;\n}\n"
+JAVA_PROBLEM = {"task_id": "Java/adversarial", "declaration": "class Solution {\n",
+                "test": "public class Main {\n    public static void main(String[] args) {\n"
+                        "        if (new Solution().f() != 1) throw new AssertionError();\n    }\n}\n"}
+JAVA_GOOD = "class Solution {\n    int f() { return 1; }\n}\n"
+
+
+def test_cpp_compile_time_explosion_ends_and_the_compiler_still_works(sandbox: Sandbox) -> None:
+    # Each macro doubles the one before: 2^40 tokens for the compiler to expand.
+    bomb = "".join(f"#define E{i} E{i - 1} E{i - 1}\n" for i in range(1, 41))
+    body = "#define E0 1+\nint f(){\n    return E40 1;\n}\n"
+    quick = Sandbox(cache_dir=sandbox.cache_dir, limits=Limits(memory_mb=1024, timeout_scale=0.2))
+    _run(quick, "#define E0 1+\n" + bomb + body, "cpp", CPP_PROBLEM)
+    assert quick.execute("cpp", CPP_PROBLEM, CPP_GOOD).status == "pass"
+
+
+def test_java_source_that_overflows_the_compiler_fails_and_the_warm_compiler_goes_on(
+        sandbox: Sandbox) -> None:
+    # Nesting deep enough to overflow javac's stack: javac reports it and exits non-zero, cold or
+    # warm; the warm compiler goes on (or, had its JVM died, would start afresh).
+    depth = 200_000
+    body = ("class Solution {\n    int f() { return " + "(" * depth + "1" + ")" * depth + "; }\n}\n")
+    limits = Limits(timeout_scale=0.5)  # the JVMs need more than the fixture's 1 GiB of address space
+    warm, cold = (Sandbox(cache_dir=sandbox.cache_dir, limits=limits, accelerated=fast) for fast in (True, False))
+    for sb in (warm, cold):
+        _run(sb, body, "java", JAVA_PROBLEM)
+        assert sb.execute("java", JAVA_PROBLEM, JAVA_GOOD).status == "pass"
+    assert warm._java_compiler is not None

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
+from octoray.evaluation import java_compiler
 from octoray.evaluation.programs import CPP_HEADER, build_program
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ class Sandbox:
         self._rust_externs: list[str] | None = None
         self._javac_archive: str | None = None  # relative to cache_dir; None: run without
         self._cpp_header: str | None = None  # precompiled CPP_HEADER, relative to cache_dir
+        self._java_compiler: java_compiler.JavaCompiler | None = None  # warm javac
 
     # -- public -------------------------------------------------------------------------------
 
@@ -209,6 +211,8 @@ class Sandbox:
             if self.uid is not None:
                 os.chown(workdir, self.uid, self.uid)
                 os.chown(workdir / filename, self.uid, self.uid)
+            if language == "java" and command is None and self._java_compiler is not None:
+                return self._run_java(workdir, timeout)
             return self._run(language, workdir, timeout, command)
         except OSError as exc:
             return "error", f"sandbox failure: {exc!r}"
@@ -270,15 +274,84 @@ class Sandbox:
             env.update(PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1")
         return env
 
+    def _run_java(self, workdir: Path, timeout: float) -> tuple[Status, str]:
+        """``javac Main.java && java … Main`` with the compile done by the warm compiler; the
+        program runs as a cold ``java`` in its own sandbox, within what is left of ``timeout``."""
+        started = time.monotonic()
+        try:
+            compiled, messages = self._java_compiler.compile(workdir, timeout)
+        except RuntimeError as exc:  # no compiler process starts: back to cold javac for good
+            log.warning("sandbox: %s; java samples use javac from now on", exc)
+            self._java_compiler = None
+            return self._run("java", workdir, timeout)
+        (workdir / java_compiler.MESSAGES).unlink(missing_ok=True)  # javac leaves no such file
+        if compiled != "ok":
+            return ("timeout" if compiled == "timeout" else "fail"), messages[-TAIL_CHARS:]
+        left = timeout - (time.monotonic() - started)
+        if left <= 0:
+            return "timeout", messages[-TAIL_CHARS:]
+        status, tail = self._run("java", workdir, left,
+                                 f"java {_jvm_flags(self.limits.threads)} -cp . Main")
+        return status, (messages + tail)[-TAIL_CHARS:]
+
+    def _start_java_compiler(self, server_classes: str) -> java_compiler.JavaCompiler:
+        """A warm javac in its own sandbox (namespaces, uid, rlimits), compiling samples in
+        ``work/``; its stderr goes to ``p<pid>/javac-server.log``."""
+        root = SANDBOX_ROOT if self.isolation != "none" else str(self.cache_dir)
+        home = self.cache_dir / "work" / f"javac-{os.getpid()}"  # the server's own cwd
+        command = (f"exec java {_jvm_flags(self.limits.threads)} -cp {root}/{server_classes} "
+                   f"{java_compiler.SERVER_CLASS} {root}/work")
+
+        def start() -> subprocess.Popen:
+            home.mkdir(exist_ok=True)
+            if self.uid is not None:
+                os.chown(home, self.uid, self.uid)
+            with open(self.private / "javac-server.log", "ab") as log_file:
+                # CPU backstop for the whole life of the process; each compile has its wall clock.
+                return self._popen("java", home, command, cpu_s=3600, stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=log_file)
+
+        def stop(proc: subprocess.Popen) -> None:
+            for pipe in (proc.stdin, proc.stdout):
+                pipe.close()
+            _kill_group(proc)
+
+        compiler = java_compiler.JavaCompiler(start, stop)
+        weakref.finalize(self, compiler.close)
+        return compiler
+
     # -- the subprocess -----------------------------------------------------------------------
 
     def _run(self, language: str, workdir: Path, timeout: float,
              shell_command: str | None = None) -> tuple[Status, str]:
         isolated = self.isolation != "none"
+        with tempfile.TemporaryFile(dir=self.cache_dir) as out:
+            # Output goes to a file, not a pipe: a sample printing gigabytes cannot fill our
+            # memory (RLIMIT_FSIZE caps the file), and we only read its tail.
+            proc = self._popen(language, workdir, shell_command or self._command(language, timeout),
+                               cpu_s=int(timeout * 2) + 5, stdin=subprocess.DEVNULL, stdout=out)
+            timed_out = not _wait_for_exit(proc, timeout)
+            _kill_group(proc)
+            tail = _tail(out)
+        if isolated and not (self.cache_dir / "work" / f"{READY}{workdir.name}").exists():
+            return "error", "sandbox setup failed: " + tail
+        if timed_out:
+            return "timeout", tail
+        if proc.returncode != 0:
+            return "fail", tail
+        if language == "js" and shell_command is None and tail.strip():
+            # console.assert only prints; any output at all counts as a failure (reference).
+            return "fail", tail
+        return "pass", tail
+
+    def _popen(self, language: str, workdir: Path, shell_command: str, *, cpu_s: int,
+               stdin, stdout, stderr=subprocess.STDOUT) -> subprocess.Popen:
+        """Start ``shell_command`` in ``workdir`` inside the namespaces, as the sandbox uid,
+        under the rlimits (``cpu_s``: RLIMIT_CPU, a backstop behind the caller's wall clock)."""
+        isolated = self.isolation != "none"
         inside = f"{SANDBOX_ROOT}/work/{workdir.name}" if isolated else str(workdir)
         env = self._env(language, inside)
-        command = ["env", "-i", *(f"{k}={v}" for k, v in env.items()),
-                   "/bin/sh", "-c", shell_command or self._command(language, timeout)]
+        command = ["env", "-i", *(f"{k}={v}" for k, v in env.items()), "/bin/sh", "-c", shell_command]
         if isolated:
             argv = [*_unshare_argv(self.is_root, self.allow_network), "/bin/sh", "-c", _SETUP_SH,
                     "octoray-sandbox", str(self.cache_dir), workdir.name,
@@ -288,7 +361,7 @@ class Sandbox:
         limits = self.limits
         rlimits = {  # prlimit option -> value (bytes for as/fsize)
             "as": limits.memory_mb << 20,
-            "cpu": int(timeout * 2) + 5,  # backstop only: the wall clock is the real limit
+            "cpu": cpu_s,
             # Root ignores RLIMIT_NPROC, the sandbox uid does not; a non-root caller's own
             # processes count too, so they are added.
             "nproc": limits.max_processes + (0 if self.is_root else _tasks_of_uid(os.getuid())),
@@ -312,28 +385,10 @@ class Sandbox:
                     resource.setrlimit(codes[name], (value, value))
 
             preexec = set_limits
-
-        with tempfile.TemporaryFile(dir=self.cache_dir) as out:
-            # Output goes to a file, not a pipe: a sample printing gigabytes cannot fill our
-            # memory (RLIMIT_FSIZE caps the file), and we only read its tail.
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, cwd=workdir,
-                                    start_new_session=True, preexec_fn=preexec,
-                                    user=uid, group=uid,
-                                    extra_groups=None if uid is None else [], close_fds=True)
-            timed_out = not _wait_for_exit(proc, timeout)
-            _kill_group(proc)
-            tail = _tail(out)
-        if isolated and not (self.cache_dir / "work" / f"{READY}{workdir.name}").exists():
-            return "error", "sandbox setup failed: " + tail
-        if timed_out:
-            return "timeout", tail
-        if proc.returncode != 0:
-            return "fail", tail
-        if language == "js" and shell_command is None and tail.strip():
-            # console.assert only prints; any output at all counts as a failure (reference).
-            return "fail", tail
-        return "pass", tail
+        return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr,
+                                cwd=workdir, start_new_session=True, preexec_fn=preexec,
+                                user=uid, group=uid, extra_groups=None if uid is None else [],
+                                close_fds=True)
 
     # -- toolchains ---------------------------------------------------------------------------
 
@@ -355,6 +410,8 @@ class Sandbox:
                     problem = self._warm_go()
                 if problem is None and language == "java":
                     self._javac_archive = _javac_archive(self.cache_dir, self.limits.threads)
+                if problem is None and language == "java" and self.accelerated:
+                    problem = self._warm_java()
                 if problem is None and language == "cpp" and self.accelerated:
                     self._cpp_header = _cpp_precompiled_header(self.cache_dir)
             except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
@@ -388,6 +445,26 @@ class Sandbox:
                         os.chown(os.path.join(dirpath, name), self.uid, self.uid)
         status, tail = self._execute_program("go", "main_test.go", _GO_WARM, 600)
         return None if status == "pass" else f"go warm-up failed ({status}): {tail[-300:]}"
+
+
+    def _warm_java(self) -> str | None:
+        """Start the warm compiler and let its JIT see a few trusted compiles. A JDK without
+        the compiler API (or a server that will not start) leaves samples on cold javac."""
+        try:
+            server = java_compiler.build_server(self.cache_dir, _jvm_flags(self.limits.threads))
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("sandbox: no warm java compiler (%s); java samples use javac", exc)
+            return None
+        self._java_compiler = self._start_java_compiler(server)
+        for _ in range(3):
+            status, tail = self._execute_program("java", "Main.java", _JAVA_WARM, 120)
+            if status != "pass":
+                self._java_compiler.close()
+                self._java_compiler = None
+                log.warning("sandbox: the warm java compiler failed a trusted program (%s: %s); "
+                            "java samples use javac", status, tail.strip()[-300:])
+                break
+        return None
 
 
 _GO_WARM = ('package main\n\nimport (\n    "testing"\n'
