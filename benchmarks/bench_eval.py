@@ -1,14 +1,21 @@
-"""Benchmark: HumanEvalPack oracle execution through octoray's Ray actors vs a sequential loop.
+"""Benchmark: HumanEvalPack oracle execution on octoray's Ray actors, against a named baseline.
 
-Both sides execute the same programs (canonical solutions, ``declaration + canonical_solution``)
-with the same :class:`~octoray.evaluation.execution.Sandbox`; the baseline is a plain Python
-loop in one process, octoray's side is :func:`octoray.evaluation.runner.execute` (execution
-actors, bounded in-flight work, Parquet streaming). The programs run in ``--rounds`` slices,
-each side in a fresh process per round, alternating which side goes first (load drifts on a
-shared machine). Prints a markdown table.
+All sides execute the same programs (canonical solutions, ``declaration + canonical_solution``)
+in the same sandbox code. The baseline (``--baseline``) is one of
 
-    .venv/bin/python benchmarks/bench_eval.py --problems 164 --process-pool   # full: 984 programs
+* ``reference`` (default): the same Ray actors with ``Sandbox(accelerated=False)``, today's
+  per-sample commands (cold javac, g++ parsing every header, ...) -- what the accelerated build
+  paths are measured against;
+* ``sequential``: a plain loop in one process with the accelerated sandbox -- what the actors'
+  parallelism is measured against.
+
+The programs run in ``--rounds`` slices, each side in fresh actors/processes per round,
+alternating which side goes first (load drifts on a shared machine). Prints markdown tables: the
+totals, and per language the passes, verdict agreement and seconds per sample.
+
+    .venv/bin/python benchmarks/bench_eval.py --problems 164                 # full: 984 programs
     .venv/bin/python benchmarks/bench_eval.py --problems 10 --languages python,js,cpp
+    .venv/bin/python benchmarks/bench_eval.py --problems 164 --baseline sequential --process-pool
 """
 
 from __future__ import annotations
@@ -43,14 +50,15 @@ def _samples(problems: dict[str, list[dict]]) -> list[dict]:
 
 def _warm_shared_cache(cache: Path, problems: dict[str, list[dict]]) -> None:
     """Build what the sandbox caches *across* processes (Rust deps, the Go cache template, the
-    javac class-data archive) in a throwaway process, so neither side pays it; per-process
-    caches (each process's copy of the Go build cache) stay cold for both."""
+    javac class-data archive, the C++ precompiled header, the warm javac's classes) in a
+    throwaway process, so neither side pays it; per-process caches (each process's copy of the
+    Go build cache, the warm javac's JVM) stay cold for every side."""
     import json
 
     code = ("import sys, json; from pathlib import Path; from octoray.evaluation.execution import Sandbox; "
             "p = json.loads(sys.stdin.read()); sb = Sandbox(cache_dir=Path(sys.argv[1])); "
             "[sb.execute(l, x, x['declaration'] + x['canonical_solution']) for l, x in p]")
-    payload = json.dumps([(lang, items[0]) for lang, items in problems.items() if lang in ("rust", "go", "java")])
+    payload = json.dumps([(lang, items[0]) for lang, items in problems.items() if lang in ("rust", "go", "java", "cpp")])
     subprocess.run([sys.executable, "-c", code, str(cache)], input=payload, text=True, check=True, cwd=REPO)
 
 
@@ -119,31 +127,42 @@ def _start_ray(actors: int) -> float:
     return time.perf_counter() - t0
 
 
-def _ray(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float, actors: int) -> tuple[float, list[dict]]:
+def _ray(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float, actors: int,
+         accelerated: bool) -> tuple[float, list[dict]]:
     from octoray.evaluation import runner
 
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         results, _ = runner.execute(samples, by_id, Path(out), num_actors=actors, cache_dir=cache,
-                                    timeout_scale=scale)
+                                    timeout_scale=scale, accelerated=accelerated)
         wall = time.perf_counter() - start
     return wall, results
 
 
-def _per_language(seq: list[dict], par: list[dict], languages: list[str]) -> None:
-    """Per language: passes on each side, the failing task ids, and the per-sample cost after the
-    first sample (the warm-up: Go's build cache, the JVM's class data, Rust's rlibs)."""
-    print("\n| language | passed seq / actors | not passed (actors) | s/sample after warm-up, median seq / actors |")
-    print("|---|---|---|---|")
+SIDES = {"reference": "Ray actors, reference builds (accelerated=False)",
+         "sequential": "sequential loop, one Sandbox",
+         "ray": "octoray Ray actors",
+         "pool": "plain process pool, no Ray"}
+
+
+def _per_language(results: dict[str, list[dict]], languages: list[str]) -> None:
+    """Per language and side: passes, samples whose verdict differs from the baseline's, and
+    the median seconds per sample after each language's first (the warm-up: Go's build cache,
+    the warm javac's JVM, Rust's rlibs)."""
+    sides = list(results)
+    print("\n| language | " + " | ".join(f"passed {s}" for s in sides) + " | verdicts unlike "
+          f"{sides[0]} | " + " | ".join(f"s/sample {s}" for s in sides) + f" | {sides[0]} / ray |")
+    print("|---" * (2 * len(sides) + 3) + "|")
     for lang in languages:
-        rows = {name: [r for r in side if r["language"] == lang] for name, side in (("seq", seq), ("par", par))}
-        passed = {name: sum(r["status"] == "pass" for r in v) for name, v in rows.items()}
-        order = {r["task_id"]: i for i, r in enumerate(rows["seq"])}
-        warm = {name: [r["duration_s"] for r in sorted(v, key=lambda r: order.get(r["task_id"], 0))[1:]]
-                for name, v in rows.items()}
-        failing = sorted(r["task_id"] for r in rows["par"] if r["status"] != "pass")
-        cost = " / ".join(f"{statistics.median(v):.2f}" if v else "-" for v in warm.values())
-        print(f"| {lang} | {passed['seq']} / {passed['par']} | {', '.join(failing) or '-'} | {cost} |")
+        rows = {side: [r for r in v if r["language"] == lang] for side, v in results.items()}
+        base = {r["task_id"]: r["status"] for r in rows[sides[0]]}
+        differ = sorted({r["task_id"] for side in sides[1:] for r in rows[side] if base.get(r["task_id"]) != r["status"]})
+        order = {r["task_id"]: i for i, r in enumerate(rows[sides[0]])}
+        cost = {side: statistics.median([r["duration_s"] for r in sorted(v, key=lambda r: order.get(r["task_id"], 0))[1:]] or [0])
+                for side, v in rows.items()}
+        print(f"| {lang} | " + " | ".join(str(sum(r["status"] == "pass" for r in rows[s])) for s in sides)
+              + f" | {', '.join(differ) or 'none'} | " + " | ".join(f"{cost[s]:.3f}" for s in sides)
+              + f" | {cost[sides[0]] / max(cost['ray'], 1e-9):.2f}x |")
 
 
 def _rounds(samples: list[dict], rounds: int) -> list[list[dict]]:
@@ -158,11 +177,14 @@ def main() -> None:
     parser.add_argument("--languages", default=",".join(hep.LANGUAGES))
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "humanevalpack"))
     parser.add_argument("--actors", type=int, default=2, help="execution actors (= CPUs given to Ray)")
+    parser.add_argument("--baseline", choices=("reference", "sequential"), default="reference",
+                        help="reference: the same actors with today's per-sample builds; "
+                             "sequential: one process, accelerated builds")
     parser.add_argument("--rounds", type=int, default=4,
-                        help="split the programs into this many rounds; the two sides alternate which "
-                             "goes first, so load drifting on a shared machine hits both")
+                        help="split the programs into this many rounds; the sides alternate which "
+                             "goes first, so load drifting on a shared machine hits all of them")
     parser.add_argument("--timeout-scale", type=float, default=3.0,
-                        help="scale the per-language timeouts (shared machines; same for both sides)")
+                        help="scale the per-language timeouts (shared machines; same for every side)")
     parser.add_argument("--process-pool", action="store_true",
                         help="also time a plain process pool of --actors workers (no Ray): the "
                              "ceiling the machine allows, to tell Ray's overhead from the hardware's")
@@ -172,7 +194,7 @@ def main() -> None:
     problems = {lang: hep.load_problems(lang, args.data_dir)[: args.problems] for lang in languages}
     by_id = {p["task_id"]: p for items in problems.values() for p in items}
     samples = _samples(problems)
-    sides = ["seq", "ray"] + (["pool"] if args.process_pool else [])
+    sides = [args.baseline, "ray"] + (["pool"] if args.process_pool else [])
     wall = {side: 0.0 for side in sides}
     results: dict[str, list[dict]] = {side: [] for side in sides}
     ratios = []
@@ -182,15 +204,16 @@ def main() -> None:
         # Ray first: its idle daemons then load the machine equally during every measurement.
         init_s = _start_ray(args.actors)
         for r, chunk in enumerate(_rounds(samples, args.rounds)):
-            run = {"seq": lambda: _sequential_in_child(chunk, by_id, cache, args.timeout_scale),
-                   "ray": lambda: _ray(chunk, by_id, cache, args.timeout_scale, args.actors),
+            run = {"reference": lambda: _ray(chunk, by_id, cache, args.timeout_scale, args.actors, False),
+                   "sequential": lambda: _sequential_in_child(chunk, by_id, cache, args.timeout_scale),
+                   "ray": lambda: _ray(chunk, by_id, cache, args.timeout_scale, args.actors, True),
                    "pool": lambda: _process_pool(chunk, by_id, cache, args.timeout_scale, args.actors)}
             round_wall = {}
             for side in (sides if r % 2 == 0 else sides[::-1]):
                 round_wall[side], rows = run[side]()
                 wall[side] += round_wall[side]
                 results[side] += rows
-            ratios.append(round_wall["seq"] / round_wall["ray"])
+            ratios.append(round_wall[args.baseline] / round_wall["ray"])
             print(f"round {r + 1}/{args.rounds}: {len(chunk)} programs, " + ", ".join(
                 f"{side} {round_wall[side]:.1f} s" for side in sides) + f", speedup {ratios[-1]:.2f}x", flush=True)
     import ray
@@ -198,22 +221,19 @@ def main() -> None:
     ray.shutdown()
 
     n = len(samples)
-    passed = {side: sum(r["status"] == "pass" for r in rows) for side, rows in results.items()}
+    base = wall[args.baseline]
     print(f"\n{n} canonical programs ({args.problems} problems x {', '.join(languages)}), {args.actors} actors, "
           f"{args.rounds} rounds, timeout_scale {args.timeout_scale}; per-round speedups "
           f"{', '.join(f'{x:.2f}x' for x in ratios)} (median {statistics.median(ratios):.2f}x)\n")
     print("| executor | programs | passed | wall s | programs/s | speedup |")
     print("|---|---|---|---|---|---|")
-    seq_s, ray_s = wall["seq"], wall["ray"]
-    print(f"| sequential loop, one Sandbox (baseline) | {n} | {passed['seq']} | {seq_s:.1f} | {n / seq_s:.2f} | 1.00x |")
-    print(f"| octoray Ray actors ({args.actors}) | {n} | {passed['ray']} | {ray_s:.1f} | {n / ray_s:.2f} | {seq_s / ray_s:.2f}x |")
-    print(f"| octoray Ray actors incl. ray.init ({init_s:.1f} s) | {n} | {passed['ray']} | {ray_s + init_s:.1f} | "
-          f"{n / (ray_s + init_s):.2f} | {seq_s / (ray_s + init_s):.2f}x |")
-    if args.process_pool:
-        pool_s = wall["pool"]
-        print(f"| plain process pool ({args.actors}), no Ray | {n} | {passed['pool']} | {pool_s:.1f} | "
-              f"{n / pool_s:.2f} | {seq_s / pool_s:.2f}x |")
-    _per_language(results["seq"], results["ray"], languages)
+    for side in sides:
+        label = SIDES[side] + (f" ({args.actors})" if side != "sequential" else "") + (" (baseline)" if side == args.baseline else "")
+        print(f"| {label} | {n} | {sum(r['status'] == 'pass' for r in results[side])} | {wall[side]:.1f} | "
+              f"{n / wall[side]:.2f} | {base / wall[side]:.2f}x |")
+    print(f"| octoray Ray actors incl. ray.init ({init_s:.1f} s) | {n} | - | {wall['ray'] + init_s:.1f} | "
+          f"{n / (wall['ray'] + init_s):.2f} | {base / (wall['ray'] + init_s):.2f}x |")
+    _per_language(results, languages)
 
 
 if __name__ == "__main__":

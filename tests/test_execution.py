@@ -287,7 +287,8 @@ def test_warm_javac_restarts_after_a_timeout_or_a_dead_process(sandbox: Sandbox,
     assert compiler.compile(workdir, timeout=0.0)[0] == "timeout"
     assert compiler._proc is None
     # ... and the next sample gets a new one.
-    assert sandbox.execute("java", p, good).status == "pass"
+    res = sandbox.execute("java", p, good)
+    assert res.status == "pass", res
     # A compiler process that died between samples is replaced too.
     os.killpg(compiler._proc.pid, 9)
     compiler._proc.wait()

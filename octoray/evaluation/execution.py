@@ -83,21 +83,15 @@ READY = ".ready-"  # marker the namespace setup writes (as root) right before st
 
 # Runs as root (or as mapped root in a user namespace) in the new namespaces, then starts the
 # sample as a child -- not via exec: a credential change would clear the parent-death signal
-# that `unshare --kill-child` relies on to tear the PID namespace down.
+# that `unshare --kill-child` relies on to tear the PID namespace down. The mounts are one
+# `mount --all` over a table (see _mount_table) written to a fresh tmpfs no sample can write
+# to: one process instead of one per mount, a third of a sample's sandbox overhead.
 _SETUP_SH = r"""
 set -eu
-sbx=$1; work=$2; uid=$3; keep=$4; shift 4
+table=$1; work=$2; uid=$3; shift 3
 mount -t tmpfs -o size=1m,mode=755 octoray-sandbox /mnt
-mkdir /mnt/sbx /mnt/keep
-mount --bind "$sbx" /mnt/sbx
-IFS=:
-i=0; for p in $keep; do i=$((i+1)); mkdir /mnt/keep/$i; mount --bind "$p" /mnt/keep/$i; done
-for d in __HIDDEN__; do [ -d "$d" ] && mount -t tmpfs -o size=1m,mode=755 octoray-sandbox "$d"; done
-i=0; for p in $keep; do i=$((i+1)); mkdir -p "$p"; mount --bind /mnt/keep/$i "$p"; done
-unset IFS
-for d in __PRIVATE__; do
-  if [ -d "$d" ]; then mount -t tmpfs -o size=64m,mode=1777 octoray-sandbox "$d"; fi
-done
+printf '%s\n' "$table" > /mnt/fstab
+mount --all --fstab /mnt/fstab
 cd "/mnt/sbx/work/$work"
 : > "/mnt/sbx/work/.ready-$work"
 if [ -n "$uid" ]; then
@@ -105,7 +99,27 @@ if [ -n "$uid" ]; then
 else
   "$@"
 fi
-""".replace("__HIDDEN__", " ".join(HIDDEN_DIRS)).replace("__PRIVATE__", " ".join(PRIVATE_TMP))
+"""
+
+
+def _mount_table(sandbox_dir: str) -> str:
+    """The fstab the setup mounts, in order: ``sandbox_dir`` at /mnt/sbx; each toolchain dir
+    under a hidden home dir set aside under /mnt/keep; empty tmpfs over the home dirs; the
+    set-aside toolchain dirs back in place; fresh tmpfs over the temporary dirs. Mount points
+    are created as needed (``X-mount.mkdir``)."""
+    keep = _keep_paths()
+    rows = [(sandbox_dir, SANDBOX_ROOT, "none", "bind,X-mount.mkdir")]
+    rows += [(path, f"/mnt/keep/{i}", "none", "bind,X-mount.mkdir") for i, path in enumerate(keep)]
+    rows += [("octoray-sandbox", d, "tmpfs", "size=1m,mode=755") for d in HIDDEN_DIRS if os.path.isdir(d)]
+    rows += [(f"/mnt/keep/{i}", path, "none", "bind,X-mount.mkdir") for i, path in enumerate(keep)]
+    rows += [("octoray-sandbox", d, "tmpfs", "size=64m,mode=1777") for d in PRIVATE_TMP if os.path.isdir(d)]
+    return "\n".join(f"{_fstab_field(source)} {_fstab_field(target)} {kind} {options} 0 0"
+                     for source, target, kind, options in rows)
+
+
+def _fstab_field(path: str) -> str:
+    """``path`` with fstab's octal escapes for the characters that would split or end a field."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
 
 
 @dataclass(frozen=True)
@@ -141,7 +155,7 @@ class Sandbox:
     ``cache_dir`` holds the sample directories (``work/``), the prebuilt Rust dependencies
     (``rust-deps/``), the Go cache template (``go-template/``) and javac's class-data archive
     (``java-cds/``), each built once under a file lock, and per-process compile caches
-    (``p<pid>/``, e.g. the Go build cache).
+    (``p<pid>-*/``, e.g. the Go build cache).
     Default: ``$TMPDIR/octoray-sandbox-<uid>``.
     """
 
@@ -161,12 +175,15 @@ class Sandbox:
             (self.cache_dir / sub).mkdir(parents=True, exist_ok=True)
             os.chmod(self.cache_dir / sub, 0o755)
         # This process's writable caches (Go build cache); removed when the Sandbox goes away.
-        self.private = self.cache_dir / f"p{os.getpid()}"
-        self.private.mkdir(exist_ok=True)
+        # One per Sandbox, not per process: two Sandboxes of one process must not remove each
+        # other's caches when one of them goes away.
+        self.private = Path(tempfile.mkdtemp(prefix=f"p{os.getpid()}-", dir=self.cache_dir))
+        os.chmod(self.private, 0o755)
         if self.uid is not None:
             os.chown(self.private, self.uid, self.uid)
         weakref.finalize(self, shutil.rmtree, self.private, True)
         self.isolation = _isolation_mode(self.is_root, self.allow_network)
+        self._mount_table = _mount_table(str(self.cache_dir))
         self._toolchain_problems: dict[str, str | None] = {}
         self._toolchain_lock = threading.Lock()
         self._rust_externs: list[str] | None = None
@@ -296,9 +313,9 @@ class Sandbox:
 
     def _start_java_compiler(self, server_classes: str) -> java_compiler.JavaCompiler:
         """A warm javac in its own sandbox (namespaces, uid, rlimits), compiling samples in
-        ``work/``; its stderr goes to ``p<pid>/javac-server.log``."""
+        ``work/``; its stderr goes to ``p<pid>-*/javac-server.log``."""
         root = SANDBOX_ROOT if self.isolation != "none" else str(self.cache_dir)
-        home = self.cache_dir / "work" / f"javac-{os.getpid()}"  # the server's own cwd
+        home = self.cache_dir / "work" / f"javac-{self.private.name}"  # the server's own cwd
         command = (f"exec java {_jvm_flags(self.limits.threads)} -cp {root}/{server_classes} "
                    f"{java_compiler.SERVER_CLASS} {root}/work")
 
@@ -318,6 +335,7 @@ class Sandbox:
 
         compiler = java_compiler.JavaCompiler(start, stop)
         weakref.finalize(self, compiler.close)
+        weakref.finalize(self, shutil.rmtree, home, True)
         return compiler
 
     # -- the subprocess -----------------------------------------------------------------------
@@ -354,8 +372,8 @@ class Sandbox:
         command = ["env", "-i", *(f"{k}={v}" for k, v in env.items()), "/bin/sh", "-c", shell_command]
         if isolated:
             argv = [*_unshare_argv(self.is_root, self.allow_network), "/bin/sh", "-c", _SETUP_SH,
-                    "octoray-sandbox", str(self.cache_dir), workdir.name,
-                    "" if self.uid is None else str(self.uid), ":".join(_keep_paths()), *command]
+                    "octoray-sandbox", self._mount_table, workdir.name,
+                    "" if self.uid is None else str(self.uid), *command]
         else:
             argv = command
         limits = self.limits
@@ -678,8 +696,8 @@ def _isolation_mode(is_root: bool, allow_network: bool) -> str:
                 (Path(tmp) / "work" / "probe").mkdir(parents=True)
                 probe = subprocess.run(
                     [*_unshare_argv(is_root, allow_network), "/bin/sh", "-c", _SETUP_SH,
-                     "octoray-sandbox", tmp, "probe", str(UID_BASE) if is_root else "",
-                     ":".join(_keep_paths()), "/bin/true"],
+                     "octoray-sandbox", _mount_table(tmp), "probe", str(UID_BASE) if is_root else "",
+                     "/bin/true"],
                     capture_output=True, text=True, timeout=30)
                 if probe.returncode == 0:
                     mode = "namespaces"
@@ -709,8 +727,7 @@ def _keep_paths() -> tuple[str, ...]:
         if path.is_dir() and any(str(path).startswith(h + "/") for h in HIDDEN_DIRS):
             out.add(str(path))
     # A directory inside another kept one comes along with it.
-    return tuple(sorted(p for p in out if ":" not in p
-                        and not any(p.startswith(q + "/") for q in out)))
+    return tuple(sorted(p for p in out if not any(p.startswith(q + "/") for q in out)))
 
 
 _SYSROOT: list[str | None] = []

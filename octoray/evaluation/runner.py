@@ -35,12 +35,12 @@ class Executor:
     """Ray actor body: one sandbox, executing one sample per call (see :func:`execute`)."""
 
     def __init__(self, problems: dict[str, dict[str, Any]], cache_dir: str | None,
-                 timeout_scale: float = 1.0) -> None:
+                 timeout_scale: float = 1.0, accelerated: bool = True) -> None:
         from octoray.evaluation.execution import Limits, Sandbox
 
         self.problems = problems
         self.sandbox = Sandbox(cache_dir=Path(cache_dir) if cache_dir else None,
-                               limits=Limits(timeout_scale=timeout_scale))
+                               limits=Limits(timeout_scale=timeout_scale), accelerated=accelerated)
 
     def toolchain_problems(self, languages: Sequence[str]) -> dict[str, str]:
         """``language -> what is missing`` for this actor's node; empty when all are usable.
@@ -74,12 +74,14 @@ def read_results(out_dir: Path) -> list[dict[str, Any]]:
 
 def execute(samples: Sequence[dict[str, Any]], problems: dict[str, dict[str, Any]], out_dir: Path, *,
             num_actors: int = 0, in_flight_per_actor: int = 2, flush_every: int = 64,
-            cache_dir: Path | None = None, timeout_scale: float = 1.0) -> tuple[list[dict[str, Any]], int]:
+            cache_dir: Path | None = None, timeout_scale: float = 1.0,
+            accelerated: bool = True) -> tuple[list[dict[str, Any]], int]:
     """Execute every sample not executed yet; return (all results for ``samples``, executed now).
 
     ``problems`` maps task_id -> problem row. ``num_actors`` 0 means one per CPU in the cluster.
     ``cache_dir`` None is the sandbox's default (shared by all actors of a node: prebuilt Rust
-    dependencies are built once there and reused by later runs).
+    dependencies are built once there and reused by later runs). ``accelerated=False`` runs
+    today's per-sample build commands (see :class:`~octoray.evaluation.execution.Sandbox`).
     """
     import ray
     from tqdm import tqdm
@@ -105,7 +107,7 @@ def execute(samples: Sequence[dict[str, Any]], problems: dict[str, dict[str, Any
         actor_cls = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(Executor)
 
         def new_actor() -> Any:
-            return actor_cls.remote(problems_ref, cache, timeout_scale)
+            return actor_cls.remote(problems_ref, cache, timeout_scale, accelerated)
 
         actors = [new_actor() for _ in range(num_actors)]
         try:
