@@ -112,7 +112,7 @@ def decoder_only(model: str, texts: list[str], batch_size: int, max_tokens: int)
     import torch
 
     from octoray.modeling import load_model, load_tokenizer
-    from octoray.serving import BatchDecoder, Sequence
+    from octoray.decoding import BatchDecoder, Sequence
 
     torch.set_num_threads(1)  # what a 1-CPU replica gets (Ray sets OMP_NUM_THREADS=num_cpus)
     tokenizer = load_tokenizer(model)

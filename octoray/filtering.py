@@ -33,9 +33,11 @@ from octoray import commitpackft_rules as rules
 from octoray import dataset_card, layout, subjects
 from octoray.config import help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
-from octoray.outputs import (RESOLVED_CONFIG, atomic_write_json, atomic_write_text, is_complete, iter_jsonl,
+from octoray.evaluation.humanevalpack import LANGUAGES
+from octoray.outputs import (RESOLVED_CONFIG, STATS, atomic_write_json, atomic_write_text, is_complete, iter_jsonl,
                              parquet_file, read_manifest, require_stage_output, stage_listing, write_manifest,
                              write_parquet_atomic, write_resolved_config)
+from octoray.progress import progress_bar
 from octoray.storage import Location, display, fs_path, location, rmtree
 
 STAGE = "filter"
@@ -80,7 +82,7 @@ class FilterConfig:
     decontam_ngram: int = option(13, "decontamination: n of the whitespace-token n-grams")
     decontam_threshold: float = option(0.2, "decontamination: drop when a commit holds at least this "
                                             "fraction of one problem's n-grams")
-    decontam_languages: tuple[str, ...] = option(("python", "js", "java", "go", "cpp", "rust"),
+    decontam_languages: tuple[str, ...] = option(LANGUAGES,
                                                  "HumanEvalPack languages to decontaminate against")
     humanevalpack_dir: str | None = option(None, "directory of HumanEvalPack <language>.jsonl files "
                                                  "(default: the hub dataset bigcode/humanevalpack)")
@@ -107,8 +109,6 @@ class FilterConfig:
             found.append("decontam_ngram must be >= 1")
         if not 0 < self.decontam_threshold <= 1:
             found.append("decontam_threshold must be in (0, 1]")
-        from octoray.evaluation.humanevalpack import LANGUAGES
-
         bad = [lang for lang in self.decontam_languages if lang not in LANGUAGES]
         if bad:
             found.append(f"decontam_languages: unknown {', '.join(bad)} (choose from {', '.join(LANGUAGES)})")
@@ -200,7 +200,7 @@ def run(cfg: FilterConfig) -> Location:
         if not (out / files[-1]).is_file():  # written once; a resumed run keeps it
             write_parquet_atomic(_oasst_table(oasst, schema), out / files[-1])
     stats = _aggregate(out, list(expected), len(oasst or ()), cfg)
-    atomic_write_json(out / "stats.json", stats)
+    atomic_write_json(out / STATS, stats)
     card = dataset_card.filter_card(cfg, stats, dataset_card.summarize(out / f for f in files),
                                     columns=schema.names, source=source)
     atomic_write_text(out / layout.CARD, card)
@@ -313,7 +313,7 @@ def _filter_shards(cfg: FilterConfig, pending: list[Location], expected: dict[st
     codes: dict[str, Counter] = defaultdict(Counter)  # shard -> (lang, code) -> rows
     rescued: dict[str, Counter] = defaultdict(Counter)  # shard -> lang -> kept rows rescued
     remaining = {p.name for p in pending}
-    bar = _progress(sum(expected[p.name] for p in pending), cfg.progress)
+    bar = progress_bar(sum(expected[p.name] for p in pending), desc="filtering", unit="row", enabled=cfg.progress)
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         names = [Path(p).name for p in block.column("path").to_pylist()]
         for name, lang, code, saved in zip(names, block.column("lang").to_pylist(), block.column("_drop").to_pylist(),
@@ -603,12 +603,6 @@ def _oasst_table(pairs: list[tuple[str, str]], schema: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # Reporting
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="row", desc="filtering", disable=not enabled, file=sys.stderr)
 
 
 def _print_summary(out: Location, stats: dict[str, Any], seconds: float) -> None:

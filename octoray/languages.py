@@ -111,13 +111,3 @@ def load_languages_file(path: str | Path) -> LanguageTable:
 def language_table(languages_file: str | Path | None) -> LanguageTable:
     """Linguist by default, or the fixed table in ``languages_file``."""
     return LINGUIST if languages_file is None else load_languages_file(languages_file)
-
-
-def language_for_path(path: str, content: bytes | None = None) -> str | None:
-    """Linguist's language for ``path`` (see :class:`LanguageTable`)."""
-    return LINGUIST.language_for_path(path, content)
-
-
-def extensions_for(language: str) -> frozenset[str]:
-    """Linguist's lower-cased extensions for ``language``."""
-    return LINGUIST.extensions_for(language)

@@ -62,12 +62,6 @@ def is_legacy_data_file(name: str) -> bool:
     return "/" not in name and name.endswith(_SUFFIX) and not name.startswith((".", "_"))
 
 
-def is_legacy(files: Iterable[str]) -> bool:
-    """True when a stage's file list (its manifest's ``files``) is in the legacy flat layout."""
-    shards = [f for f in files if f.endswith(_SUFFIX)]
-    return bool(shards) and not any(is_data_file(f) for f in shards)
-
-
 def data_files(manifest: Mapping[str, Any] | None, listing: Iterable[str] = ()) -> list[str]:
     """The Parquet shards of a stage directory, relative to it, in order — either layout.
 

@@ -70,8 +70,3 @@ def classify_license(text: str) -> str | None:
         if all(phrase in where for phrase in phrases):
             return spdx_id
     return None
-
-
-def is_permissive(spdx_id: str | None) -> bool:
-    """True when ``spdx_id`` is on CommitPack's permissive list."""
-    return spdx_id in PERMISSIVE

@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -45,8 +44,9 @@ from octoray.languages import LanguageTable, language_table
 from octoray.licenses import LICENSE_FILE_NAMES, PERMISSIVE, classify_license
 from octoray.raylocal import ensure_ray, unreserved_ray_data
 from octoray.node_types import cluster_capacity, require_feasible
-from octoray.outputs import (atomic_write_json, atomic_write_text, is_complete, read_manifest, read_parquet,
+from octoray.outputs import (STATS, atomic_write_json, atomic_write_text, is_complete, read_manifest, read_parquet,
                              stage_listing, write_manifest, write_parquet_atomic, write_resolved_config)
+from octoray.progress import progress_bar
 from octoray.shared_storage import require_shared_storage
 from octoray.storage import Location, ObjectPath, copy_file, location, rmtree, scratch_dir
 
@@ -193,7 +193,7 @@ def run(cfg: MineConfig) -> Location:
         chunk_stats: dict[str, list[dict]] = {key: [] for key in pending}
 
         total = sum(len(c["commits"]) for c in chunks)
-        bar = _progress(total, cfg.progress and total > 0)
+        bar = progress_bar(total, desc="mining", unit="commit", enabled=cfg.progress and total > 0)
         if chunks:
             results = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map(
                 lambda chunk: _mine_chunk(chunk, cfg, work), compute=compute).iter_rows()
@@ -213,7 +213,7 @@ def run(cfg: MineConfig) -> Location:
     finished = [s for s in repo_stats.values() if not s.get("error")]
     rows, files, duplicates = _finalize(out, work, [s["key"] for s in finished])
     stats = _aggregate_stats(repo_stats.values(), duplicates, rows)
-    atomic_write_json(out / "stats.json", stats)
+    atomic_write_json(out / STATS, stats)
     card = dataset_card.mine_card(cfg, stats, dataset_card.summarize(out / f for f in files), columns=COLUMNS,
                                   failed=failed)
     atomic_write_text(out / layout.CARD, card)
@@ -654,12 +654,6 @@ def _aggregate_stats(repos: Iterable[dict[str, Any]], duplicates: int, rows: int
         "repos": {r["name"]: {"commits_seen": 0, "kept": 0, "dropped": {},
                               **{k: v for k, v in r.items() if k != "chunks"}} for r in repos},
     }
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="commit", desc="mining", disable=not enabled, file=sys.stderr)
 
 
 def _print_summary(out: Location, stats: dict[str, Any], failed: dict[str, str], seconds: float) -> None:

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from octoray.outputs import atomic_write_text
+from octoray.evaluation.humanevalpack import LANGUAGES
+from octoray.outputs import STATS, atomic_write_text
 
 #: OctoCoder pass@1 (%) from the OctoPack paper (COMMITPACKFT.md), task -> language -> value.
 OCTOCODER_PASS1 = {
@@ -20,7 +21,6 @@ OCTOCODER_PASS1 = {
     "explain": {"python": 35.1, "js": 24.5, "java": 27.3, "go": 21.1, "cpp": 24.1, "rust": 14.8},
     "synthesize": {"python": 46.2, "js": 39.2, "java": 38.2, "go": 30.4, "cpp": 35.6, "rust": 23.4},
 }
-LANGUAGE_ORDER = ("python", "js", "java", "go", "cpp", "rust")
 
 
 def write_report(root: Any, out: Any) -> Any:
@@ -67,7 +67,7 @@ def _pyplot() -> Any:
 
 
 def _funnel_section(commits: Path, sft: Path, out: Path) -> str:
-    mined, filtered = _read_json(commits / "stats.json"), _read_json(sft / "stats.json")
+    mined, filtered = _read_json(commits / STATS), _read_json(sft / STATS)
     if mined is None and filtered is None:
         return "## Data funnel\n\nMining and filtering did not run.\n"
     steps: list[tuple[str, int]] = []
@@ -180,7 +180,7 @@ def _eval_section(eval_dir: Path, out: Path) -> str:
              "|---|---|---:|---:|---:|---:|---:|"]
     bars: list[tuple[str, float, float | None]] = []
     for task, by_lang in metrics.items():
-        for lang in sorted(by_lang, key=lambda l: LANGUAGE_ORDER.index(l) if l in LANGUAGE_ORDER else 99):
+        for lang in sorted(by_lang, key=lambda l: LANGUAGES.index(l) if l in LANGUAGES else 99):
             m = by_lang[lang]
             ours = m.get("pass@1")
             p10 = m.get("pass@10")

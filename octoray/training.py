@@ -35,6 +35,7 @@ from octoray.config import help_lines, load_config, option, split_overrides, to_
 from octoray.errors import UserError
 from octoray.node_types import require_feasible, resource_problems
 from octoray.outputs import is_complete, require_stage_output, write_manifest, write_resolved_config
+from octoray.progress import progress_bar
 from octoray.storage import Location, ObjectPath, display, local_copy, location, scratch_dir, upload_dir
 from octoray.run_metrics import LOSS_PNG, METRICS_FILE, MetricsLog, mfu, peak_flops, plot_loss
 
@@ -513,7 +514,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.val_fraction > 0 else None
     batches = _endless_batches(train_shard, cfg.micro_batch)
-    progress = _progress(rank, step, cfg.max_steps)
+    progress = progress_bar(cfg.max_steps, desc="train", unit="step", enabled=rank == 0, initial=step,
+                            mininterval=1.0)
 
     while step < cfg.max_steps:
         _maybe_fail(cfg, run_dir, step + 1, rank, world)
@@ -612,12 +614,18 @@ def _load_model(cfg: TrainConfig, model_path: str, ds_config: dict[str, Any], bf
 
     model = load_model(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
+    return _with_lora(model, cfg), hf_ds_config
 
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                 lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets)))
-    return model, hf_ds_config
+
+def _with_lora(model: Any, cfg: TrainConfig) -> Any:
+    """``model`` wrapped in LoRA adapters as ``cfg`` asks (for training, and to rebuild the trained
+    model's parameter names at export), or ``model`` itself when ``cfg.lora`` is off."""
+    if not cfg.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                            lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets)))
 
 
 def _maybe_resume(engine: Any, checkpoint: Any) -> tuple[int, int]:
@@ -697,12 +705,6 @@ def _maybe_fail(cfg: TrainConfig, run_dir: Location, next_step: int, rank: int, 
     os._exit(1)
 
 
-def _progress(rank: int, step: int, total: int) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=step, desc="train", unit="step", disable=rank != 0, mininterval=1.0)
-
-
 def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank: int) -> None:
     """Write the trained model (LoRA merged) + tokenizer in Hugging Face format on rank 0.
 
@@ -725,12 +727,7 @@ def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank:
 
         hf_config = AutoConfig.from_pretrained(local_copy(model_path))
         dtype = next(iter(state.values())).dtype
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        if cfg.lora:
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                     lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets)))
+        model = _with_lora(AutoModelForCausalLM.from_config(hf_config, dtype=dtype), cfg)
         missing = set(dict(model.named_parameters())) - set(state)
         if missing:
             raise RuntimeError(f"export: trained state lacks {sorted(missing)[:3]}")

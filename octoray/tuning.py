@@ -31,8 +31,8 @@ from typing import Any, Literal, Optional
 
 from octoray.config import ConfigError, from_mapping, help_lines, load_config, option, split_overrides, to_dict
 from octoray.errors import UserError
-from octoray.outputs import (atomic_write_json, is_complete, read_manifest, require_stage_output, write_manifest,
-                             write_resolved_config)
+from octoray.outputs import (RESOLVED_CONFIG, atomic_write_json, is_complete, read_manifest, require_stage_output,
+                             write_manifest, write_resolved_config)
 
 STAGE = "tune"
 METRIC = "val_loss"
@@ -198,7 +198,7 @@ def run(tcfg: TuneConfig, train_cfg: Any) -> Path:
     atomic_write_json(out_dir / BEST_FILE, best)
     print(f"octoray tune: best trial {best['best']['trial_id']} {METRIC}={best['best'][METRIC]:.4f} "
           f"config={best['best']['config']} ({tcfg.search} search, {best['trial_steps']} trial-steps)")
-    write_manifest(out_dir, STAGE, tcfg, rows=len(best["trials"]), files=[BEST_FILE, "config.yaml"],
+    write_manifest(out_dir, STAGE, tcfg, rows=len(best["trials"]), files=[BEST_FILE, RESOLVED_CONFIG],
                    started=started, inputs={"sft": {"path": str(data_dir), "rows": sft_manifest.get("rows")}},
                    extra={"model_path": model_path, "counts": counts, "train_config": to_dict(base)})
     return out_dir

@@ -55,7 +55,6 @@ def test_data_files_from_the_manifest_or_a_listing() -> None:
     new = {"files": ["data/train-00001-of-00002.parquet", "data/train-00000-of-00002.parquet"]}
     assert layout.data_files(new) == sorted(new["files"])
     assert layout.data_files({"files": ["commits-00000.parquet", "model"]}) == ["commits-00000.parquet"]
-    assert layout.is_legacy(["commits-00000.parquet"]) and not layout.is_legacy(new["files"])
     listing = ["commits-00000.parquet", "data/train-00000-of-00001.parquet"]
     assert layout.data_files(None, listing) == ["data/train-00000-of-00001.parquet"]  # the new layout wins
     assert layout.data_files({}, ["b.parquet", "a.parquet", "stats.json"]) == ["a.parquet", "b.parquet"]

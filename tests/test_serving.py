@@ -124,13 +124,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def decoder(model_dir: Path):
     from octoray.modeling import load_model, load_tokenizer
-    from octoray.serving import BatchDecoder
+    from octoray.decoding import BatchDecoder
 
     return BatchDecoder(load_model(str(model_dir)).eval(), load_tokenizer(str(model_dir)))
 
 
 def _seq(decoder, prompt: str, max_tokens: int = 12, **kwargs: Any):
-    from octoray.serving import Sequence
+    from octoray.decoding import Sequence
 
     return Sequence(prompt_ids=decoder.tokenizer(prompt)["input_ids"], max_tokens=max_tokens, **kwargs)
 
@@ -386,3 +386,31 @@ def test_ctrl_c_shuts_down_cleanly(server: Server) -> None:
     assert "shutting down" in log and "Traceback" not in log
     with pytest.raises(OSError):
         _http("GET", f"{server.url}/models", timeout=5)
+
+
+# ------------------------------------------------------------------ start() in-process (after the shared server)
+
+@pytest.mark.ray
+def test_start_checks_the_model_once(model_dir: Path, ray_local, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``start`` resolves the model (tokenizer + config, or a download for a URI) once, not once more
+    while building the app. Runs after ``test_ctrl_c_shuts_down_cleanly``: Serve is one per
+    cluster, so an in-process ``start`` must not run beside the shared server."""
+    from octoray import modeling, serving
+
+    checked: list[str] = []
+    real = modeling.preflight_model
+
+    def counting(name_or_path: str) -> Any:
+        checked.append(name_or_path)
+        return real(name_or_path)
+
+    monkeypatch.setattr(modeling, "preflight_model", counting)
+    url = serving.start(ServeConfig(model=str(model_dir), port=_free_port(), max_batch_size=4,
+                                    max_ongoing_requests=8, app_name="start-once"))
+    try:
+        assert checked == [str(model_dir)]
+        status, body = _http("POST", f"{url}/completions", {"prompt": "def f():", "max_tokens": 3})
+        assert status == 200 and body["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        serving.shutdown()
+    assert ray_local.is_initialized()  # start() joined the session's Ray, so shutdown() leaves it running

@@ -45,13 +45,12 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from octoray.evaluation import java_compiler
+from octoray.evaluation.humanevalpack import LANGUAGES
 from octoray.evaluation.programs import CPP_HEADER, build_program
 
 log = logging.getLogger(__name__)
 
 Status = Literal["pass", "fail", "timeout", "error"]
-
-LANGUAGES = ("python", "js", "java", "go", "cpp", "rust")
 
 # Wall-clock seconds per sample, compile + run. Source: bigcode-evaluation-harness
 # tasks/humanevalpack.py LANGUAGE_TO_TIMEOUT (rust's 300 s covers cargo's first compile of the

@@ -1,0 +1,201 @@
+"""Batched decoding for ``octoray serve``: left-padded batches, a KV cache, per-row sampling.
+
+:class:`Sequence` is one completion being generated with its own sampling settings (temperature,
+top_p, seed, stop strings, ``max_tokens``); :class:`BatchDecoder` decodes a list of them together
+with a Hugging Face causal LM, one forward pass per step for the whole batch. Torch only: no Ray,
+no HTTP (the server's scheduler, :mod:`octoray.serving_scheduler`, drives it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion being generated (one prompt, one of its ``n`` samples) and its settings."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    index: int = 0
+    seed: Optional[int] = None
+    queue: Optional[asyncio.Queue] = None  # streamed pieces go here: (index, text, finish_reason)
+    token_ids: list[int] = field(default_factory=list)
+    generated: int = 0  # tokens produced, the EOS included (the usage count)
+    text: str = ""
+    emitted: int = 0  # characters of text already streamed
+    finish_reason: Optional[str] = None
+    cancelled: bool = False
+    uniforms: list[float] = field(default_factory=list)  # one draw per token, from this row's seed
+
+    @property
+    def done(self) -> bool:
+        """Finished (stop, length) or abandoned by its client."""
+        return self.finish_reason is not None or self.cancelled
+
+    def add(self, token: int, eos_ids: frozenset[int], decode: Any) -> None:
+        """Append one sampled token; update text, stop/length state and stream the safe new text."""
+        self.generated += 1
+        if token in eos_ids:
+            self.finish_reason = "stop"
+        else:
+            self.token_ids.append(token)
+            self.text = decode(self.token_ids)
+            hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+            if hits:  # the stop string itself is never returned, as in the OpenAI API
+                self.text = self.text[:min(hits)]
+                self.finish_reason = "stop"
+            elif self.generated >= self.max_tokens:
+                self.finish_reason = "length"
+        if self.queue is not None:
+            self._emit()
+
+    def _emit(self) -> None:
+        end = len(self.text)
+        if self.finish_reason is None:
+            while end > self.emitted and self.text[end - 1] == "\ufffd":
+                end -= 1  # an incomplete UTF-8 character: wait for its remaining bytes
+            # hold back what could be the start of a stop string, so it is never sent
+            end -= max((len(s) for s in self.stop), default=1) - 1
+        if end > self.emitted or self.finish_reason is not None:
+            self.queue.put_nowait((self.index, self.text[self.emitted:max(end, self.emitted)], self.finish_reason))
+            self.emitted = max(end, self.emitted)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Decoding state of the sequences in flight: KV cache, mask, positions, sampled tokens."""
+
+    seqs: list[Sequence]
+    cache: Any
+    attention_mask: Any
+    positions: Any  # position id of the last token, per row: (B, 1)
+    next_tokens: list[int]
+
+
+class BatchDecoder:
+    """Left-padded batch decoding with a KV cache and per-row sampling settings.
+
+    Left padding keeps every row's last token in the last column, so one forward pass per step
+    serves all rows; explicit position ids make padded rows see the same positions as unpadded
+    ones. Rows that finish are dropped from the cache (``batch_select_indices``).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        import inspect
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
+        self.eos_ids = frozenset(i for i in eos if i is not None)
+        params = inspect.signature(model.forward).parameters
+        # transformers 5 renamed past_key_values to cache
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Token ids to text, special tokens dropped."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def generate(self, seqs: list[Sequence]) -> None:
+        """Decode ``seqs`` together until each one finishes (the synchronous form of the server loop)."""
+        batch = self.prefill(seqs)
+        while keep := self.advance(batch):
+            self.step(batch, keep)
+
+    def advance(self, batch: _Batch) -> list[int]:
+        """Hand each row its sampled token; return the rows still going (empty: the batch is done)."""
+        for seq, token in zip(batch.seqs, batch.next_tokens):
+            if not seq.done:
+                seq.add(token, self.eos_ids, self.decode)
+        return [i for i, seq in enumerate(batch.seqs) if not seq.done]
+
+    def prefill(self, seqs: list[Sequence]) -> _Batch:
+        """Run the prompts (left-padded) and sample each row's first token."""
+        import torch
+
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids)
+            mask[row, width - len(seq.prompt_ids):] = 1
+            generator = torch.Generator().manual_seed(seq.seed if seq.seed is not None else random.getrandbits(63))
+            seq.uniforms = torch.rand(seq.max_tokens, generator=generator, dtype=torch.float64).tolist()
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **self._last_only)
+            tokens = self._sample(out.logits[:, -1, :], seqs)
+        return _Batch(seqs, _cache_of(out), mask, positions[:, -1:], tokens)
+
+    def step(self, batch: _Batch, keep: list[int]) -> None:
+        """Drop finished rows, feed each kept row its last token, sample the next ones."""
+        import torch
+
+        with torch.inference_mode():
+            tokens = torch.tensor(batch.next_tokens, dtype=torch.long, device=self.device)
+            if len(keep) < len(batch.seqs) and hasattr(batch.cache, "batch_select_indices"):
+                index = torch.tensor(keep, device=self.device)
+                batch.cache.batch_select_indices(index)
+                batch.attention_mask = batch.attention_mask[index]
+                batch.positions = batch.positions[index]
+                batch.seqs = [batch.seqs[i] for i in keep]
+                tokens = tokens[index]
+            # without a cache that can shrink, finished rows ride along; advance() skips them
+            batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones((len(tokens), 1))], 1)
+            batch.positions = batch.positions + 1
+            out = self.model(input_ids=tokens[:, None], attention_mask=batch.attention_mask,
+                             position_ids=batch.positions, use_cache=True, **{self._cache_arg: batch.cache})
+            batch.cache = _cache_of(out)
+            batch.next_tokens = self._sample(out.logits[:, -1, :], batch.seqs)
+
+    def _sample(self, logits: Any, seqs: list[Sequence]) -> list[int]:
+        """Greedy where temperature is 0, else temperature + nucleus sampling, row by row settings.
+
+        Sampling is by inverse CDF with one uniform per row drawn from that row's own generator
+        (pre-drawn at prefill), so a seeded row gets the same tokens in any batch, and a step
+        costs one vectorised search instead of a ``multinomial`` call per row.
+        """
+        import torch
+
+        chosen = logits.argmax(-1)
+        sampled = [i for i, s in enumerate(seqs) if s.temperature > 0 and not s.done]
+        if sampled:
+            device = logits.device
+            index = torch.tensor(sampled, device=device)
+            temps = torch.tensor([seqs[i].temperature for i in sampled], device=device)[:, None]
+            probs = torch.softmax(logits[index].float() / temps, dim=-1)
+            top_p = torch.tensor([seqs[i].top_p for i in sampled], device=device)[:, None]
+            if bool((top_p < 1).any()):
+                top_p = top_p.masked_fill(top_p >= 1, 2.0)  # rows without top_p keep every token
+                ordered, order = probs.sort(dim=-1, descending=True)
+                # drop tokens once the mass before them already reaches top_p (the first always stays);
+                # the mask goes back to vocabulary order so the draw below sees one canonical order
+                drop = (ordered.cumsum(-1) - ordered) >= top_p
+                probs = probs.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), 0.0)
+            cdf = probs.cumsum(-1)
+            draws = torch.tensor([seqs[i].uniforms[seqs[i].generated] for i in sampled], device=device)
+            # first token whose cumulative mass exceeds the draw: never one of zero probability
+            target = (draws[:, None] * cdf[:, -1:]).clamp(min=torch.finfo(cdf.dtype).tiny)
+            picked = torch.searchsorted(cdf, target).clamp(max=cdf.shape[-1] - 1)
+            chosen[index] = picked[:, 0]
+        return chosen.tolist()
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple, set)) else [value]

@@ -1,0 +1,174 @@
+"""The OpenAI-compatible HTTP layer of ``octoray serve``: one Ray Serve replica and its routes.
+
+:class:`CompletionServer` loads the model, builds a Starlette app with ``POST /v1/completions``
+(plain and streamed), ``GET /v1/models`` and ``GET /healthz``, turns each request into
+:class:`~octoray.decoding.Sequence` s and hands them to its
+:class:`~octoray.serving_scheduler.BatchScheduler`. The protocol's rules (validation, error
+bodies, response shapes) live in :mod:`octoray.openai_api`; deploying this class is
+:func:`octoray.serving.build_app`'s job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from octoray.config import from_mapping
+from octoray.decoding import BatchDecoder, Sequence
+from octoray.openai_api import (SSE_DONE, APIError, completion_chunk, completion_response, error_body, models_response,
+                               new_request_id, parse_completion_request, sse, usage_chunk)
+from octoray.serving import FALLBACK_MAX_MODEL_LEN, ServeConfig
+from octoray.serving_scheduler import BatchScheduler
+
+logger = logging.getLogger("octoray.serve")
+
+#: Largest request body read; far above any prompt that fits a context window.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class CompletionServer:
+    """One Ray Serve replica: the model, its batch scheduler and the HTTP routes.
+
+    Wrapped at deploy time by ``serve.deployment(serve.ingress()(CompletionServer))``, which keeps
+    this module free of Ray imports; the ASGI app is built per replica by
+    ``__serve_build_asgi_app__`` so its routes can reach ``self``.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import torch
+
+        from octoray.modeling import load_model, load_tokenizer
+
+        self.cfg = from_mapping(ServeConfig, config)
+        self.max_model_len = int(self.cfg.max_model_len or FALLBACK_MAX_MODEL_LEN)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = load_tokenizer(self.cfg.model)
+        model = load_model(self.cfg.model, dtype=_torch_dtype(self.cfg.dtype, self.device, self.cfg.model))
+        decoder = BatchDecoder(model.to(self.device).eval(), self.tokenizer)
+        self.scheduler = BatchScheduler(decoder, max_batch_size=self.cfg.max_batch_size,
+                                        batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
+                                        max_concurrent_batches=self.cfg.max_ongoing_requests)
+        self.created = int(time.time())
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """The Starlette app with the three routes; called by Ray Serve after ``__init__``."""
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        async def completions(request: Any) -> Any:
+            try:
+                return await self._completions(request)
+            except APIError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status)
+            except Exception:  # noqa: BLE001 - a bug must still answer in the protocol's shape
+                logger.exception("completion failed")
+                return JSONResponse(error_body("internal server error (see the replica log)", "server_error"),
+                                    status_code=500)
+
+        async def models(request: Any) -> Any:
+            return JSONResponse(models_response(self.cfg.model_name, self.created, self.max_model_len))
+
+        async def healthz(request: Any) -> Any:
+            return JSONResponse({"status": "ok", "model": self.cfg.model_name, "stats": self.scheduler.stats})
+
+        async def http_error(request: Any, exc: HTTPException) -> Any:
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+            message = f"{request.method} {request.url.path}: {exc.detail}"
+            return JSONResponse(error_body(message, "invalid_request_error", None, code), status_code=exc.status_code)
+
+        return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
+                                 Route("/v1/models", models, methods=["GET"]),
+                                 Route("/healthz", healthz, methods=["GET"])],
+                         exception_handlers={HTTPException: http_error})
+
+    async def _completions(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        params = parse_completion_request(await _read_body(request), default_max_tokens=self.cfg.default_max_tokens,
+                                          max_choices=self.cfg.max_choices)
+        if params.model not in (None, "", self.cfg.model_name, self.cfg.model):
+            raise APIError(404, f"The model '{params.model}' does not exist; this server serves "
+                                f"'{self.cfg.model_name}'", param="model", code="model_not_found")
+        prompt_ids = [self._encode(p, params.max_tokens) for p in params.prompts]
+        seqs = [Sequence(prompt_ids=ids, max_tokens=params.max_tokens, temperature=params.temperature,
+                         top_p=params.top_p, stop=params.stop, index=i * params.n + j,
+                         seed=None if params.seed is None else params.seed + j)
+                for i, ids in enumerate(prompt_ids) for j in range(params.n)]
+        prompt_tokens = sum(len(ids) for ids in prompt_ids)
+        request_id, created = new_request_id()
+        if params.stream:
+            chunks = self._stream(seqs, request_id, created, prompt_tokens, params.include_usage)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        await self.scheduler.run(seqs)
+        body = completion_response(request_id, created, self.cfg.model_name,
+                                   [(s.text, s.finish_reason) for s in seqs], prompt_tokens,
+                                   sum(s.generated for s in seqs))
+        return JSONResponse(body)
+
+    def _encode(self, prompt: str, max_tokens: int) -> list[int]:
+        ids = self.tokenizer(prompt)["input_ids"]
+        if len(ids) + max_tokens > self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in your prompt; "
+                                f"{max_tokens} for the completion). Please reduce your prompt or completion length.",
+                           param="max_tokens" if len(ids) < self.max_model_len else "prompt",
+                           code="context_length_exceeded")
+        return ids
+
+    async def _stream(self, seqs: list[Sequence], request_id: str, created: int, prompt_tokens: int,
+                      include_usage: bool) -> Any:
+        """Server-sent events: text pieces as they are decoded, then usage (if asked), then [DONE]."""
+        queue: asyncio.Queue = asyncio.Queue()
+        for seq in seqs:
+            seq.queue = queue
+        task = asyncio.ensure_future(self.scheduler.run(seqs))
+        task.add_done_callback(lambda _: queue.put_nowait(None))  # after every piece: same event loop
+        try:
+            while (item := await queue.get()) is not None:
+                index, text, finish_reason = item
+                yield sse(completion_chunk(request_id, created, self.cfg.model_name, index, text, finish_reason))
+            if task.exception() is not None:
+                logger.error("streamed completion failed", exc_info=task.exception())
+                yield sse(error_body("internal server error (see the replica log)", "server_error"))
+                return
+            if include_usage:
+                yield sse(usage_chunk(request_id, created, self.cfg.model_name, prompt_tokens,
+                                      sum(s.generated for s in seqs)))
+            yield SSE_DONE
+        finally:
+            if not task.done():  # the client disconnected mid-stream
+                for seq in seqs:
+                    seq.cancelled = True
+                task.cancel()
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+async def _read_body(request: Any) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"request body over {MAX_BODY_BYTES // (1024 * 1024)} MiB", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _torch_dtype(name: str, device: Any, model: str) -> Any:
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32  # half precision is slow or unsupported on most CPUs
+    from transformers import AutoConfig
+
+    from octoray.storage import local_copy
+
+    config = AutoConfig.from_pretrained(local_copy(model))
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return saved if saved in (torch.float16, torch.bfloat16) else torch.bfloat16
