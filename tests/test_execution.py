@@ -294,3 +294,30 @@ def test_warm_javac_restarts_after_a_timeout_or_a_dead_process(sandbox: Sandbox,
     compiler._proc.wait()
     assert sandbox.execute("java", p, good).status == "pass"
     assert sandbox._java_compiler is compiler
+
+
+GO_EXTRA = {  # case -> (imports before the code, code after the solution, go test's verdict)
+    # go test's vet (printf) fails a program whose tests pass
+    "vet": ("", 'func Extra() string {\n    return fmt.Sprintf("%d", "text")\n}\n', "fail"),
+    # an example with the wrong output fails; one with the right output passes
+    "example_wrong": ("", 'func ExampleExtra() {\n    fmt.Println("a")\n    // Output: b\n}\n', "fail"),
+    "example_right": ("", 'func ExampleExtra() {\n    fmt.Println("a")\n    // Output: a\n}\n', "pass"),
+    # TestMain decides the exit code
+    "testmain": ('import "os"\n', "func TestMain(m *testing.M) {\n    os.Exit(3)\n}\n", "fail"),
+    # a package go test cannot find, and a test function with a wrong signature: left to go test
+    "unknown_import": ('import "example.com/nothing"\n', "var _ = nothing.X\n", "fail"),
+    "bad_signature": ("", "func TestExtra(x int) {}\n", "fail"),
+}
+
+
+@pytest.mark.toolchain
+@pytest.mark.parametrize("case", sorted(GO_EXTRA))
+def test_go_without_go_test_gives_go_tests_verdicts(sandbox: Sandbox, shared_dir: Path,
+                                                    case: str) -> None:
+    reference = Sandbox(cache_dir=sandbox.cache_dir, accelerated=False)
+    p = _problems(shared_dir, "go")[0]
+    imports, extra, expected = GO_EXTRA[case]
+    code = imports + p["declaration"] + p["canonical_solution"] + "\n" + extra
+    fast, slow = sandbox.execute("go", p, code), reference.execute("go", p, code)
+    assert sandbox._go_direct is not None
+    assert (fast.status, slow.status) == (expected, expected), (fast, slow)

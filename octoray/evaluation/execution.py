@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from octoray.evaluation import java_compiler
+from octoray.evaluation import go_direct, java_compiler
 from octoray.evaluation.humanevalpack import LANGUAGES
 from octoray.evaluation.programs import CPP_HEADER, build_program
 
@@ -189,6 +189,7 @@ class Sandbox:
         self._javac_archive: str | None = None  # relative to cache_dir; None: run without
         self._cpp_header: str | None = None  # precompiled CPP_HEADER, relative to cache_dir
         self._java_compiler: java_compiler.JavaCompiler | None = None  # warm javac
+        self._go_direct: go_direct.GoDirect | None = None  # Go samples built without go test
 
     # -- public -------------------------------------------------------------------------------
 
@@ -252,7 +253,8 @@ class Sandbox:
                 javac += f" -J-XX:SharedArchiveFile={root}/{self._javac_archive}"
             return f"javac {javac} Main.java && java {jvm} -cp . Main"
         if language == "go":
-            return f"go test -count=1 -timeout={int(timeout)}s main_test.go"
+            go_test = f"go test -count=1 -timeout={int(timeout)}s main_test.go"
+            return self._go_direct.command(root, timeout, go_test) if self._go_direct else go_test
         if language == "cpp":
             # Flags of the reference (code_eval_octopack): -std=c++11, -lcrypto -lssl (#162).
             # ``-include`` of the precompiled CPP_HEADER, which every program starts with: the
@@ -461,8 +463,26 @@ class Sandbox:
                     for name in filenames:
                         os.chown(os.path.join(dirpath, name), self.uid, self.uid)
         status, tail = self._execute_program("go", "main_test.go", _GO_WARM, 600)
-        return None if status == "pass" else f"go warm-up failed ({status}): {tail[-300:]}"
+        if status != "pass":
+            return f"go warm-up failed ({status}): {tail[-300:]}"
+        if self.accelerated:
+            self._start_go_direct()
+        return None
 
+    def _start_go_direct(self) -> None:
+        """Build Go samples without the go command from now on, once the shared part is built
+        and a trusted program passes that way; otherwise (logged) samples keep to go test."""
+        try:
+            relative = go_direct.build(self.cache_dir, _go_env(str(self.cache_dir)))
+            self._go_direct = go_direct.GoDirect.load(self.cache_dir, relative)
+        except (OSError, subprocess.SubprocessError, RuntimeError, KeyError, ValueError) as exc:
+            log.warning("sandbox: go samples use go test (%s)", exc)
+            return
+        status, tail = self._execute_program("go", "main_test.go", _GO_WARM, 600)
+        if status != "pass":
+            self._go_direct = None
+            log.warning("sandbox: go samples use go test: a trusted program failed the direct "
+                        "build (%s: %s)", status, tail.strip()[-300:])
 
     def _warm_java(self) -> str | None:
         """Start the warm compiler and let its JIT see a few trusted compiles. A JDK without
@@ -499,15 +519,19 @@ def _go_template(cache_dir: Path) -> Path:
         shutil.rmtree(template, ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             Path(tmp, "main_test.go").write_text(_GO_WARM)
-            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp,
-                   "GO111MODULE": "off", "GOPATH": GOPATH, "GOCACHE": str(template),
-                   "GOENV": "off", "GOTOOLCHAIN": "local"}
+            env = {**_go_env(tmp), "GOCACHE": str(template)}
             res = subprocess.run(["go", "test", "-count=1", "main_test.go"], cwd=tmp, env=env,
                                  capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             raise RuntimeError((res.stdout + res.stderr).strip()[-300:])
         (template / "READY").write_text("")
         return template
+
+
+def _go_env(home: str) -> dict[str, str]:
+    """The Go environment of trusted builds: GOPATH mode, as the samples run."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "GO111MODULE": "off",
+            "GOPATH": GOPATH, "GOENV": "off", "GOTOOLCHAIN": "local"}
 
 
 def _jvm_flags(threads: int) -> str:
