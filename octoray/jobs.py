@@ -1,7 +1,7 @@
 """``octoray submit / status / logs / stop``: run octoray on a Ray cluster as a Ray Job.
 
     octoray submit jobs/octocoder.yaml --address http://HEAD:8265            # the whole pipeline
-    octoray submit jobs/demo.yaml --stage "train --data /nfs/sft --out /nfs/runs/t" lr=1e-3
+    octoray submit jobs/demo.yaml --stage "train --data /nfs/sft --out /nfs/runs/t" lr=1e-3   # train -c jobs/demo.yaml ...
     octoray submit --entrypoint "python -m octoray.cli --version"             # any command
     octoray status [JOB_ID]     octoray logs JOB_ID [--follow]     octoray stop JOB_ID
 
@@ -162,7 +162,11 @@ def entrypoint(args: list[str], stage: str | None, command: str | None, working_
         if not words:
             raise UserError("--stage is empty: give an octoray command, e.g. --stage \"train --data D --out O\"")
         _check_verb(words[0])
-        words += args
+        # Every stage verb takes its config as -c FILE (octoray.stage_cli); key=value words follow.
+        positional, overrides = split_overrides(args)
+        if len(positional) > 1:
+            raise UserError(f"give at most one CONFIG file with --stage, got {len(positional)}: {' '.join(positional)}")
+        words += [*(["-c", positional[0]] if positional else []), *overrides]
     else:
         positional, _ = split_overrides(args)
         if len(positional) != 1:
@@ -374,7 +378,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="the pipeline config (a path inside the checkout) and overrides passed on")
         parser.add_argument("--stage", metavar="COMMAND",
                             help='run one octoray command instead of the pipeline, e.g. "train --data D --out O"'
-                                 " (CONFIG and key=value are appended)")
+                                 " (CONFIG is passed as -c CONFIG, then the key=value words)")
         parser.add_argument("--entrypoint", metavar="SHELL_COMMAND",
                             help="run this shell command instead (inside the uploaded checkout)")
         parser.add_argument("--no-wait", dest="wait", action="store_const", const=False, default=None,
