@@ -41,11 +41,11 @@ def test_pipeline_entrypoint_makes_config_relative_to_the_upload(tmp_path: Path,
     assert command == "python -m octoray.cli pipeline jobs/demo.yaml lr=1e-3"
 
 
-def test_stage_entrypoint_passes_any_verb_and_appends_config(tmp_path: Path, monkeypatch) -> None:
+def test_stage_entrypoint_passes_the_config_as_dash_c(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("c.yaml").write_text("train: {}\n")
     command = jobs.entrypoint(["c.yaml", "max_steps=2"], "train --data /nfs/sft --out '/nfs/runs/a b'", None, tmp_path)
-    assert command == "python -m octoray.cli train --data /nfs/sft --out '/nfs/runs/a b' c.yaml max_steps=2"
+    assert command == "python -m octoray.cli train --data /nfs/sft --out '/nfs/runs/a b' -c c.yaml max_steps=2"
 
 
 @pytest.mark.parametrize("stage", ["submit", "frobnicate", "  "])
