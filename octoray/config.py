@@ -47,11 +47,13 @@ class ConfigError(UserError):
         return (type(self), (self.problems, self.source))
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
-    """A dataclass field with its help text (shown by ``--help`` and in the docs)."""
+def option(default: Any, help: str, metavar: str | None = None, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with its help text (shown by ``--help`` and in the docs) and the name of
+    its value in ``--help`` (``metavar``, e.g. ``SFT_DIR``; default: from the type or the key)."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple default: configs are frozen")
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+    metadata = {"help": help, **({"metavar": metavar} if metavar else {})}
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 def is_override(arg: str) -> bool:

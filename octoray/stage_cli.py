@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
@@ -78,7 +77,8 @@ class _Set(argparse.Action):
         if self.key is None:  # a key=value word
             settings.append(values)
         elif self.nargs == 0:  # a bool switch
-            settings.append(f"{self.key}={'false' if option_string.startswith('--no') else 'true'}")
+            negative = (option_string or "").replace("_", "-") == f"--no-{self.key.replace('_', '-')}"
+            settings.append(f"{self.key}={'false' if negative else 'true'}")
         else:
             settings.append(f"{self.key}={self.template.format(values)}")
         namespace.settings = settings
@@ -99,19 +99,25 @@ def build_parser(verb: str, module: ModuleType, description: str = "") -> tuple[
                         help=f"YAML config: flat, or its '{verb}:' section (same as a positional CONFIG.yaml)")
     parser.add_argument("--set", dest="settings", action=_Set, metavar="KEY=VALUE", help=argparse.SUPPRESS)
     takes_value.add("--set")
-    keys = parser.add_argument_group(f"config keys (--key VALUE, or key=VALUE, or the '{verb}:' section of "
-                                     "CONFIG.yaml; the last one given wins)")
+    keys = parser.add_argument_group(f"config keys (--key-name VALUE or --key_name VALUE, or key_name=VALUE, or "
+                                     f"the '{verb}:' section of CONFIG.yaml; the last one given wins)")
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        flags = list(dict.fromkeys([f"--{field.name.replace('_', '-')}", f"--{field.name}"]))
-        help_text = f"{field.metadata.get('help', '')} (default: {_show(field.default)})".replace("%", "%%")
-        if hints[field.name] is bool:
-            flags += [f"--no-{field.name.replace('_', '-')}"]
-            keys.add_argument(*flags, dest="settings", action=_Set, nargs=0, key=field.name, help=help_text)
-        else:
-            keys.add_argument(*flags, dest="settings", action=_Set, key=field.name, help=help_text,
-                              metavar=_type_name(hints[field.name]))
-            takes_value.update(flags)
+        dashed = field.name.replace("_", "-")
+        help_text = field.metadata.get("help", "")
+        if "(default" not in help_text:
+            help_text += f" (default: {_show(field.default)})"
+        is_bool = hints[field.name] is bool
+        kind: dict[str, Any] = ({"nargs": 0} if is_bool else
+                                {"metavar": field.metadata.get("metavar") or _type_name(hints[field.name], field.name)})
+        shown = [f"--{dashed}", *([f"--no-{dashed}"] if is_bool else [])]
+        keys.add_argument(*shown, dest="settings", action=_Set, key=field.name, help=help_text.replace("%", "%%"), **kind)
+        hidden = [f"--{field.name}", *([f"--no_{field.name}"] if is_bool else [])]
+        hidden = [flag for flag in hidden if flag not in shown]  # --n_samples works like --n-samples
+        if hidden:
+            keys.add_argument(*hidden, dest="settings", action=_Set, key=field.name, help=argparse.SUPPRESS, **kind)
+        if not is_bool:
+            takes_value.update(shown + hidden)
     aliases = getattr(module, "FLAG_ALIASES", ())
     if aliases:
         group = parser.add_argument_group("aliases")
@@ -239,7 +245,8 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _type_name(hint: Any) -> str:
+def _type_name(hint: Any, name: str) -> str:
+    """How ``--help`` names a value: its choices, its kind (INT, LIST ...), or for a string the key."""
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if origin is typing.Literal:
@@ -249,5 +256,5 @@ def _type_name(hint: Any) -> str:
     if origin is dict or hint is dict:
         return "MAPPING"
     if args and origin is not None:  # Optional[X] / X | None
-        return _type_name(args[0])
-    return {int: "INT", float: "NUMBER", str: "STR", bool: "BOOL", Path: "PATH"}.get(hint, "VALUE")
+        return _type_name(args[0], name)
+    return {int: "INT", float: "NUMBER", bool: "BOOL"}.get(hint, name.upper())

@@ -50,9 +50,9 @@ DEMO = "demo"
 class TrainConfig:
     """Everything ``octoray train`` reads; the ``train:`` section of a jobs/ YAML file."""
 
-    data: Optional[str] = option(None, "sft/ directory written by 'octoray filter' (or --data); a path or a URI")
-    out: Optional[str] = option(None, "run directory RUN_DIR: checkpoints, metrics, model/ (or --out); "
-                                      "a path or a URI (s3://bucket/prefix)")
+    data: Optional[str] = option(None, "sft/ directory written by 'octoray filter'; a path or a URI", metavar="SFT_DIR")
+    out: Optional[str] = option(None, "run directory RUN_DIR: checkpoints, metrics, model/; "
+                                      "a path or a URI (s3://bucket/prefix)", metavar="RUN_DIR")
     model: str = option(DEMO, "hub id or local path of a causal LM (e.g. bigcode/starcoder), or 'demo' for a tiny GPTBigCode built from the SFT text")
     demo_layers: int = option(2, "demo model: transformer layers")
     demo_embd: int = option(128, "demo model: hidden size")
@@ -91,7 +91,7 @@ class TrainConfig:
     seed: int = option(0, "seed for shuffling, OASST sampling and init")
     fail_at_step: int = option(0, "testing hook: the last worker exits abruptly once before this step (0 = never)")
     hparams: Optional[str] = option(None, "tune directory written by 'octoray tune': its best trial's hyperparameters "
-                                           "override this section's (the pipeline sets it when 'tune' runs; or --hparams)")
+                                           "override this section's (the pipeline sets it when 'tune' runs)", metavar="TUNE_DIR")
     from_best_checkpoint: bool = option(False, "with hparams: continue from the best trial's checkpoint instead of "
                                                "training from scratch; needs the trial to have trained like this run "
                                                "(same max_steps, num_workers, model, schedule)")

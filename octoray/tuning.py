@@ -42,9 +42,9 @@ BEST_FILE = "best.json"
 class TuneConfig:
     """The ``tune:`` section: search space, trial budget and ASHA settings."""
 
-    data: Optional[str] = option(None, "sft/ directory written by 'octoray filter' (or --data); a path or a URI")
-    out: Optional[str] = option(None, "tuning directory: trials/, tune/ (Ray Tune state), best.json (or --out); "
-                                      "a path or a URI (s3://bucket/prefix)")
+    data: Optional[str] = option(None, "sft/ directory written by 'octoray filter'; a path or a URI", metavar="SFT_DIR")
+    out: Optional[str] = option(None, "tuning directory: trials/, tune/ (Ray Tune state), best.json; "
+                                      "a path or a URI (s3://bucket/prefix)", metavar="DIR")
     search: Literal["random", "optuna"] = option("random", "searcher: random sampling, or optuna (Optuna's TPE "
                                                            "through ray.tune.search.optuna; pip install 'octoray[tune]')")
     lr: tuple[float, ...] = option((1e-4, 1e-3), "learning-rate range [low, high], sampled log-uniformly")

@@ -171,6 +171,8 @@ def test_submit_stage_passes_the_config_to_every_verb(verb: str, tmp_path: Path,
 
 #: Synopsis lines (placeholders, [optional] parts) and the concrete line each stands for.
 SYNOPSES = {
+    "octoray VERB [INPUT...] [CONFIG.yaml] [-c CONFIG.yaml] [--key value ...] [key=value ...]":
+        "octoray mine REPO --out commits/ -c jobs/demo.yaml --chunk-commits 500 workers=1",
     "octoray eval --generator G --tasks fix,explain,synthesize --languages python,js,java,go,cpp,rust "
     "--humanevalpack-dir DIR --allow-code-execution --out OUT [--limit N] [CONFIG.yaml] [key=value ...]":
         "octoray eval --generator oracle:canonical --tasks fix,explain,synthesize --languages python,js,java,go,cpp,rust "

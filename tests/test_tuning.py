@@ -157,7 +157,7 @@ def test_cli_train_hparams_flag(tmp_path: Path) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "hparams: tune directory not found" in result.stderr.strip().splitlines()[-1]
     help_text = run_cli("train", "--help").stdout
-    assert "--hparams TUNE_DIR" in help_text and "from_best_checkpoint" in help_text
+    assert "--hparams TUNE_DIR" in help_text and "--from-best-checkpoint" in help_text
 
 
 def test_report_tuning_section(tmp_path: Path) -> None:
