@@ -80,8 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from octoray import stage_cli
 
             return stage_cli.main(verb, module, argv[1:], description=text)
-        parser = argparse.ArgumentParser(prog=f"octoray {verb}", description=text,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        from octoray.stage_cli import Parser  # usage errors as one line, like every other error
+
+        parser = Parser(prog=f"octoray {verb}", description=text, formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(parser)
         args = parser.parse_intermixed_args(argv[1:])
         args.command = verb

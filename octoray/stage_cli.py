@@ -57,7 +57,7 @@ class Parsed:
     overrides: tuple[str, ...]  # flags and key=value words, as key=value in command-line order
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line (a UserError), like every other error."""
 
     def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
@@ -87,7 +87,7 @@ class _Set(argparse.Action):
 def build_parser(verb: str, module: ModuleType, description: str = "") -> tuple[argparse.ArgumentParser, set[str]]:
     """The parser of ``octoray VERB`` and the option strings that take a value."""
     cls = module.CONFIG
-    parser = _Parser(prog=f"octoray {verb}", description=description, allow_abbrev=False,
+    parser = Parser(prog=f"octoray {verb}", description=description, allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog=_epilog(verb, module))
     takes_value: set[str] = {"-c", "--config"}
@@ -99,8 +99,18 @@ def build_parser(verb: str, module: ModuleType, description: str = "") -> tuple[
                         help=f"YAML config: flat, or its '{verb}:' section (same as a positional CONFIG.yaml)")
     parser.add_argument("--set", dest="settings", action=_Set, metavar="KEY=VALUE", help=argparse.SUPPRESS)
     takes_value.add("--set")
-    keys = parser.add_argument_group(f"config keys (--key-name VALUE or --key_name VALUE, or key_name=VALUE, or "
-                                     f"the '{verb}:' section of CONFIG.yaml; the last one given wins)")
+    takes_value |= add_config_flags(
+        parser, cls, f"config keys (--key-name VALUE or --key_name VALUE, or key_name=VALUE, or the '{verb}:' "
+                     "section of CONFIG.yaml; the last one given wins)", getattr(module, "FLAG_ALIASES", ()))
+    return parser, takes_value
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str,
+                     aliases: Sequence[FlagAlias] = ()) -> set[str]:
+    """A flag per field of ``cls`` (and the ``aliases``), each recording ``key=value`` in
+    ``namespace.settings`` in command-line order; returns the option strings that take a value."""
+    takes_value: set[str] = set()
+    keys = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         dashed = field.name.replace("_", "-")
@@ -118,16 +128,15 @@ def build_parser(verb: str, module: ModuleType, description: str = "") -> tuple[
             keys.add_argument(*hidden, dest="settings", action=_Set, key=field.name, help=argparse.SUPPRESS, **kind)
         if not is_bool:
             takes_value.update(shown + hidden)
-    aliases = getattr(module, "FLAG_ALIASES", ())
     if aliases:
         group = parser.add_argument_group("aliases")
         for alias in aliases:
-            shown = f"--{alias.key.replace('_', '-')} {alias.template.format('VALUE')}"
+            same = f"--{alias.key.replace('_', '-')} {alias.template.format('VALUE')}"
             note = "deprecated: " if alias.deprecated else ""
             group.add_argument(alias.flag, dest="settings", action=_Set, key=alias.key, template=alias.template,
-                               metavar="VALUE", help=f"{note}same as {shown}")
+                               metavar="VALUE", help=f"{note}same as {same}")
             takes_value.add(alias.flag)
-    return parser, takes_value
+    return takes_value
 
 
 def parse(verb: str, argv: Sequence[str], module: ModuleType, *, check_inputs: bool = True,

@@ -47,7 +47,7 @@ def test_every_stage_verb_is_covered() -> None:
     assert set(BASE) == set(STAGE_VERBS)
 
 
-@pytest.mark.parametrize("verb", STAGE_VERBS)
+@pytest.mark.parametrize("verb", [*STAGE_VERBS, "submit"])
 def test_help_lists_every_key_and_imports_nothing_heavy(verb: str) -> None:
     code = ("import sys\nfrom octoray.cli import main\ntry:\n    main([sys.argv[1], '--help'])\n"
             "except SystemExit:\n    pass\n"
@@ -55,12 +55,13 @@ def test_help_lists_every_key_and_imports_nothing_heavy(verb: str) -> None:
     result = subprocess.run([sys.executable, "-c", code, verb], capture_output=True, text=True, check=True,
                             cwd=REPO_ROOT, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
     assert result.stdout.strip().splitlines()[-1] == "HEAVY []"
-    cls = _module(verb).CONFIG
+    cls = jobs.SubmitConfig if verb == "submit" else _module(verb).CONFIG
     for field in dataclasses.fields(cls):
         flag = f"--{field.name.replace('_', '-')}"
         assert re.search(rf"{flag}\b", result.stdout), f"{flag} missing from octoray {verb} --help"
         assert "(default: " in result.stdout
-    assert "-c CONFIG.yaml, --config CONFIG.yaml" in result.stdout
+    if verb != "submit":
+        assert "-c CONFIG.yaml, --config CONFIG.yaml" in result.stdout
 
 
 @pytest.mark.parametrize("verb", STAGE_VERBS)
@@ -75,6 +76,33 @@ def test_unknown_key_and_bad_value_are_one_line_exit_2(verb: str, capsys) -> Non
         assert main([verb, *words]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"octoray {verb}: error: ") and fragment in err, err
+
+
+def test_submit_unknown_flag_and_bad_value_are_one_line_exit_2(capsys) -> None:
+    for words, fragment in ((["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+                            (["--entrypoint-num-cpus", "many"], "entrypoint_num_cpus: expected a number")):
+        capsys.readouterr()
+        assert main(["submit", "--entrypoint", "true", *words]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("octoray submit: error: ") and fragment in err, err
+
+
+def test_submit_flags_and_old_aliases(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("submit: {entrypoint_num_cpus: 1, pip: [a]}\ntrain: {}\n")
+
+    def submit_config(*words: str) -> jobs.SubmitConfig:
+        parser = argparse.ArgumentParser(prog="octoray submit")
+        jobs.add_arguments(parser)
+        return jobs._submit_config(parser.parse_intermixed_args([str(config), *words]))  # noqa: SLF001
+
+    assert submit_config().entrypoint_num_cpus == 1 and submit_config().pip == ("a",)
+    assert submit_config("--num-cpus", "2").entrypoint_num_cpus == 2
+    assert submit_config("--num-cpus", "2", "--entrypoint-num-cpus", "3").entrypoint_num_cpus == 3
+    assert submit_config("--env", "A=1", "--env", "B=2").env_vars == ("A=1", "B=2")
+    assert submit_config("--env-vars", "A=1,B=2").env_vars == ("A=1", "B=2")
+    assert submit_config("--no-wait").wait is False
+    assert submit_config("--pip", "none", "max_steps=3").pip == ("none",)  # key=value words go to the job
 
 
 @pytest.mark.parametrize("verb", STAGE_VERBS)
