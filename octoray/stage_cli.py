@@ -18,7 +18,7 @@
 
 A stage module provides ``CONFIG`` (its config dataclass), ``INPUT`` (the field positional words
 fill, or None) and ``run(cfg)``; optionally ``FLAG_ALIASES`` (flags kept for old command lines),
-``NESTED`` and ``load(path, overrides, nested, check_inputs)`` when its config needs more than its
+``NESTED`` and ``load(path, overrides, nested, *, values, check_inputs)`` when its config needs more than its
 own section (tune, pipeline). A config's ``input_problems()`` checks the inputs a stage reads when
 run by itself; the pipeline creates them as it goes, so they are not part of ``problems()``.
 """
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
-from octoray.config import is_override, key_aliases, load_config, split_overrides
+from octoray.config import is_override, key_aliases, load_config
 from octoray.errors import UserError
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -50,11 +50,9 @@ class FlagAlias:
 
 @dataclass(frozen=True)
 class Parsed:
-    """A parsed stage command line: the arguments of the stage's ``run`` and where they came from."""
+    """A parsed stage command line."""
 
-    configs: tuple[Any, ...]   # ``run(*configs)``; configs[0] is the verb's own config
-    path: str | None           # the config file
-    overrides: tuple[str, ...]  # flags and key=value words, as key=value in command-line order
+    configs: tuple[Any, ...]  # the arguments of the stage's ``run``; configs[0] is the verb's own config
 
 
 class Parser(argparse.ArgumentParser):
@@ -148,8 +146,8 @@ def parse(verb: str, argv: Sequence[str], module: ModuleType, *, check_inputs: b
     """
     parser, takes_value = build_parser(verb, module, description)
     args = parser.parse_intermixed_args(_mark_settings(argv, takes_value))
-    positional, words_set = split_overrides(args.words)  # key=value words left after a value-taking flag's value
-    overrides = [*(args.settings or []), *words_set]
+    positional = list(args.words)  # key=value words went to args.settings (see _mark_settings)
+    overrides = list(args.settings or [])
     path = args.config
     files = [w for w in positional if w.lower().endswith(CONFIG_SUFFIXES)]
     if files:
@@ -164,7 +162,7 @@ def parse(verb: str, argv: Sequence[str], module: ModuleType, *, check_inputs: b
     else:
         configs = (load_config(module.CONFIG, path, own, section=verb, values=values,
                                check=input_check(check_inputs)),)
-    return Parsed(configs=tuple(configs), path=path, overrides=tuple(overrides))
+    return Parsed(configs=tuple(configs))
 
 
 def main(verb: str, module: ModuleType, argv: Sequence[str], description: str = "") -> int:
