@@ -67,7 +67,7 @@ class ServeConfig:
     max_model_len: Optional[int] = option(None, "context window, prompt + completion (default: the model's)")
     default_max_tokens: int = option(16, "max_tokens when a request gives none (OpenAI's default is 16)")
     max_choices: int = option(128, "most completions (prompts x n) one request may ask for")
-    ray_address: Optional[str] = option(None, "Ray cluster to deploy on (default: RAY_ADDRESS, else a new local Ray)")
+    ray_address: Optional[str] = option(None, "Ray cluster to connect to, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else a new local Ray)")
     app_name: str = option("octoray", "Ray Serve application name")
 
     def problems(self) -> list[str]:

@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -159,9 +160,11 @@ def test_humanevalpack_dir_is_one_name_with_old_names_kept(tmp_path: Path) -> No
 
 
 def test_ray_address_is_one_field_everywhere() -> None:
-    for verb in ("serve", "eval"):
-        field = next(f for f in dataclasses.fields(_module(verb).CONFIG) if f.name == "ray_address")
-        assert field.default is None and "RAY_ADDRESS" in field.metadata["help"]
+    fields = [next(f for f in dataclasses.fields(_module(verb).CONFIG) if f.name == "ray_address")
+              for verb in ("serve", "eval")]
+    hints = {typing.get_type_hints(_module(verb).CONFIG)["ray_address"] for verb in ("serve", "eval")}
+    assert len({(f.default, f.metadata["help"]) for f in fields}) == 1 and fields[0].default is None
+    assert hints == {typing.Optional[str]}
 
 
 def test_train_and_tune_report_missing_inputs_with_the_other_problems(tmp_path: Path) -> None:

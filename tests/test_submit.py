@@ -203,7 +203,7 @@ def test_submit_real_stages_with_the_config(ray_head, tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
         "mine": {"chunk_commits": 1, "progress": False}, "filter": {"min_tokens": 10, "max_tokens": 5},
-        "train": {"max_steps": 0}, "tune": {"num_samples": 0}, "serve": {"port": 0}, "eval": {"n_samples": 0},
+        "train": {"hparams": str(tmp_path / "no-tune")}, "tune": {"num_samples": 0}, "serve": {"port": 0}, "eval": {"n_samples": 0},
         "pipeline": {"latency_requests": 0}}))
     commits = tmp_path / "commits"
     result = _cli(url, token, "submit", str(config), "--pip", "none", "--stage", f"mine {repo.path} --out {commits}",
@@ -214,7 +214,7 @@ def test_submit_real_stages_with_the_config(ray_head, tmp_path: Path) -> None:
     resolved = yaml.safe_load((commits / "config.yaml").read_text())
     assert (resolved["chunk_commits"], resolved["progress"], resolved["workers"]) == (1, False, 1)
     for stage, fragment in ((f"filter {commits} --out {tmp_path / 'sft'}", "need 0 <= min_tokens <= max_tokens"),
-                            ("train --data s3://b/sft --out s3://b/run", "max_steps must be >= 1, got 0"),
+                            ("train --data s3://b/sft --out s3://b/run", "hparams: tune directory not found"),
                             ("tune --data s3://b/sft --out s3://b/tune", "num_samples must be >= 1, got 0"),
                             ("serve runs/demo/model", "port: must be 1-65535, got 0"),
                             ("eval --generator oracle:canonical", "n_samples: must be at least 1"),

@@ -71,7 +71,7 @@ class EvalConfig:
     flush_every: int = option(64, "results per appended Parquet part file (the resume granularity)")
     sandbox_cache: Optional[Path] = option(None, "sandbox cache dir (work dirs, prebuilt Rust deps); unset = the sandbox default in $TMPDIR")
     timeout_scale: float = option(1.0, "multiplies the per-language execution timeouts (slow or shared machines)")
-    ray_address: Optional[str] = option(None, "Ray cluster to run on (default: RAY_ADDRESS, else a new local Ray)")
+    ray_address: Optional[str] = option(None, "Ray cluster to connect to, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else a new local Ray)")
 
     def problems(self) -> list[str]:
         """Every problem with this config, for one ConfigError."""
