@@ -153,9 +153,7 @@ def load_config(
         raw.update(renamed)
         renaming += problems
     source = f"config {path}" if path is not None else "config"
-    if renaming:
-        return from_mapping(cls, raw, source=source, check=lambda cfg: renaming + (check(cfg) if check else []))
-    return from_mapping(cls, raw, source=source, check=check)
+    return from_mapping(cls, raw, source=source, check=lambda cfg: renaming + (check(cfg) if check else []))
 
 
 def from_mapping(cls: type[T], raw: Mapping[str, Any], source: str = "config",
@@ -167,7 +165,6 @@ def from_mapping(cls: type[T], raw: Mapping[str, Any], source: str = "config",
     """
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
-    problems: list[str] = []
     kwargs: dict[str, Any] = {}
     raw, problems = _renamed(cls, raw)
     for key, value in raw.items():
