@@ -43,7 +43,8 @@ class PipelineConfig:
     stages: tuple[str, ...] = option(("mine", "filter", "train", "serve", "eval", "report"),
                                      "stages to run, in pipeline order (add 'tune' to search hyperparameters first; "
                                      "the train stage then trains with the best trial's)")
-    humanevalpack_dir: str | None = option(None, "HumanEvalPack <language>.jsonl directory (default: the hub)")
+    humanevalpack_dir: str | None = option(None, "directory of HumanEvalPack <language>.jsonl files "
+                                                 "(default: the hub dataset bigcode/humanevalpack)")
     allow_code_execution: bool = option(True, "the eval stage executes generated code in the sandbox; "
                                               "false refuses, as 'octoray eval' does without the flag")
     latency_requests: int = option(32, "requests of the serving-latency probe run after evaluation")

@@ -185,8 +185,10 @@ def _mark_settings(argv: Sequence[str], takes_value: set[str]) -> list[str]:
     """
     marked: list[str] = []
     previous = ""
-    for word in argv:
-        if is_override(word) and previous not in takes_value and previous != "--set":
+    for i, word in enumerate(argv):
+        if word == "--":  # the rest is positional, as argparse reads it
+            return marked + list(argv[i:])
+        if is_override(word) and previous not in takes_value:
             marked += ["--set", word]
         else:
             marked.append(word)
