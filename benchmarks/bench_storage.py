@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "humanevalpack"))
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for both sides")
     args = parser.parse_args()
-    extra = [*args.overrides, "--data-dir", args.data_dir] if Path(args.data_dir).is_dir() else list(args.overrides)
+    extra = [*args.overrides, "--humanevalpack-dir", args.data_dir] if Path(args.data_dir).is_dir() else list(args.overrides)
 
     server = s3server.start()
     tmp = Path(tempfile.mkdtemp(prefix="bench-storage-"))

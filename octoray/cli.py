@@ -1,8 +1,10 @@
 """``octoray <verb>``: one subcommand per pipeline stage.
 
 The verb table below is all this module knows about the stages; a stage module is imported
-only when its verb runs, so ``octoray --help`` stays instant and imports no torch or ray.
-Each stage module provides ``add_arguments(parser)`` and ``main(args) -> int``.
+only when its verb runs, and stage modules import torch and ray only inside functions, so
+``octoray VERB --help`` stays instant. The command line of the stage verbs is generated from
+each stage's config dataclass by :mod:`octoray.stage_cli`; the client verbs (submit, status,
+logs, stop) provide ``add_arguments(parser)`` and ``main(args) -> int`` in :mod:`octoray.jobs`.
 
 User errors (:class:`octoray.errors.UserError`) are printed as one line on stderr with exit
 code 2; a traceback means a bug in octoray.
@@ -25,13 +27,15 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("octoray.training", "fine-tune a causal LM with Ray Train + DeepSpeed"),
     "tune": ("octoray.tuning", "search training hyperparameters with Ray Tune"),
     "serve": ("octoray.serving", "serve a model on Ray Serve behind an OpenAI-compatible API"),
-    "eval": ("octoray.evaluation.cli", "run HumanEvalPack: generate, execute in the sandbox, pass@k"),
+    "eval": ("octoray.evaluation.stage", "run HumanEvalPack: generate, execute in the sandbox, pass@k"),
     "pipeline": ("octoray.pipeline", "run mine -> filter -> train -> serve -> eval -> report, resuming"),
     "submit": ("octoray.jobs", "submit the pipeline or a stage to a Ray cluster as a Ray Job"),
     "status": ("octoray.jobs", "show the status of a submitted Ray Job"),
     "logs": ("octoray.jobs", "print the logs of a submitted Ray Job"),
     "stop": ("octoray.jobs", "stop a submitted Ray Job"),
 }
+#: Verbs whose command line comes from their config dataclass (see octoray.stage_cli).
+STAGE_VERBS = ("mine", "filter", "train", "tune", "serve", "eval", "pipeline")
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -70,19 +74,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     verb = top.parse_args(argv[:1]).command
     module_name, text = VERBS[verb]
-    parser = argparse.ArgumentParser(prog=f"octoray {verb}", description=text,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module = importlib.import_module(module_name)
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("octoray"):
-            print(f"octoray {verb}: error: this command is not available in this build", file=sys.stderr)
-            return 2
-        raise
-    module.add_arguments(parser)
-    args = parser.parse_intermixed_args(argv[1:])
-    args.command = verb
-    try:
+        if verb in STAGE_VERBS:
+            from octoray import stage_cli
+
+            return stage_cli.main(verb, module, argv[1:], description=text)
+        from octoray.stage_cli import Parser  # usage errors as one line, like every other error
+
+        parser = Parser(prog=f"octoray {verb}", description=text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(parser)
+        args = parser.parse_intermixed_args(argv[1:])
+        args.command = verb
         return int(module.main(args) or 0)
     except KeyboardInterrupt:
         print(f"octoray {verb}: interrupted", file=sys.stderr)
@@ -93,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message = str(user).strip().splitlines()[0] if str(user).strip() else type(user).__name__
         print(f"octoray {verb}: error: {message}", file=sys.stderr)
-        return 2
+        return user.exit_code
 
 
 if __name__ == "__main__":

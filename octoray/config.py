@@ -47,11 +47,13 @@ class ConfigError(UserError):
         return (type(self), (self.problems, self.source))
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
-    """A dataclass field with its help text (shown by ``--help`` and in the docs)."""
+def option(default: Any, help: str, metavar: str | None = None, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with its help text (shown by ``--help`` and in the docs) and the name of
+    its value in ``--help`` (``metavar``, e.g. ``SFT_DIR``; default: from the type or the key)."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple default: configs are frozen")
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+    metadata = {"help": help, **({"metavar": metavar} if metavar else {})}
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 def is_override(arg: str) -> bool:
@@ -142,13 +144,16 @@ def load_config(
     ``None`` entries in it are ignored so unset flags keep the file's value. ``check`` adds
     problems that need more than this config (see :func:`from_mapping`).
     """
+    layers = [stage_section(read_yaml(path), section)] if path is not None else []
+    layers += [{k: v for k, v in (values or {}).items() if v is not None}, parse_overrides(overrides)]
     raw: dict[str, Any] = {}
-    if path is not None:
-        raw.update(stage_section(read_yaml(path), section))
-    raw.update({k: v for k, v in (values or {}).items() if v is not None})
-    raw.update(parse_overrides(overrides))
+    renaming: list[str] = []
+    for layer in layers:  # deprecated names are renamed per layer, so a later layer still wins
+        renamed, problems = _renamed(cls, layer)
+        raw.update(renamed)
+        renaming += problems
     source = f"config {path}" if path is not None else "config"
-    return from_mapping(cls, raw, source=source, check=check)
+    return from_mapping(cls, raw, source=source, check=lambda cfg: renaming + (check(cfg) if check else []))
 
 
 def from_mapping(cls: type[T], raw: Mapping[str, Any], source: str = "config",
@@ -160,8 +165,8 @@ def from_mapping(cls: type[T], raw: Mapping[str, Any], source: str = "config",
     """
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
-    problems: list[str] = []
     kwargs: dict[str, Any] = {}
+    raw, problems = _renamed(cls, raw)
     for key, value in raw.items():
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
@@ -183,6 +188,25 @@ def from_mapping(cls: type[T], raw: Mapping[str, Any], source: str = "config",
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def key_aliases(cls: type) -> dict[str, str]:
+    """Deprecated key -> current key of ``cls`` (its ``KEY_ALIASES`` class attribute, if any)."""
+    return dict(getattr(cls, "KEY_ALIASES", {}))
+
+
+def _renamed(cls: type, raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` with deprecated keys renamed (old YAML files and command lines keep loading)."""
+    aliases = key_aliases(cls)
+    renamed: dict[str, Any] = {}
+    problems = []
+    for key, value in raw.items():
+        new = aliases.get(key, key)
+        if new != key and new in raw:
+            problems.append(f"'{key}' is the deprecated name of '{new}': give one of them")
+            continue
+        renamed[new] = value
+    return renamed, problems
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -20,7 +20,6 @@ Pipeline (Ray Data, streaming; rules in :mod:`octoray.commitpackft_rules`):
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any, Iterable, Literal
 
 from octoray import commitpackft_rules as rules
 from octoray import dataset_card, layout, subjects
-from octoray.config import help_lines, load_config, option, split_overrides, to_dict
+from octoray.config import option, to_dict
 from octoray.errors import UserError
 from octoray.evaluation.humanevalpack import LANGUAGES
 from octoray.outputs import (RESOLVED_CONFIG, STATS, atomic_write_json, atomic_write_text, is_complete, iter_jsonl,
@@ -102,7 +101,7 @@ class FilterConfig:
         if not self.commits:
             found.append("the input directory (COMMITS_DIR) is required")
         if not self.out:
-            found.append("--out is required")
+            found.append("out: required (--out DIR)")
         if not 0 <= self.min_tokens <= self.max_tokens:
             found.append("need 0 <= min_tokens <= max_tokens")
         if self.decontam_ngram < 1:
@@ -120,28 +119,9 @@ class FilterConfig:
         return found
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``octoray filter``."""
-    parser.add_argument("commits", nargs="*", metavar="COMMITS_DIR",
-                        help="output directory of 'octoray mine'; then optional key=value overrides")
-    parser.add_argument("--out", help="output directory (sft/)")
-    parser.add_argument("--config", help="YAML config (flat, or its 'filter:' section)")
-    parser.epilog = "options (key=value):\n" + "\n".join(help_lines(FilterConfig))
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run ``octoray filter`` from parsed arguments."""
-    positional, overrides = split_overrides(args.commits)
-    if len(positional) > 1:
-        raise UserError(f"expected one COMMITS_DIR, got {len(positional)}: {' '.join(positional)}")
-    cfg = load_config(FilterConfig, args.config, overrides, section=STAGE,
-                      values={"commits": positional[0] if positional else None, "out": args.out})
-    run(cfg)
-    return 0
+#: The command line (octoray.stage_cli): ``octoray filter COMMITS_DIR --out sft/``.
+CONFIG = FilterConfig
+INPUT = "commits"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """``octoray submit / status / logs / stop``: run octoray on a Ray cluster as a Ray Job.
 
     octoray submit jobs/octocoder.yaml --address http://HEAD:8265            # the whole pipeline
-    octoray submit jobs/demo.yaml --stage "train --data /nfs/sft --out /nfs/runs/t" lr=1e-3
+    octoray submit jobs/demo.yaml --stage "train --data /nfs/sft --out /nfs/runs/t" lr=1e-3   # train -c jobs/demo.yaml ...
     octoray submit --entrypoint "python -m octoray.cli --version"             # any command
     octoray status [JOB_ID]     octoray logs JOB_ID [--follow]     octoray stop JOB_ID
 
@@ -42,7 +42,7 @@ else:  # Python 3.10: the same parser, from PyPI (a dependency there)
     import tomli as tomllib
 
 from octoray import __version__
-from octoray.config import STAGE_SECTIONS, from_mapping, help_lines, option, read_yaml, split_overrides
+from octoray.config import STAGE_SECTIONS, from_mapping, option, parse_overrides, read_yaml, split_overrides
 from octoray.errors import UserError
 
 #: Default dashboard (Jobs API) address when neither --address nor the environment names one.
@@ -162,7 +162,11 @@ def entrypoint(args: list[str], stage: str | None, command: str | None, working_
         if not words:
             raise UserError("--stage is empty: give an octoray command, e.g. --stage \"train --data D --out O\"")
         _check_verb(words[0])
-        words += args
+        # Every stage verb takes its config as -c FILE (octoray.stage_cli); key=value words follow.
+        positional, overrides = split_overrides(args)
+        if len(positional) > 1:
+            raise UserError(f"give at most one CONFIG file with --stage, got {len(positional)}: {' '.join(positional)}")
+        words += [*(["-c", positional[0]] if positional else []), *overrides]
     else:
         positional, _ = split_overrides(args)
         if len(positional) != 1:
@@ -367,28 +371,33 @@ def wait_for_end(client: Any, job_id: str, timeout_s: float | None = None) -> st
 # --- command line ------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``octoray submit|status|logs|stop``; the verb is the last word of ``parser.prog``."""
+    """Arguments of ``octoray submit|status|logs|stop``; the verb is the last word of ``parser.prog``.
+
+    submit's options are generated from :class:`SubmitConfig` (:mod:`octoray.stage_cli`), as every
+    stage verb's are from its config; its ``key=value`` words belong to the job's command.
+    """
     verb = parser.prog.split()[-1]
+    parser.add_argument("--token", help="cluster auth token (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, "
+                                        "~/.ray/auth_token)")
     if verb == "submit":
+        from octoray.stage_cli import FlagAlias, add_config_flags
+
         parser.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]",
                             help="the pipeline config (a path inside the checkout) and overrides passed on")
         parser.add_argument("--stage", metavar="COMMAND",
                             help='run one octoray command instead of the pipeline, e.g. "train --data D --out O"'
-                                 " (CONFIG and key=value are appended)")
+                                 " (CONFIG is passed as -c CONFIG, then the key=value words)")
         parser.add_argument("--entrypoint", metavar="SHELL_COMMAND",
                             help="run this shell command instead (inside the uploaded checkout)")
-        parser.add_argument("--no-wait", dest="wait", action="store_const", const=False, default=None,
-                            help="print the job id and return without waiting")
-        parser.add_argument("--pip", help="'auto' (pyproject dependencies), 'none', or comma-separated packages")
-        parser.add_argument("--working-dir", help="directory to upload (default: the octoray checkout); 'none': upload nothing, run the octoray installed on the cluster")
-        parser.add_argument("--env", action="append", metavar="KEY=VALUE", help="job environment variable (repeatable)")
-        parser.add_argument("--job-id", help="submission id (default: generated)")
-        parser.add_argument("--num-cpus", type=float, help="CPUs reserved for the driver")
-        parser.add_argument("--num-gpus", type=float, help="GPUs reserved for the driver")
-        parser.epilog = ("submit options (flags, or the config file's submit: section):\n"
-                         + "\n".join(help_lines(SubmitConfig))
-                         + "\n\nexit status: 0 job succeeded, 1 job failed, 130 job stopped, 2 usage error")
-    elif verb == "status":
+        parser.add_argument("--env", action="append", metavar="KEY=VALUE",
+                            help="job environment variable (repeatable; replaces env_vars)")
+        add_config_flags(parser, SubmitConfig, "submit options (flags, or the config file's submit: section; "
+                                               "key=value words are passed on to the job's command)",
+                         (FlagAlias("--num-cpus", "entrypoint_num_cpus"), FlagAlias("--num-gpus", "entrypoint_num_gpus")))
+        parser.epilog = "exit status: 0 job succeeded, 1 job failed, 130 job stopped, 2 usage error"
+        return
+    parser.add_argument("--address", help=f"Ray dashboard URL (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    if verb == "status":
         parser.add_argument("job_id", nargs="?", help="the job (default: list every job on the cluster)")
     else:
         parser.add_argument("job_id", help="the job id printed by 'octoray submit'")
@@ -397,9 +406,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="stream until the job ends; exit 0 succeeded, 1 failed, 130 stopped")
     if verb == "stop":
         parser.add_argument("--no-wait", dest="wait", action="store_false", help="do not wait until it has stopped")
-    parser.add_argument("--address", help=f"Ray dashboard URL (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
-    parser.add_argument("--token", help="cluster auth token (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, "
-                                        "~/.ray/auth_token)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -441,10 +447,9 @@ def _submit_config(args: argparse.Namespace) -> SubmitConfig:
             raw.update(section)
             if isinstance(raw.get("env_vars"), dict):
                 raw["env_vars"] = [f"{key}={value}" for key, value in raw["env_vars"].items()]
-    flags = {"address": args.address, "working_dir": args.working_dir, "pip": args.pip, "env_vars": args.env,
-             "entrypoint_num_cpus": args.num_cpus, "entrypoint_num_gpus": args.num_gpus,
-             "job_id": args.job_id, "wait": args.wait}
-    raw.update({key: value for key, value in flags.items() if value is not None})
+    raw.update(parse_overrides(args.settings or []))  # the flags, in command-line order (last wins)
+    if args.env:
+        raw["env_vars"] = args.env
     return from_mapping(SubmitConfig, raw, source="submit options")
 
 

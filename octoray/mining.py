@@ -23,7 +23,6 @@ real directory, and a node that finds no clone makes its own.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from octoray import dataset_card, gitio, layout
-from octoray.config import help_lines, load_config, option, split_overrides
+from octoray.config import option
 from octoray.errors import UserError
 from octoray.languages import LanguageTable, language_table
 from octoray.licenses import LICENSE_FILE_NAMES, PERMISSIVE, classify_license
@@ -106,7 +105,7 @@ class MineConfig:
         if not self.sources:
             found.append("no repositories given")
         if not self.out:
-            found.append("--out is required")
+            found.append("out: required (--out DIR)")
         for name in ("chunk_commits", "max_file_bytes"):
             if getattr(self, name) <= 0:
                 found.append(f"{name} must be positive")
@@ -120,6 +119,11 @@ class MineConfig:
         return found
 
 
+#: The command line (octoray.stage_cli): ``octoray mine REPO_OR_URL... --out commits/``.
+CONFIG = MineConfig
+INPUT = "sources"
+
+
 @dataclass(frozen=True)
 class Source:
     """One repository to mine."""
@@ -128,31 +132,6 @@ class Source:
     name: str      # owner/name for URLs, directory name for local repositories
     key: str       # unique, file-system safe
     is_url: bool
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``octoray mine``."""
-    parser.add_argument("sources", nargs="*", metavar="REPO_OR_URL",
-                        help="git work trees, bare repositories, clone URLs, or files listing them "
-                             "(one per line); then optional key=value overrides")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--config", help="YAML config (flat, or its 'mine:' section)")
-    parser.add_argument("--languages-file", help="use this {language: [extensions]} table instead of Linguist")
-    parser.epilog = "options (key=value):\n" + "\n".join(help_lines(MineConfig))
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run ``octoray mine`` from parsed arguments."""
-    sources, overrides = split_overrides(args.sources)
-    cfg = load_config(MineConfig, args.config, overrides, section=STAGE,
-                      values={"sources": sources or None, "out": args.out,
-                              "languages_file": args.languages_file})
-    run(cfg)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,12 +11,11 @@ All stages share one Ray: the embedded local one on a laptop, the cluster inside
 
 The config is a jobs/ YAML file: a ``pipeline:`` section (below) plus one section per stage
 (``mine:``, ``filter:``, ``tune:``, ``train:``, ``serve:``, ``eval:``). Overrides on the command
-line are ``key=value`` for the pipeline section and ``stage.key=value`` for a stage.
+line are ``--key value`` or ``key=value`` for the pipeline section and ``stage.key=value`` for a stage.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +23,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from octoray.config import help_lines, load_config, option, split_overrides
+from octoray.config import load_config, option
 from octoray.errors import UserError
+from octoray.stage_cli import FlagAlias
 from octoray.outputs import atomic_write_json, is_complete
 
 STAGES = ("mine", "filter", "tune", "train", "serve", "eval", "report")
@@ -43,7 +43,8 @@ class PipelineConfig:
     stages: tuple[str, ...] = option(("mine", "filter", "train", "serve", "eval", "report"),
                                      "stages to run, in pipeline order (add 'tune' to search hyperparameters first; "
                                      "the train stage then trains with the best trial's)")
-    humanevalpack_dir: str | None = option(None, "HumanEvalPack <language>.jsonl directory (default: the hub)")
+    humanevalpack_dir: str | None = option(None, "directory of HumanEvalPack <language>.jsonl files "
+                                                 "(default: the hub dataset bigcode/humanevalpack)")
     allow_code_execution: bool = option(True, "the eval stage executes generated code in the sandbox; "
                                               "false refuses, as 'octoray eval' does without the flag")
     latency_requests: int = option(32, "requests of the serving-latency probe run after evaluation")
@@ -59,45 +60,30 @@ class PipelineConfig:
         return found
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``octoray pipeline``."""
-    parser.add_argument("config", help="jobs/ YAML file (pipeline: and per-stage sections)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="pipeline keys, or stage.key=value for a stage (train.max_steps=5)")
-    parser.add_argument("--out", help="root output directory (default runs/<name>)")
-    parser.add_argument("--data-dir", help="HumanEvalPack <language>.jsonl directory (default: the hub)")
-    parser.epilog = "pipeline keys:\n" + "\n".join(help_lines(PipelineConfig))
+#: The command line (octoray.stage_cli): ``octoray pipeline CONFIG.yaml [key=value | stage.key=value ...]``.
+CONFIG = PipelineConfig
+INPUT = None
+NESTED = tuple(s for s in STAGES if s != "report")
+FLAG_ALIASES = (FlagAlias("--data-dir", "humanevalpack_dir"),)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run ``octoray pipeline``."""
-    positional, overrides = split_overrides(args.overrides)
-    if positional:
-        raise UserError(f"unexpected arguments: {' '.join(positional)} (overrides are key=value)")
-    run(args.config, overrides, out=args.out, data_dir=args.data_dir)
-    return 0
+def load(path: str | Path | None, overrides: list[str] = (), nested: dict[str, list[str]] | None = None, *,  # type: ignore[assignment]
+         values: dict[str, Any] | None = None, check_inputs: bool = True) -> tuple[PipelineConfig, dict[str, Any]]:
+    """The pipeline config and every wanted stage's config, wired together and checked before any work.
+
+    ``overrides`` set pipeline keys, ``nested[stage]`` that stage's keys (``train.max_steps=5`` on
+    the command line). ``check_inputs`` is unused: each stage's inputs are the previous stage's output.
+    """
+    if path is None:
+        raise UserError("give the pipeline's config file, e.g. octoray pipeline jobs/demo.yaml")
+    cfg = load_config(PipelineConfig, path, overrides, section="pipeline", values=values)
+    return cfg, stage_configs(path, nested or {}, cfg, _dirs(cfg))
 
 
-def run(config_path: str | Path, overrides: list[str] = (), *, out: str | None = None,  # type: ignore[assignment]
-        data_dir: str | None = None) -> Path:
-    """Run the pipeline described by ``config_path``; returns the output root."""
+def run(cfg: PipelineConfig, stage_cfgs: dict[str, Any]) -> Path:
+    """Run the pipeline (``stage_cfgs`` from :func:`load`); returns the output root."""
     started = time.time()
-    by_stage: dict[str, list[str]] = {}
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        stage = key.split(".", 1)[0] if "." in key else "pipeline"
-        if stage != "pipeline" and stage not in STAGES:
-            raise UserError(f"override '{item}': unknown stage '{stage}' (choose from {', '.join(STAGES)})")
-        by_stage.setdefault(stage, []).append(item.split(".", 1)[1] if stage != "pipeline" else item)
-    cfg = load_config(PipelineConfig, config_path, by_stage.get("pipeline", []), section="pipeline",
-                      values={"out": out, "humanevalpack_dir": data_dir})
-    from octoray.storage import location
-
-    root = location(cfg.out or f"runs/{cfg.name}")
-    dirs = {stage: root / name for stage, name in
-            (("mine", "commits"), ("filter", "sft"), ("tune", "tune"), ("train", "train"),
-             ("serve", "serve"), ("eval", "eval"), ("report", "report"))}
-    stage_cfgs = stage_configs(config_path, by_stage, cfg, dirs)  # every config checked before any work
+    root, dirs = _root(cfg), _dirs(cfg)
     wanted = [s for s in STAGES if s in cfg.stages]
     print(f"octoray pipeline: {cfg.name} -> {root}  (stages: {' -> '.join(wanted)})", flush=True)
 
@@ -122,6 +108,20 @@ def run(config_path: str | Path, overrides: list[str] = (), *, out: str | None =
         print(f"report: {path}")
     print(f"\noctoray pipeline: done in {time.time() - started:.0f} s -> {root}")
     return root
+
+
+def _root(cfg: PipelineConfig) -> Path:
+    from octoray.storage import location
+
+    return location(cfg.out or f"runs/{cfg.name}")
+
+
+def _dirs(cfg: PipelineConfig) -> dict[str, Path]:
+    """Each stage's output directory under the root."""
+    root = _root(cfg)
+    return {stage: root / name for stage, name in
+            (("mine", "commits"), ("filter", "sft"), ("tune", "tune"), ("train", "train"),
+             ("serve", "serve"), ("eval", "eval"), ("report", "report"))}
 
 
 def _banner(stage: str, out: Path) -> None:
@@ -169,10 +169,10 @@ def stage_configs(config_path: str | Path, by_stage: dict[str, list[str]], cfg: 
         load("serve", serving.ServeConfig, {"model": str((dirs["train"] / "model").resolve()),
                                             "model_name": cfg.name})
     if "eval" in wanted:
-        from octoray.evaluation.cli import EvalConfig
+        from octoray.evaluation.stage import EvalConfig
 
         load("eval", EvalConfig, {"generator": "endpoint:http://placeholder/v1", "out": str(dirs["eval"]),
-                                  "data_dir": cfg.humanevalpack_dir,
+                                  "humanevalpack_dir": cfg.humanevalpack_dir,
                                   "allow_code_execution": cfg.allow_code_execution})
     if problems:
         raise UserError("; ".join(problems))
@@ -212,7 +212,7 @@ def _serve_and_evaluate(cfg: PipelineConfig, stage_cfgs: dict[str, Any], dirs: d
     print(f"serving {cfg.name} at {url}", flush=True)
     try:
         if evaluate:
-            from octoray.evaluation import cli as evaluation
+            from octoray.evaluation import stage as evaluation
 
             evaluation.run(replace(stage_cfgs["eval"], generator=f"endpoint:{url}"))
         latency = measure_latency(url, cfg.name, cfg.latency_requests, cfg.latency_concurrency)

@@ -23,7 +23,6 @@ Python callers (tests, the pipeline) use ``url = start(cfg)`` ... ``shutdown()``
 
 from __future__ import annotations
 
-import argparse
 import socket
 import time
 import urllib.error
@@ -31,7 +30,7 @@ import urllib.request
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Optional
 
-from octoray.config import from_mapping, help_lines, load_config, option, split_overrides, to_dict
+from octoray.config import from_mapping, option, to_dict
 from octoray.errors import UserError
 from octoray.node_types import require_feasible, resource_problems
 
@@ -66,7 +65,7 @@ class ServeConfig:
     max_model_len: Optional[int] = option(None, "context window, prompt + completion (default: the model's)")
     default_max_tokens: int = option(16, "max_tokens when a request gives none (OpenAI's default is 16)")
     max_choices: int = option(128, "most completions (prompts x n) one request may ask for")
-    ray_address: Optional[str] = option(None, "Ray cluster to deploy on (default: RAY_ADDRESS, else a new local Ray)")
+    ray_address: Optional[str] = option(None, "Ray cluster to connect to, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else a new local Ray)")
     app_name: str = option("octoray", "Ray Serve application name")
 
     def problems(self) -> list[str]:
@@ -206,25 +205,9 @@ def run(cfg: ServeConfig) -> str:
 
 # --- command line ------------------------------------------------------------------------------
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``octoray serve MODEL [--host H] [--port P] [--config YAML] [key=value ...]``."""
-    parser.add_argument("args", nargs="*", metavar="MODEL [key=value ...]",
-                        help="the model (path or hub id), then config overrides")
-    parser.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
-    parser.add_argument("--config", default=None, help="YAML file (flat, or with a serve: section)")
-    parser.epilog = "config keys (key=value):\n" + "\n".join(help_lines(ServeConfig))
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run ``octoray serve`` from parsed arguments; blocks until interrupted."""
-    positional, overrides = split_overrides(args.args)
-    if len(positional) > 1:
-        raise UserError(f"expected one MODEL, got {len(positional)}: {' '.join(positional)}")
-    values = {"model": positional[0] if positional else None, "host": args.host, "port": args.port}
-    cfg = load_config(ServeConfig, args.config, overrides, section="serve", values=values)
-    run(cfg)
-    return 0
+#: The command line (octoray.stage_cli): ``octoray serve MODEL [--host H] [--port P] [key=value ...]``.
+CONFIG = ServeConfig
+INPUT = "model"
 
 
 # --- helpers -----------------------------------------------------------------------------------

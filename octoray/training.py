@@ -18,12 +18,10 @@ bucket (``RunConfig(storage_path=..., storage_filesystem=...)``); rank 0 keeps `
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 import zlib
@@ -31,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from octoray.config import help_lines, load_config, option, split_overrides, to_dict
+from octoray.config import option, to_dict
 from octoray.errors import UserError
 from octoray.node_types import require_feasible, resource_problems
 from octoray.outputs import is_complete, require_stage_output, write_manifest, write_resolved_config
@@ -53,9 +51,9 @@ DEMO = "demo"
 class TrainConfig:
     """Everything ``octoray train`` reads; the ``train:`` section of a jobs/ YAML file."""
 
-    data: Optional[str] = option(None, "sft/ directory written by 'octoray filter' (or --data); a path or a URI")
-    out: Optional[str] = option(None, "run directory RUN_DIR: checkpoints, metrics, model/ (or --out); "
-                                      "a path or a URI (s3://bucket/prefix)")
+    data: Optional[str] = option(None, "sft/ directory written by 'octoray filter'; a path or a URI", metavar="SFT_DIR")
+    out: Optional[str] = option(None, "run directory RUN_DIR: checkpoints, metrics, model/; "
+                                      "a path or a URI (s3://bucket/prefix)", metavar="RUN_DIR")
     model: str = option(DEMO, "hub id or local path of a causal LM (e.g. bigcode/starcoder), or 'demo' for a tiny GPTBigCode built from the SFT text")
     demo_layers: int = option(2, "demo model: transformer layers")
     demo_embd: int = option(128, "demo model: hidden size")
@@ -94,7 +92,7 @@ class TrainConfig:
     seed: int = option(0, "seed for shuffling, OASST sampling and init")
     fail_at_step: int = option(0, "testing hook: the last worker exits abruptly once before this step (0 = never)")
     hparams: Optional[str] = option(None, "tune directory written by 'octoray tune': its best trial's hyperparameters "
-                                           "override this section's (the pipeline sets it when 'tune' runs; or --hparams)")
+                                           "override this section's (the pipeline sets it when 'tune' runs)", metavar="TUNE_DIR")
     from_best_checkpoint: bool = option(False, "with hparams: continue from the best trial's checkpoint instead of "
                                                "training from scratch; needs the trial to have trained like this run "
                                                "(same max_steps, num_workers, model, schedule)")
@@ -138,9 +136,55 @@ class TrainConfig:
         out += resource_problems("worker_resources", self.worker_resources)
         return out
 
+    def input_problems(self) -> list[str]:
+        """What ``octoray train`` by itself needs: SFT data that exists, a run directory, and the tune
+        directory ``hparams`` names (the pipeline writes both as it goes, so they are not in
+        :meth:`problems`). URIs are taken as given: checking them would need the network."""
+        return input_dir_problems(data=self.data, out=self.out, hparams=self.hparams)
+
+
+def input_dir_problems(*, data: Optional[str], out: Optional[str], hparams: Optional[str] = None) -> list[str]:
+    """The input checks of train and tune: ``data`` and ``out`` given, ``data`` and ``hparams`` existing
+    directories when local; object-store URIs are not checked (that would need the network)."""
+    from octoray.storage import is_uri
+
+    found = []
+    if not data:
+        found.append("data: required (--data SFT_DIR, the output of 'octoray filter')")
+    if not out:
+        found.append("out: required (--out DIR)")
+    for key, value, what in (("data", data, "SFT data"), ("hparams", hparams, "tune")):
+        if value and not is_uri(value) and not location(value).is_dir():
+            found.append(f"{key}: {what} directory not found: {value}")
+    return found
+
+
+#: The command line (octoray.stage_cli): ``octoray train CONFIG.yaml --data sft/ --out RUN_DIR``.
+CONFIG = TrainConfig
+INPUT = None
+
 
 def run(cfg: TrainConfig) -> Location:
-    """Train per ``cfg`` and return RUN_DIR; a complete RUN_DIR is left as is, a partial one resumes."""
+    """Train per ``cfg`` and return RUN_DIR; a complete RUN_DIR is left as is, a partial one resumes.
+
+    When Ray Train gives up (``max_failures`` restarts used), the error says to rerun: the run
+    resumes from its last checkpoint.
+    """
+    try:
+        run_dir = _run(cfg)
+    except Exception as exc:  # noqa: BLE001 - only Ray Train's final failure is turned into a hint
+        if type(exc).__name__ != "TrainingFailedError":
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        error = UserError(f"training failed after {cfg.max_failures} restart(s): {first}; rerun the same command "
+                          f"to resume from the last checkpoint in {cfg.out}")
+        error.exit_code = 1  # the run failed, the command line was fine
+        raise error from None
+    print(f"octoray train: model in {run_dir / 'model'}")
+    return run_dir
+
+
+def _run(cfg: TrainConfig) -> Location:
     started = time.time()
     data_dir, run_dir = _require_paths(cfg)
     sft_manifest = require_stage_output(data_dir, "filter", "SFT data")
@@ -744,44 +788,3 @@ def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank:
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)  # a crash mid-export never leaves a half model/ behind
     torch.distributed.barrier()
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``octoray train CONFIG.yaml --data SFT_DIR --out RUN_DIR [key=value ...]``."""
-    parser.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
-                        help="a YAML config (its train: section) and key=value overrides")
-    parser.add_argument("--data", help="sft/ directory written by 'octoray filter'")
-    parser.add_argument("--out", help="run directory (checkpoints, metrics, model/)")
-    parser.add_argument("--hparams", metavar="TUNE_DIR",
-                        help="train with the best trial's hyperparameters from TUNE_DIR/best.json ('octoray tune')")
-    parser.epilog = "config keys:\n" + "\n".join(help_lines(TrainConfig))
-
-
-def load_train_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig that ``args`` (CONFIG.yaml, --data, --out, overrides) describe."""
-    positional, overrides = split_overrides(args.args)
-    if len(positional) > 1:
-        raise UserError(f"expected one config file, got {len(positional)}: {' '.join(positional)}")
-    return load_config(TrainConfig, positional[0] if positional else None, overrides, section="train",
-                       values={"data": args.data, "out": args.out, "hparams": getattr(args, "hparams", None)})
-
-
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``octoray train``."""
-    cfg = load_train_config(args)
-    try:
-        run_dir = run(cfg)
-    except Exception as exc:  # noqa: BLE001 - only Ray Train's final failure is turned into a hint
-        if type(exc).__name__ != "TrainingFailedError":
-            raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"octoray train: error: training failed after {cfg.max_failures} restart(s): {first}\n"
-              f"octoray train: rerun the same command to resume from the last checkpoint in {cfg.out}",
-              file=sys.stderr)
-        return 1
-    print(f"octoray train: model in {run_dir / 'model'}")
-    return 0

@@ -21,7 +21,6 @@ function returns (:mod:`octoray.resources`), so the next stage finds the cluster
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
 import time
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from octoray.config import ConfigError, from_mapping, help_lines, load_config, option, split_overrides, to_dict
+from octoray.config import ConfigError, from_mapping, load_config, option, to_dict
 from octoray.errors import UserError
 from octoray.outputs import (RESOLVED_CONFIG, atomic_write_json, is_complete, read_manifest, require_stage_output,
                              write_manifest, write_resolved_config)
@@ -43,9 +42,9 @@ BEST_FILE = "best.json"
 class TuneConfig:
     """The ``tune:`` section: search space, trial budget and ASHA settings."""
 
-    data: Optional[str] = option(None, "sft/ directory written by 'octoray filter' (or --data); a path or a URI")
-    out: Optional[str] = option(None, "tuning directory: trials/, tune/ (Ray Tune state), best.json (or --out); "
-                                      "a path or a URI (s3://bucket/prefix)")
+    data: Optional[str] = option(None, "sft/ directory written by 'octoray filter'; a path or a URI", metavar="SFT_DIR")
+    out: Optional[str] = option(None, "tuning directory: trials/, tune/ (Ray Tune state), best.json; "
+                                      "a path or a URI (s3://bucket/prefix)", metavar="DIR")
     search: Literal["random", "optuna"] = option("random", "searcher: random sampling, or optuna (Optuna's TPE "
                                                            "through ray.tune.search.optuna; pip install 'octoray[tune]')")
     lr: tuple[float, ...] = option((1e-4, 1e-3), "learning-rate range [low, high], sampled log-uniformly")
@@ -90,6 +89,37 @@ class TuneConfig:
         if not 0 < self.val_fraction < 1:
             out.append(f"val_fraction must be in (0, 1): ASHA needs a validation loss, got {self.val_fraction}")
         return out
+
+    def input_problems(self) -> list[str]:
+        """What ``octoray tune`` by itself needs: SFT data that exists and an output directory (the
+        pipeline writes the data as it goes, so this is not part of :meth:`problems`)."""
+        from octoray.training import input_dir_problems
+
+        return input_dir_problems(data=self.data, out=self.out)
+
+
+#: The command line (octoray.stage_cli): ``octoray tune CONFIG.yaml --data sft/ --out tune/ [train.key=value]``.
+CONFIG = TuneConfig
+INPUT = None
+NESTED = ("train",)
+
+
+def load(path: str | None, overrides: list[str], nested: dict[str, list[str]], *, values: dict[str, Any],
+         check_inputs: bool = True) -> tuple[TuneConfig, Any]:
+    """(TuneConfig, base TrainConfig) from the config file's tune: and train: sections and the
+    command line (``train.key=value`` sets a train: key); the search space is checked against the
+    trial budget together with the tune: section's own checks."""
+    from octoray.stage_cli import input_check
+    from octoray.training import TrainConfig
+
+    train_cfg = load_config(TrainConfig, path, nested.get("train", []), section="train")
+    own_inputs = input_check(check_inputs)
+
+    def check(tcfg: TuneConfig) -> list[str]:
+        return check_search_space(tcfg, train_cfg) + (own_inputs(tcfg) if own_inputs else [])
+
+    tcfg = load_config(TuneConfig, path, overrides, section=STAGE, values=values, check=check)
+    return tcfg, train_cfg
 
 
 #: Search-space keys that are lists of choices (lr is a range).
@@ -154,6 +184,12 @@ def _trial_base(train_cfg: Any, tcfg: TuneConfig) -> tuple[Any, list[str]]:
 
 def run(tcfg: TuneConfig, train_cfg: Any) -> Path:
     """Run the search and write ``DIR/best.json``; returns DIR."""
+    out_dir = _run(tcfg, train_cfg)
+    print(f"octoray tune: best trial in {out_dir / BEST_FILE}")
+    return out_dir
+
+
+def _run(tcfg: TuneConfig, train_cfg: Any) -> Path:
     from octoray.training import _init_ray, prepare_datasets, resolve_model
 
     started = time.time()
@@ -425,42 +461,3 @@ def error_line(error: BaseException) -> str:
 
 def _plain(config: dict[str, Any] | None) -> dict[str, Any]:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in (config or {}).items()}
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``octoray tune CONFIG.yaml --data SFT_DIR --out DIR [key=value | train.key=value ...]``."""
-    parser.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
-                        help="a YAML config (its train: and tune: sections); key=value sets a tune: key, "
-                             "train.key=value a train: key")
-    parser.add_argument("--data", help="sft/ directory written by 'octoray filter'")
-    parser.add_argument("--out", help="tuning directory (trials/, best.json)")
-    parser.epilog = "tune: keys:\n" + "\n".join(help_lines(TuneConfig))
-
-
-def load_tune_configs(args: argparse.Namespace) -> tuple[TuneConfig, Any]:
-    """(TuneConfig, base TrainConfig) from CONFIG.yaml, --data/--out and the overrides."""
-    from octoray.training import TrainConfig
-
-    positional, overrides = split_overrides(args.args)
-    if len(positional) > 1:
-        raise UserError(f"expected one config file, got {len(positional)}: {' '.join(positional)}")
-    path = positional[0] if positional else None
-    train_overrides = [o[len("train."):] for o in overrides if o.startswith("train.")]
-    tune_overrides = [o for o in overrides if not o.startswith("train.")]
-    train_cfg = load_config(TrainConfig, path, train_overrides, section="train")
-    # The space is checked against the trial budget together with the tune: section's own checks.
-    tcfg = load_config(TuneConfig, path, tune_overrides, section="tune", values={"data": args.data, "out": args.out},
-                       check=lambda t: check_search_space(t, train_cfg))
-    return tcfg, train_cfg
-
-
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``octoray tune``."""
-    out_dir = run(*load_tune_configs(args))
-    print(f"octoray tune: best trial in {out_dir / BEST_FILE}")
-    return 0
-

@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 data_dir=()
 if [ -d "$SHARED/humanevalpack" ]; then
-  data_dir=(--data-dir "$SHARED/humanevalpack")   # the local copy; without it, the hub
+  data_dir=(--humanevalpack-dir "$SHARED/humanevalpack")   # the local copy; without it, the hub
 fi
 exec .venv/bin/octoray pipeline jobs/demo.yaml "${data_dir[@]}" "$@"

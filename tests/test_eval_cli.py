@@ -57,9 +57,15 @@ def test_missing_model_is_one_line_before_any_work(tmp_path) -> None:
     assert not (tmp_path / "eval").exists()
 
 
-def test_endpoint_alias_conflicts_with_another_generator() -> None:
-    _one_line_error(run_cli("eval", "--endpoint", "http://127.0.0.1:9/v1", "--generator", "oracle:canonical",
-                            "--allow-code-execution"), "either --generator or --endpoint")
+def test_endpoint_alias_and_generator_last_one_wins() -> None:
+    from octoray import stage_cli
+    from octoray.evaluation import stage
+
+    def generator(*words: str) -> str:
+        return stage_cli.parse("eval", words, stage).configs[0].generator
+
+    assert generator("--endpoint", "http://127.0.0.1:9/v1", "--generator", "oracle:canonical") == "oracle:canonical"
+    assert generator("--generator", "oracle:canonical", "--endpoint", "http://h:9/v1") == "endpoint:http://h:9/v1"
 
 
 def test_file_generator_bad_row_names_its_line(tmp_path, shared_dir) -> None:
@@ -114,7 +120,7 @@ def test_eval_modules_import_light() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, octoray.evaluation.cli, octoray.evaluation.generators, octoray.evaluation.runner; "
+    code = ("import sys, octoray.evaluation.stage, octoray.evaluation.generators, octoray.evaluation.runner; "
             "print([m for m in ('torch', 'transformers', 'deepspeed', 'ray') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -219,9 +225,9 @@ def _unexpected(out: Path, expected: str) -> list[str]:
 def _run_in_process(out: Path, data_dir: Path, *extra: str, **values):
     """``octoray eval`` in this process (reusing the session's Ray instead of starting one)."""
     from octoray.config import load_config
-    from octoray.evaluation.cli import STAGE, EvalConfig, run
+    from octoray.evaluation.stage import STAGE, EvalConfig, run
 
-    base = {"data_dir": str(data_dir), "out": str(out), "allow_code_execution": True}
+    base = {"humanevalpack_dir": str(data_dir), "out": str(out), "allow_code_execution": True}
     return run(load_config(EvalConfig, None, [SCALE, *extra], section=STAGE, values={**base, **values}))
 
 

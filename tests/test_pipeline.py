@@ -95,16 +95,17 @@ def test_pipeline_tune_then_train_with_best_trial_after_a_crashed_trial(tmp_path
 
     import yaml
 
-    from octoray import pipeline
+    from octoray import pipeline, stage_cli
     from octoray.resources import live_placement_groups, placement_groups
 
     before = set(placement_groups())
     out = tmp_path / "run"
-    pipeline.run(REPO_ROOT / "jobs" / "demo.yaml",
-                 [f"sources=[{REPO_ROOT}]", "stages=[mine,filter,tune,train,report]",
-                  "tune.num_samples=3", "tune.max_steps=4", "tune.warmup_steps=[1, 3]", "tune.fail_trial=2",
-                  "train.max_steps=4", "train.resource_wait_s=240"], out=str(out),
-                 data_dir=str(shared_dir / "humanevalpack"))  # the filter's decontamination reads it
+    parsed = stage_cli.parse("pipeline", [
+        str(REPO_ROOT / "jobs" / "demo.yaml"), f"sources=[{REPO_ROOT}]", "stages=[mine,filter,tune,train,report]",
+        "tune.num_samples=3", "tune.max_steps=4", "tune.warmup_steps=[1, 3]", "tune.fail_trial=2",
+        "train.max_steps=4", "train.resource_wait_s=240", "--out", str(out),
+        "--humanevalpack-dir", str(shared_dir / "humanevalpack")], pipeline)  # the filter's decontamination reads it
+    pipeline.run(*parsed.configs)
     best = json.loads((out / "tune" / "best.json").read_text())
     assert [t["status"] for t in best["trials"]].count("error") == 1
     crashed = next(t for t in best["trials"] if t["status"] == "error")

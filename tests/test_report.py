@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from octoray import pipeline, report
+from octoray import pipeline, report, stage_cli
 from octoray.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -48,12 +48,15 @@ def test_report_says_what_did_not_run(tmp_path: Path) -> None:
 
 
 def test_stage_overrides_are_routed_and_checked(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="unknown stage 'trian'"):
-        pipeline.run("jobs/demo.yaml", ["trian.max_steps=3"], out=str(tmp_path))
+    def parse(*words: str) -> None:
+        stage_cli.parse("pipeline", ["jobs/demo.yaml", *words, "--out", str(tmp_path)], pipeline)
+
+    with pytest.raises(UserError, match="unknown section 'trian'"):
+        parse("trian.max_steps=3")
     with pytest.raises(UserError, match=r"\[train\].*max_stpes"):
-        pipeline.run("jobs/demo.yaml", ["train.max_stpes=3"], out=str(tmp_path))
+        parse("train.max_stpes=3")
     with pytest.raises(UserError, match="'eval' queries the served model"):
-        pipeline.run("jobs/demo.yaml", ["stages=[mine, eval]"], out=str(tmp_path))
+        parse("stages=[mine, eval]")
 
 
 def test_report_names_no_rescue_when_the_paper_rules_ran(tmp_path: Path) -> None:

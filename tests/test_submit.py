@@ -41,11 +41,11 @@ def test_pipeline_entrypoint_makes_config_relative_to_the_upload(tmp_path: Path,
     assert command == "python -m octoray.cli pipeline jobs/demo.yaml lr=1e-3"
 
 
-def test_stage_entrypoint_passes_any_verb_and_appends_config(tmp_path: Path, monkeypatch) -> None:
+def test_stage_entrypoint_passes_the_config_as_dash_c(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("c.yaml").write_text("train: {}\n")
     command = jobs.entrypoint(["c.yaml", "max_steps=2"], "train --data /nfs/sft --out '/nfs/runs/a b'", None, tmp_path)
-    assert command == "python -m octoray.cli train --data /nfs/sft --out '/nfs/runs/a b' c.yaml max_steps=2"
+    assert command == "python -m octoray.cli train --data /nfs/sft --out '/nfs/runs/a b' -c c.yaml max_steps=2"
 
 
 @pytest.mark.parametrize("stage", ["submit", "frobnicate", "  "])
@@ -186,7 +186,13 @@ def test_submit_runs_the_uploaded_checkout_and_streams_logs(ray_head) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_submit_a_real_stage_mines_a_repository(ray_head, tmp_path: Path) -> None:
+def test_submit_real_stages_with_the_config(ray_head, tmp_path: Path) -> None:
+    """``submit CONFIG --stage "VERB ..."``: the job's stage reads its own section of CONFIG, for
+    every stage verb (mine used to take an appended CONFIG for a repository, filter and serve
+    rejected it). Mine runs for real; every other verb's section holds one bad value, and the
+    job's failure names it: the config reached the stage, which stopped before any work."""
+    import yaml
+
     from octoray.outputs import read_manifest
     from tests.gitrepo import MIT, GitRepo
 
@@ -194,11 +200,27 @@ def test_submit_a_real_stage_mines_a_repository(ray_head, tmp_path: Path) -> Non
     repo = GitRepo(tmp_path / "repo")
     repo.commit("Add license and code", {"LICENSE": MIT, "app.py": "def f():\n    return 1\n"})
     repo.commit("Return two from f", {"app.py": "def f():\n    return 2\n"})
-    out = tmp_path / "commits"
-    result = _cli(url, token, "submit", "--pip", "none", "--stage", f"mine {repo.path} --out {out}")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "mine": {"chunk_commits": 1, "progress": False}, "filter": {"min_tokens": 10, "max_tokens": 5},
+        "train": {"hparams": str(tmp_path / "no-tune")}, "tune": {"num_samples": 0}, "serve": {"port": 0}, "eval": {"n_samples": 0},
+        "pipeline": {"latency_requests": 0}}))
+    commits = tmp_path / "commits"
+    result = _cli(url, token, "submit", str(config), "--pip", "none", "--stage", f"mine {repo.path} --out {commits}",
+                  "workers=1")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    manifest = read_manifest(out)  # written by the job, on this machine's file system
+    manifest = read_manifest(commits)  # written by the job, on this machine's file system
     assert manifest is not None and manifest["stage"] == "mine"
+    resolved = yaml.safe_load((commits / "config.yaml").read_text())
+    assert (resolved["chunk_commits"], resolved["progress"], resolved["workers"]) == (1, False, 1)
+    for stage, fragment in ((f"filter {commits} --out {tmp_path / 'sft'}", "need 0 <= min_tokens <= max_tokens"),
+                            ("train --data s3://b/sft --out s3://b/run", "hparams: tune directory not found"),
+                            ("tune --data s3://b/sft --out s3://b/tune", "num_samples must be >= 1, got 0"),
+                            ("serve runs/demo/model", "port: must be 1-65535, got 0"),
+                            ("eval --generator oracle:canonical", "n_samples: must be at least 1"),
+                            ("pipeline", "latency_requests and latency_concurrency must be >= 1")):
+        result = _cli(url, token, "submit", str(config), "--pip", "none", "--stage", stage)
+        assert result.returncode == 1 and fragment in result.stdout, stage + result.stdout[-2000:] + result.stderr[-2000:]
 
 
 @pytest.mark.ray

@@ -8,7 +8,6 @@ import json
 import math
 import pickle
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,8 @@ import yaml
 from octoray.config import ConfigError, from_mapping, to_dict
 from octoray.errors import UserError
 from octoray.training import TrainConfig
-from octoray.tuning import TuneConfig, check_search_space, load_tune_configs, trial_base
+from octoray import stage_cli, tuning
+from octoray.tuning import TuneConfig, check_search_space, trial_base
 from tests.conftest import REPO_ROOT, run_cli
 from tests.train_helpers import write_sft
 
@@ -87,10 +87,10 @@ def test_tune_config_new_keys_become_overrides_and_search_space() -> None:
     pytest.importorskip("ray.tune")
     from octoray.tuning import search_space
 
-    args = types.SimpleNamespace(args=[str(REPO_ROOT / "jobs" / "demo.yaml"), "search=optuna",
-                                       "weight_decay=[0.0, 0.1]", "train.lora=true", "lora_alpha=[16, 32]",
-                                       "lora_dropout=[0.0]"], data="sft", out="tune")
-    tcfg, train = load_tune_configs(args)
+    tcfg, train = stage_cli.parse("tune", [str(REPO_ROOT / "jobs" / "demo.yaml"), "search=optuna",
+                                           "weight_decay=[0.0, 0.1]", "train.lora=true", "lora_alpha=[16, 32]",
+                                           "lora_dropout=[0.0]", "--data", "sft", "--out", "tune"], tuning,
+                                  check_inputs=False).configs
     assert tcfg.search == "optuna" and train.lora
     space = search_space(tcfg)
     assert set(space) == {"lr", "warmup_steps", "batch_size", "weight_decay", "lora_alpha", "lora_dropout"}
@@ -155,9 +155,9 @@ def test_cli_train_hparams_flag(tmp_path: Path) -> None:
     sft = write_sft(tmp_path / "sft", n=10)
     result = run_cli("train", "jobs/demo.yaml", "--data", sft, "--out", tmp_path / "run", "--hparams", tmp_path / "none")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "tuning (hparams) directory not found" in result.stderr.strip().splitlines()[-1]
+    assert "hparams: tune directory not found" in result.stderr.strip().splitlines()[-1]
     help_text = run_cli("train", "--help").stdout
-    assert "--hparams TUNE_DIR" in help_text and "from_best_checkpoint" in help_text
+    assert "--hparams TUNE_DIR" in help_text and "--from-best-checkpoint" in help_text
 
 
 def test_report_tuning_section(tmp_path: Path) -> None:
@@ -176,9 +176,8 @@ def test_report_tuning_section(tmp_path: Path) -> None:
 
 
 def test_overrides_split_between_tune_and_train_sections() -> None:
-    args = types.SimpleNamespace(args=[str(REPO_ROOT / "jobs" / "demo.yaml"), "num_samples=3", "train.lr=0.01"],
-                                 data="sft", out="tune")
-    tcfg, train = load_tune_configs(args)
+    tcfg, train = stage_cli.parse("tune", [str(REPO_ROOT / "jobs" / "demo.yaml"), "num_samples=3", "train.lr=0.01",
+                                           "--data", "sft", "--out", "tune"], tuning, check_inputs=False).configs
     assert tcfg.num_samples == 3 and train.lr == 0.01 and str(tcfg.data) == "sft"
 
 

@@ -1,24 +1,26 @@
 """``octoray eval``: HumanEvalPack generation, sandboxed execution on Ray actors, pass@k.
 
     octoray eval --generator hf:runs/demo/model --tasks fix,synthesize --languages python,go \\
-        --data-dir ../shared/humanevalpack --allow-code-execution --out eval [--limit N] [key=value ...]
+        --humanevalpack-dir ../shared/humanevalpack --allow-code-execution --out eval [--limit N] [key=value ...]
 
-Reads the ``eval:`` section of an optional CONFIG.yaml. Writes ``OUT/samples.parquet``,
+Every field of :class:`EvalConfig` is a flag and a key (:mod:`octoray.stage_cli`); reads the
+``eval:`` section of an optional CONFIG.yaml. Writes ``OUT/samples.parquet``,
 ``OUT/results.parquet``, ``OUT/metrics.json``, ``OUT/config.yaml`` and ``OUT/manifest.json``
 (last). A rerun reuses the samples and executes only samples without a result.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from octoray.config import help_lines, load_config, option, split_overrides, to_dict
+from octoray.config import option, to_dict
 from octoray.errors import UserError
-from octoray.evaluation.humanevalpack import LANGUAGES, TASKS, TEMPLATES
+from octoray.stage_cli import FlagAlias
+from octoray.evaluation.humanevalpack import LANGUAGES, TASKS
 from octoray.outputs import (atomic_write_json, is_complete, read_json, write_manifest,
                              write_parquet_atomic, write_resolved_config)
 
@@ -28,7 +30,7 @@ SAMPLES_KEY = "samples.json"
 METRICS = "metrics.json"
 
 #: Config fields that decide what the samples are; a rerun with other values must not reuse them.
-_SAMPLE_FIELDS = ("generator", "tasks", "languages", "data_dir", "limit", "template", "n_samples",
+_SAMPLE_FIELDS = ("generator", "tasks", "languages", "humanevalpack_dir", "limit", "template", "n_samples",
                   "temperature", "top_p", "max_length", "max_new_tokens", "seed", "endpoint_model")
 
 
@@ -36,11 +38,15 @@ _SAMPLE_FIELDS = ("generator", "tasks", "languages", "data_dir", "limit", "templ
 class EvalConfig:
     """Everything ``octoray eval`` needs; see docs/evaluation.md."""
 
+    #: Old key names, still read from YAML files and key=value (``data_dir`` was this stage's own name).
+    KEY_ALIASES: ClassVar[dict[str, str]] = {"data_dir": "humanevalpack_dir"}
+
     generator: str = option("", "hf:PATH_OR_ID | endpoint:URL (base like http://host:8000/v1) | "
                                 "oracle:canonical | oracle:buggy | file:SAMPLES.jsonl")
     tasks: tuple[str, ...] = option(TASKS, "HumanEvalPack tasks: fix, explain, synthesize")
     languages: tuple[str, ...] = option(LANGUAGES, "languages: python, js, java, go, cpp, rust")
-    data_dir: Optional[Path] = option(None, "directory of <language>.jsonl files; unset = hub bigcode/humanevalpack")
+    humanevalpack_dir: Optional[str] = option(None, "directory of HumanEvalPack <language>.jsonl files "
+                                                    "(default: the hub dataset bigcode/humanevalpack)")
     out: str = option("eval", "output directory: a path or a URI (s3://bucket/prefix)")
     allow_code_execution: bool = option(False, "required: executes model-generated programs on this machine/cluster")
     limit: Optional[int] = option(None, "only the first N problems of each language (smoke runs)")
@@ -65,7 +71,7 @@ class EvalConfig:
     flush_every: int = option(64, "results per appended Parquet part file (the resume granularity)")
     sandbox_cache: Optional[Path] = option(None, "sandbox cache dir (work dirs, prebuilt Rust deps); unset = the sandbox default in $TMPDIR")
     timeout_scale: float = option(1.0, "multiplies the per-language execution timeouts (slow or shared machines)")
-    ray_address: str = option("", "Ray cluster address; unset = RAY_ADDRESS or a local Ray")
+    ray_address: Optional[str] = option(None, "Ray cluster to connect to, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else a new local Ray)")
 
     def problems(self) -> list[str]:
         """Every problem with this config, for one ConfigError."""
@@ -122,7 +128,7 @@ def run(cfg: EvalConfig) -> Path:
     from octoray.storage import location
 
     out = location(cfg.out)
-    fingerprint = {k: v for k, v in to_dict(cfg).items() if k in _SAMPLE_FIELDS}
+    fingerprint = _fingerprint(cfg)
     if is_complete(out, STAGE) and _samples_match(out, fingerprint):
         print(f"{out} is complete; nothing to do")
         print(format_table(read_json(out / METRICS)))
@@ -132,7 +138,7 @@ def run(cfg: EvalConfig) -> Path:
         from octoray.modeling import preflight_model
 
         preflight_model(cfg.generator.removeprefix("hf:"))  # one line, before any Ray work
-    all_problems = {lang: load_problems(lang, cfg.data_dir) for lang in cfg.languages}
+    all_problems = {lang: load_problems(lang, cfg.humanevalpack_dir) for lang in cfg.languages}
     problems = {lang: items[: cfg.limit] if cfg.limit else items for lang, items in all_problems.items()}
     _init_ray(cfg)
     runner.probe_toolchains(cfg.languages)  # a missing toolchain is one line, not a table of zeros
@@ -150,7 +156,7 @@ def run(cfg: EvalConfig) -> Path:
     for row in results:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
     write_manifest(out, STAGE, cfg, rows=len(results), files=[SAMPLES, runner.RESULTS, METRICS],
-                   started=started, inputs={"data_dir": str(cfg.data_dir) if cfg.data_dir else "hub"},
+                   started=started, inputs={"humanevalpack_dir": cfg.humanevalpack_dir or "hub"},
                    extra={"executed_this_run": executed, "statuses": statuses})
     print(format_table(metrics))
     print(f"{len(results)} samples ({executed} executed this run) -> {out}")
@@ -160,7 +166,13 @@ def run(cfg: EvalConfig) -> Path:
 def _init_ray(cfg: EvalConfig) -> None:
     from octoray.raylocal import ensure_ray
 
-    ensure_ray(address=cfg.ray_address or None)
+    ensure_ray(address=cfg.ray_address)
+
+
+def _fingerprint(cfg: EvalConfig) -> dict[str, Any]:
+    """The settings that decide the samples; ``humanevalpack_dir`` keeps its old name ``data_dir`` here
+    so samples written before the rename are still reused."""
+    return {("data_dir" if k == "humanevalpack_dir" else k): v for k, v in to_dict(cfg).items() if k in _SAMPLE_FIELDS}
 
 
 def _samples_match(out: Path, fingerprint: dict[str, Any]) -> bool:
@@ -198,39 +210,8 @@ def _load_or_generate_samples(cfg: EvalConfig, out: Path, fingerprint: dict[str,
     return samples
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``octoray eval`` flags; any field is also settable as ``key=value``."""
-    parser.description = "Evaluate a model (or oracle) on HumanEvalPack: generate, execute, pass@k."
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "config keys (key=value, or the eval: section of CONFIG.yaml):\n" + "\n".join(help_lines(EvalConfig))
-    parser.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]",
-                        help="optional YAML config (eval: section) and key=value overrides")
-    parser.add_argument("--generator", help="hf:PATH_OR_ID | endpoint:URL | oracle:canonical | oracle:buggy | file:SAMPLES.jsonl")
-    parser.add_argument("--endpoint", metavar="URL", help="alias for --generator endpoint:URL")
-    parser.add_argument("--tasks", help="comma-separated: fix,explain,synthesize")
-    parser.add_argument("--languages", help="comma-separated: python,js,java,go,cpp,rust")
-    parser.add_argument("--data-dir", help="directory of <language>.jsonl (default: the hub)")
-    parser.add_argument("--allow-code-execution", action="store_true", default=None,
-                        help="allow executing generated programs (required)")
-    parser.add_argument("--out", help="output directory (default: eval)")
-    parser.add_argument("--limit", type=int, help="first N problems per language")
-    parser.add_argument("--template", help=f"prompt template: {', '.join(TEMPLATES)}")
-    parser.add_argument("--n-samples", type=int, help="samples per problem and task")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``octoray eval``."""
-    positional, overrides = split_overrides(args.args)
-    if len(positional) > 1:
-        raise UserError(f"expected at most one CONFIG.yaml, got {' '.join(positional)}")
-    generator = args.generator
-    if args.endpoint:
-        if generator and generator != f"endpoint:{args.endpoint}":
-            raise UserError("give either --generator or --endpoint, not both")
-        generator = f"endpoint:{args.endpoint}"
-    values = {"generator": generator, "tasks": args.tasks, "languages": args.languages,
-              "data_dir": args.data_dir, "allow_code_execution": args.allow_code_execution,
-              "out": args.out, "limit": args.limit, "template": args.template, "n_samples": args.n_samples}
-    cfg = load_config(EvalConfig, positional[0] if positional else None, overrides, section=STAGE, values=values)
-    run(cfg)
-    return 0
+#: The command line (octoray.stage_cli): ``octoray eval --generator G --allow-code-execution --out eval/``.
+CONFIG = EvalConfig
+INPUT = None
+FLAG_ALIASES = (FlagAlias("--endpoint", "generator", "endpoint:{}", deprecated=False),
+                FlagAlias("--data-dir", "humanevalpack_dir"))
