@@ -151,10 +151,15 @@ class Limits:
 class Sandbox:
     """Runs HumanEvalPack programs in isolation; safe to share ``cache_dir`` between processes.
 
-    ``cache_dir`` holds the sample directories (``work/``), the prebuilt Rust dependencies
-    (``rust-deps/``), the Go cache template (``go-template/``) and javac's class-data archive
-    (``java-cds/``), each built once under a file lock, and per-process compile caches
-    (``p<pid>-*/``, e.g. the Go build cache).
+    ``cache_dir`` holds the sample directories (``work/``) and what is built once under a file
+    lock and only read by samples: the prebuilt Rust dependencies (``rust-deps/``), the Go cache
+    template (``go-template/``), javac's class-data archive (``java-cds/``), and for the
+    accelerated builds the C++ precompiled header (``cpp-pch/``), the warm javac's classes
+    (``java-server/``) and the Go tools' shared inputs (``go-direct/``); plus each Sandbox's
+    own caches (``p<pid>-*/``, e.g. the Go build cache).
+
+    ``accelerated=False`` runs today's per-sample build commands (cold javac, no precompiled
+    header, ``go test``): the baseline the accelerated builds are measured and checked against.
     Default: ``$TMPDIR/octoray-sandbox-<uid>``.
     """
 
