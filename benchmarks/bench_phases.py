@@ -31,7 +31,7 @@ from octoray.evaluation import humanevalpack as hep  # noqa: E402
 from octoray.evaluation.execution import CPP_STD, SANDBOX_ROOT, Sandbox, _jvm_flags  # noqa: E402
 from octoray.evaluation.programs import build_program  # noqa: E402
 
-STAMP = "echo @phase {name} $(date +%s%N)"
+STAMP = "echo @phase {index} $(date +%s%N)"
 
 # Summarises `go test -debug-trace` inside the sandbox (the trace is the sample's own file).
 _GO_TRACE = r"""
@@ -59,16 +59,16 @@ print("@go " + json.dumps(spans))
 def _phased(steps: list[tuple[str, str]]) -> str:
     """One shell command running ``steps`` (phase name, command) in order, stamping each."""
     parts = []
-    for name, command in steps:
-        parts += [STAMP.format(name=name), command]
-    return " && ".join(parts + [STAMP.format(name="end")])
+    for index, (_, command) in enumerate(steps):
+        parts += [STAMP.format(index=index), command]
+    return " && ".join(parts + [STAMP.format(index=len(steps))])
 
 
-def _phases_from(tail: str) -> dict[str, float]:
+def _phases_from(tail: str, steps: list[tuple[str, str]]) -> dict[str, float]:
     stamps = [line.split() for line in tail.splitlines() if line.startswith("@phase ")]
     out: dict[str, float] = {}
-    for (_, name, start), (_, _, end) in zip(stamps, stamps[1:]):
-        out[name] = (int(end) - int(start)) / 1e6
+    for (_, index, start), (_, _, end) in zip(stamps, stamps[1:]):
+        out[steps[int(index)][0]] = (int(end) - int(start)) / 1e6
     for line in tail.splitlines():
         if line.startswith("@go "):
             out.update(json.loads(line[4:]))
@@ -89,6 +89,8 @@ def _steps(sb: Sandbox, language: str, root: str) -> list[tuple[str, str]]:
     if language == "rust":
         build, run = sb._command("rust", 60).split(" && ")
         return [("compile+link", build), ("run", run)]
+    if language == "go" and sb._go_direct is not None:
+        return sb._go_direct.steps(root, 60)
     if language == "go":
         trace = "go test -count=1 -timeout=60s -debug-trace=trace.json main_test.go"
         return [("go test", f"{trace} && {sys.executable} -c '{_GO_TRACE}' trace.json")]
@@ -100,11 +102,11 @@ def _measure(sb: Sandbox, language: str, problem: dict) -> dict[str, float]:
     root = SANDBOX_ROOT if sb.isolation != "none" else str(sb.cache_dir)
     if language == "java" and sb._java_compiler is not None:
         return _measure_warm_java(sb, program)
-    status, tail = sb._execute_program(language, program.filename, program.source, 120,
-                                       _phased(_steps(sb, language, root)))
+    steps = _steps(sb, language, root)
+    status, tail = sb._execute_program(language, program.filename, program.source, 120, _phased(steps))
     if status != "pass":
         raise RuntimeError(f"{problem['task_id']}: {status}: {tail[-500:]}")
-    phases = _phases_from(tail)
+    phases = _phases_from(tail, steps)
     phases.pop("go test", None)  # its parts are in the trace
     return phases
 
@@ -122,10 +124,11 @@ def _measure_warm_java(sb: Sandbox, program) -> dict[str, float]:
         compile_ms = (time.perf_counter() - started) * 1000
         if status != "ok":
             raise RuntimeError(messages)
-        status, tail = sb._run("java", workdir, 60, _phased([("run", f"java {_jvm_flags(1)} -cp . Main")]))
+        steps = [("run", f"java {_jvm_flags(1)} -cp . Main")]
+        status, tail = sb._run("java", workdir, 60, _phased(steps))
         if status != "pass":
             raise RuntimeError(tail)
-        return {"compile (warm javac)": compile_ms, **_phases_from(tail)}
+        return {"compile (warm javac)": compile_ms, **_phases_from(tail, steps)}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -455,9 +455,10 @@ class Sandbox:
         return None
 
     def _warm_go(self) -> str | None:
-        """Give this Sandbox's uid a Go build cache that already holds testify: a copy of a
-        template built once per cache dir (trusted code, under a file lock), then one sandboxed
-        trial run. Samples never write to the shared template."""
+        """Give this Sandbox's uid a Go build cache that already holds testify (for samples
+        built by go test): a copy of a template built once per cache dir (trusted code, under a
+        file lock); samples never write to the shared template. Then one sandboxed trial run:
+        through the Go tools directly when accelerated and that works, else through go test."""
         template = _go_template(self.cache_dir)
         gocache = self.private / "go-build"
         if not gocache.exists():
@@ -467,45 +468,44 @@ class Sandbox:
                     os.chown(dirpath, self.uid, self.uid)
                     for name in filenames:
                         os.chown(os.path.join(dirpath, name), self.uid, self.uid)
+        if self.accelerated and self._start_go_direct():
+            return None
         status, tail = self._execute_program("go", "main_test.go", _GO_WARM, 600)
-        if status != "pass":
-            return f"go warm-up failed ({status}): {tail[-300:]}"
-        if self.accelerated:
-            self._start_go_direct()
-        return None
+        return None if status == "pass" else f"go warm-up failed ({status}): {tail[-300:]}"
 
-    def _start_go_direct(self) -> None:
+    def _start_go_direct(self) -> bool:
         """Build Go samples without the go command from now on, once the shared part is built
-        and a trusted program passes that way; otherwise (logged) samples keep to go test."""
+        and a trusted program passes that way (True); otherwise (logged) samples keep to go test."""
         try:
             relative = go_direct.build(self.cache_dir, _go_env(str(self.cache_dir)))
             self._go_direct = go_direct.GoDirect.load(self.cache_dir, relative)
         except (OSError, subprocess.SubprocessError, RuntimeError, KeyError, ValueError) as exc:
             log.warning("sandbox: go samples use go test (%s)", exc)
-            return
+            return False
         status, tail = self._execute_program("go", "main_test.go", _GO_WARM, 600)
-        if status != "pass":
+        if status != "pass" or "PASS" not in tail:
             self._go_direct = None
             log.warning("sandbox: go samples use go test: a trusted program failed the direct "
                         "build (%s: %s)", status, tail.strip()[-300:])
+            return False
+        return True
 
     def _warm_java(self) -> str | None:
-        """Start the warm compiler and let its JIT see a few trusted compiles. A JDK without
-        the compiler API (or a server that will not start) leaves samples on cold javac."""
+        """Start the warm compiler and check it on a trusted program. A JDK without the
+        compiler API (or a server that will not start) leaves samples on cold javac."""
         try:
-            server = java_compiler.build_server(self.cache_dir, _jvm_flags(self.limits.threads))
+            server = java_compiler.build_server(self.cache_dir, _java_version(),
+                                                _jvm_flags(self.limits.threads))
         except (OSError, subprocess.SubprocessError) as exc:
             log.warning("sandbox: no warm java compiler (%s); java samples use javac", exc)
             return None
         self._java_compiler = self._start_java_compiler(server)
-        for _ in range(3):
-            status, tail = self._execute_program("java", "Main.java", _JAVA_WARM, 120)
-            if status != "pass":
-                self._java_compiler.close()
-                self._java_compiler = None
-                log.warning("sandbox: the warm java compiler failed a trusted program (%s: %s); "
-                            "java samples use javac", status, tail.strip()[-300:])
-                break
+        status, tail = self._execute_program("java", "Main.java", _JAVA_WARM, 120)
+        if status != "pass":
+            self._java_compiler.close()
+            self._java_compiler = None
+            log.warning("sandbox: the warm java compiler failed a trusted program (%s: %s); "
+                        "java samples use javac", status, tail.strip()[-300:])
         return None
 
 
@@ -555,6 +555,12 @@ _JAVA_WARM = ("import java.util.*;\nimport java.lang.*;\nimport java.math.BigInt
               "            throw new AssertionError();\n        }\n    }\n}\n")
 
 
+@functools.lru_cache(maxsize=1)
+def _java_version() -> str:
+    """``java -version``'s output, once per process (it keys what is built for one JDK)."""
+    return subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=60).stderr
+
+
 def _javac_archive(cache_dir: Path, threads: int) -> str | None:
     """A class-data-sharing archive of javac's own classes (``-XX:ArchiveClassesAtExit``),
     dumped once per cache dir and JDK under a file lock by compiling a trusted program: javac
@@ -562,8 +568,7 @@ def _javac_archive(cache_dir: Path, threads: int) -> str | None:
     sample's compile by about a third. Returns the archive's path relative to ``cache_dir``, or
     None (logged) when the JDK cannot dump one -- samples then compile without it, as before."""
     try:
-        version = subprocess.run(["java", "-version"], capture_output=True, text=True,
-                                 timeout=60).stderr
+        version = _java_version()
     except (OSError, subprocess.SubprocessError):
         return None
     # The archive is only valid for the JVM that wrote it (and those flags): key it on both.

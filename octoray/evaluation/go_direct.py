@@ -340,22 +340,28 @@ class GoDirect:
         config = json.loads((cache_dir / relative / CONFIG).read_text())
         return cls(relative, config["tooldir"], config["goversion"])
 
-    def command(self, root: str, timeout: float, go_test: str) -> str:
-        """The shell command for one sample in its directory (``root``: the cache dir as the
-        sample sees it); ``go_test`` is the plain ``go test`` the generator may hand over to."""
+    def steps(self, root: str, timeout: float) -> list[tuple[str, str]]:
+        """(phase, shell command) for one sample in its directory (``root``: the cache dir as
+        the sample sees it): generate, then the commands ``go test -x`` shows."""
         tools, version, d, b = self.tooldir, self.goversion, f"{root}/{self.relative}", BUILD_DIR
-        direct = " && ".join([
-            f"{tools}/compile -o {b}/_pkg_.a -p command-line-arguments -complete -dwarf=false "
-            f"-goversion {version} -D \"_$PWD\" -importcfg {b}/importcfg -pack ./main_test.go",
-            f"TERM=dumb {tools}/vet {VET_FLAGS} {b}/vet.cfg",
-            f"{tools}/compile -o {b}/_testmain.a -p main -complete -dwarf=false -goversion {version} "
-            f"-nolocalimports -importcfg {b}/importcfg.testmain -pack {b}/_testmain.go",
-            f"{tools}/link -o {b}/main.test -importcfg {b}/importcfg.link -s -w -buildmode=exe "
-            f"-extld=gcc {b}/_testmain.a",
-            f"{b}/main.test -test.paniconexit0 -test.timeout={int(timeout)}s -test.count=1",
-        ])
-        generate = f"{d}/{GENERATOR} {d}/{CONFIG} {root} \"$PWD/main_test.go\" \"$PWD/{b}\""
-        return f"if {generate}; then {direct}; else {go_test}; fi"
+        return [
+            ("generate", f"{d}/{GENERATOR} {d}/{CONFIG} {root} \"$PWD/main_test.go\" \"$PWD/{b}\""),
+            ("compile", f"{tools}/compile -o {b}/_pkg_.a -p command-line-arguments -complete -dwarf=false "
+                        f"-goversion {version} -D \"_$PWD\" -importcfg {b}/importcfg -pack ./main_test.go"),
+            ("vet", f"TERM=dumb {tools}/vet {VET_FLAGS} {b}/vet.cfg"),
+            ("compile test main", f"{tools}/compile -o {b}/_testmain.a -p main -complete -dwarf=false "
+                                  f"-goversion {version} -nolocalimports -importcfg {b}/importcfg.testmain "
+                                  f"-pack {b}/_testmain.go"),
+            ("link", f"{tools}/link -o {b}/main.test -importcfg {b}/importcfg.link -s -w -buildmode=exe "
+                     f"-extld=gcc {b}/_testmain.a"),
+            ("run", f"{b}/main.test -test.paniconexit0 -test.timeout={int(timeout)}s -test.count=1"),
+        ]
+
+    def command(self, root: str, timeout: float, go_test: str) -> str:
+        """The shell command for one sample; ``go_test`` is the plain ``go test`` the generator
+        hands the sample over to when it cannot prepare it exactly as go test would."""
+        (_, generate), *build = self.steps(root, timeout)
+        return f"if {generate}; then {' && '.join(command for _, command in build)}; else {go_test}; fi"
 
 
 def _template_build(tmp: Path, env: dict[str, str], staging: Path, final: Path) -> dict:

@@ -79,13 +79,11 @@ public final class OctorayJavacServer {
 """
 
 
-def build_server(cache_dir: Path, jvm_flags: str) -> str:
-    """Compile the server once per cache dir and JDK (under a file lock); returns its class
-    directory relative to ``cache_dir``. Raises CalledProcessError/OSError when javac fails."""
-    version = subprocess.run(["javac", "-version"], capture_output=True, text=True,
-                             timeout=60).stdout + subprocess.run(
-        ["java", "-version"], capture_output=True, text=True, timeout=60).stderr
-    key = hashlib.sha256(f"{version}\n{jvm_flags}\n{_SERVER_SOURCE}".encode()).hexdigest()[:16]
+def build_server(cache_dir: Path, java_version: str, jvm_flags: str) -> str:
+    """Compile the server once per cache dir and JDK (``java -version``'s output; under a file
+    lock); returns its class directory relative to ``cache_dir``. Raises
+    CalledProcessError/OSError when javac fails."""
+    key = hashlib.sha256(f"{java_version}\n{jvm_flags}\n{_SERVER_SOURCE}".encode()).hexdigest()[:16]
     relative = f"java-server/{key}"
     target = cache_dir / relative
     target.parent.mkdir(exist_ok=True)

@@ -71,6 +71,9 @@ class EvalConfig:
     flush_every: int = option(64, "results per appended Parquet part file (the resume granularity)")
     sandbox_cache: Optional[Path] = option(None, "sandbox cache dir (work dirs, prebuilt Rust deps); unset = the sandbox default in $TMPDIR")
     timeout_scale: float = option(1.0, "multiplies the per-language execution timeouts (slow or shared machines)")
+    reference_builds: bool = option(False, "build every sample with the reference harness's own commands (cold javac, "
+                                           "no precompiled C++ header, go test): the same verdicts, ~2x slower; "
+                                           "for checking a verdict (docs/execution.md)")
     ray_address: Optional[str] = option(None, "Ray cluster to connect to, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else a new local Ray)")
 
     def problems(self) -> list[str]:
@@ -148,7 +151,7 @@ def run(cfg: EvalConfig) -> Path:
     results, executed = runner.execute(
         samples, by_id, out, num_actors=cfg.num_actors, in_flight_per_actor=cfg.in_flight_per_actor,
         flush_every=cfg.flush_every, cache_dir=cfg.sandbox_cache,
-        timeout_scale=cfg.timeout_scale)
+        timeout_scale=cfg.timeout_scale, accelerated=not cfg.reference_builds)
     metrics = runner.compute_metrics(results, cfg.tasks, cfg.languages)
     atomic_write_json(out / METRICS, metrics)
     write_resolved_config(out, cfg)
