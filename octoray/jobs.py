@@ -168,13 +168,14 @@ def entrypoint(args: list[str], stage: str | None, command: str | None, working_
             raise UserError(f"give at most one CONFIG file with --stage, got {len(positional)}: {' '.join(positional)}")
         words += [*(["-c", positional[0]] if positional else []), *overrides]
     else:
-        positional, _ = split_overrides(args)
+        positional, overrides = split_overrides(args)
         if len(positional) != 1:
             raise UserError("give one CONFIG file for the pipeline (or --stage / --entrypoint), "
                             f"got {len(positional)}: {' '.join(positional) or 'none'}")
         if not Path(positional[0]).is_file():
             raise UserError(f"config file not found: {positional[0]}")
-        words = ["pipeline", *args]
+        # -c, not a positional word: a config without the .yaml suffix is still a config.
+        words = ["pipeline", "-c", positional[0], *overrides]
     return shlex.join([*LAUNCHER, words[0], *(_remote_path(w, working_dir) for w in words[1:])])
 
 

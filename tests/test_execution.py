@@ -307,6 +307,9 @@ GO_EXTRA = {  # case -> (imports before the code, code after the solution, go te
     # a package go test cannot find, and a test function with a wrong signature: left to go test
     "unknown_import": ('import "example.com/nothing"\n', "var _ = nothing.X\n", "fail"),
     "bad_signature": ("", "func TestExtra(x int) {}\n", "fail"),
+    # go test refuses an internal package the test main itself imports; //go:embed needs go test
+    "internal_import": ('import "testing/internal/testdeps"\n', "var _ = testdeps.ImportPath\n", "fail"),
+    "embed": ('import _ "embed"\n', "//go:embed main_test.go\nvar self string\n", "pass"),
 }
 
 

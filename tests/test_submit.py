@@ -38,7 +38,7 @@ def test_pipeline_entrypoint_makes_config_relative_to_the_upload(tmp_path: Path,
     (tmp_path / "jobs" / "demo.yaml").write_text("train: {}\n")
     monkeypatch.chdir(tmp_path / "jobs")  # the user runs from a sub-directory
     command = jobs.entrypoint(["demo.yaml", "lr=1e-3"], None, None, tmp_path)
-    assert command == "python -m octoray.cli pipeline jobs/demo.yaml lr=1e-3"
+    assert command == "python -m octoray.cli pipeline -c jobs/demo.yaml lr=1e-3"
 
 
 def test_stage_entrypoint_passes_the_config_as_dash_c(tmp_path: Path, monkeypatch) -> None:
@@ -77,7 +77,7 @@ def test_working_dir_none_uploads_nothing_and_keeps_paths_absolute(tmp_path: Pat
     monkeypatch.chdir(tmp_path)
     Path("c.yaml").write_text("train: {}\n")
     command = jobs.entrypoint(["c.yaml", "lr=1e-3"], None, None, None)
-    assert command == f"python -m octoray.cli pipeline {tmp_path / 'c.yaml'} lr=1e-3"
+    assert command == f"python -m octoray.cli pipeline -c {tmp_path / 'c.yaml'} lr=1e-3"
     env = jobs.runtime_env(jobs.SubmitConfig(pip=("none",), working_dir="none"), None)
     assert env == {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     assert jobs._working_dir(jobs.SubmitConfig(working_dir="none")) is None

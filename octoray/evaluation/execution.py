@@ -1,4 +1,8 @@
-"""The execution sandbox: the ONLY module in octoray that runs untrusted (model-generated) code.
+"""The execution sandbox: the only place in octoray that runs untrusted (model-generated) code.
+
+This module, with its two helpers for the accelerated builds -- ``java_compiler`` (the warm
+javac it starts inside the sandbox) and ``go_direct`` (the Go build steps it runs inside the
+sandbox) -- is all of it; nothing else in octoray starts a sample's code or its compiler.
 
 Each sample runs as its own subprocess tree in a fresh directory, under per-language wall-clock
 timeouts and rlimits, and -- where the machine allows it (util-linux ``unshare``; detected once
@@ -23,9 +27,7 @@ the same rlimits and uid drop; see docs/execution.md for exactly what is and is 
 
 from __future__ import annotations
 
-import fcntl
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +49,7 @@ from typing import Callable, Literal
 from octoray.evaluation import go_direct, java_compiler
 from octoray.evaluation.humanevalpack import LANGUAGES
 from octoray.evaluation.programs import CPP_HEADER, build_program
+from octoray.evaluation.shared_builds import build_lock, key_of
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +221,11 @@ class Sandbox:
         status, tail = self._execute_program(language, program.filename, program.source, timeout)
         return ExecutionResult(status, tail, time.monotonic() - start)
 
+    @property
+    def _root(self) -> str:
+        """The cache dir as samples see it."""
+        return SANDBOX_ROOT if self.isolation != "none" else str(self.cache_dir)
+
     def toolchain_problem(self, language: str) -> str | None:
         """What this sandbox lacks to run ``language`` (one line), or None once its toolchain is
         probed and its dependency caches are warm; the answer is kept for the Sandbox's life."""
@@ -246,7 +254,7 @@ class Sandbox:
 
     def _command(self, language: str, timeout: float) -> str:
         """Shell command run in the sample's directory (paths as seen inside the sandbox)."""
-        root = SANDBOX_ROOT if self.isolation != "none" else str(self.cache_dir)
+        root = self._root
         if language == "python":
             return f"{shlex.quote(sys.executable)} -I -B test.py"
         if language == "js":
@@ -265,7 +273,7 @@ class Sandbox:
             # ``-include`` of the precompiled CPP_HEADER, which every program starts with: the
             # compiler state after it equals the state after the program's own first lines,
             # which then re-include nothing (include guards).
-            pch = f"-include {root}/{self._cpp_header} " if self._cpp_header else ""
+            pch = f"-include {shlex.quote(f'{root}/{self._cpp_header}')} " if self._cpp_header else ""
             return f"g++ {CPP_STD} {pch}test.cpp -lcrypto -lssl -o test && ./test"
         if language == "rust":
             deps = f"{root}/rust-deps/target/debug/deps"
@@ -277,12 +285,8 @@ class Sandbox:
 
     def _env(self, language: str, workdir_inside: str) -> dict[str, str]:
         """The whole environment of a sample: nothing of ours leaks in."""
-        root = SANDBOX_ROOT if self.isolation != "none" else str(self.cache_dir)
-        path = ["/usr/local/bin", "/usr/bin", "/bin"]
-        sysroot = _rust_sysroot()
-        if sysroot:
-            path.insert(0, f"{sysroot}/bin")
-        env = {"PATH": ":".join(path), "HOME": workdir_inside, "TMPDIR": workdir_inside,
+        root = self._root
+        env = {"PATH": _sample_path(), "HOME": workdir_inside, "TMPDIR": workdir_inside,
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         threads = str(self.limits.threads)
         env.update(OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
@@ -300,14 +304,19 @@ class Sandbox:
     def _run_java(self, workdir: Path, timeout: float) -> tuple[Status, str]:
         """``javac Main.java && java … Main`` with the compile done by the warm compiler; the
         program runs as a cold ``java`` in its own sandbox, within what is left of ``timeout``."""
-        started = time.monotonic()
         try:
-            compiled, messages = self._java_compiler.compile(workdir, timeout)
+            self._java_compiler.ensure_running()  # a (re)start is not the sample's time
         except RuntimeError as exc:  # no compiler process starts: back to cold javac for good
             log.warning("sandbox: %s; java samples use javac from now on", exc)
             self._java_compiler = None
             return self._run("java", workdir, timeout)
+        started = time.monotonic()
+        compiled, messages = self._java_compiler.compile(workdir, timeout)
         (workdir / java_compiler.MESSAGES).unlink(missing_ok=True)  # javac leaves no such file
+        if compiled == "crashed":
+            # The compiler JVM died (this sample, or the OOM killer, or ...): cold javac gives
+            # the reference verdict, within what is left of the budget.
+            return self._run("java", workdir, timeout - (time.monotonic() - started))
         if compiled != "ok":
             return ("timeout" if compiled == "timeout" else "fail"), messages[-TAIL_CHARS:]
         left = timeout - (time.monotonic() - started)
@@ -319,29 +328,41 @@ class Sandbox:
 
     def _start_java_compiler(self, server_classes: str) -> java_compiler.JavaCompiler:
         """A warm javac in its own sandbox (namespaces, uid, rlimits), compiling samples in
-        ``work/``; its stderr goes to ``p<pid>-*/javac-server.log``."""
-        root = SANDBOX_ROOT if self.isolation != "none" else str(self.cache_dir)
-        home = self.cache_dir / "work" / f"javac-{self.private.name}"  # the server's own cwd
-        command = (f"exec java {_jvm_flags(self.limits.threads)} -cp {root}/{server_classes} "
-                   f"{java_compiler.SERVER_CLASS} {root}/work")
+        ``work/``; its stderr goes to ``javac-p<pid>-*.log`` in the cache dir, where samples
+        cannot write (it is opened by us, and never through a link)."""
+        root = self._root
+        name = f"javac-{self.private.name}"
+        home = self.cache_dir / "work" / name  # the server's own cwd
+        log_path = self.cache_dir / f"{name}.log"
+        # No attach API: a process of the same uid must not be able to drive the compiler JVM.
+        command = (f"exec java {_jvm_flags(self.limits.threads)} -XX:+DisableAttachMechanism "
+                   f"-cp {shlex.quote(f'{root}/{server_classes}')} {java_compiler.SERVER_CLASS} "
+                   f"{shlex.quote(f'{root}/work')}")
 
         def start() -> subprocess.Popen:
             home.mkdir(exist_ok=True)
             if self.uid is not None:
                 os.chown(home, self.uid, self.uid)
-            with open(self.private / "javac-server.log", "ab") as log_file:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+            try:
                 # CPU backstop for the whole life of the process; each compile has its wall clock.
                 return self._popen("java", home, command, cpu_s=3600, stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=log_file)
+                                   stdout=subprocess.PIPE, stderr=fd)
+            finally:
+                os.close(fd)
 
         def stop(proc: subprocess.Popen) -> None:
-            for pipe in (proc.stdin, proc.stdout):
-                pipe.close()
             _kill_group(proc)
+            for pipe in (proc.stdin, proc.stdout):
+                try:
+                    pipe.close()
+                except OSError:  # a flush into the dead process's pipe
+                    pass
 
         compiler = java_compiler.JavaCompiler(start, stop)
         weakref.finalize(self, compiler.close)
-        weakref.finalize(self, shutil.rmtree, home, True)
+        for leftover in (home, self.cache_dir / "work" / f"{READY}{name}", log_path):
+            weakref.finalize(self, _remove, leftover)
         return compiler
 
     # -- the subprocess -----------------------------------------------------------------------
@@ -434,7 +455,8 @@ class Sandbox:
                     problem = self._warm_go()
                 if problem is None and language == "java":
                     self._javac_archive = _javac_archive(self.cache_dir, self.limits.threads)
-                if problem is None and language == "java" and self.accelerated:
+                if problem is None and language == "java" and self.accelerated \
+                        and self.isolation != "none":  # the compiler needs its own namespaces
                     problem = self._warm_java()
                 if problem is None and language == "cpp" and self.accelerated:
                     self._cpp_header = _cpp_precompiled_header(self.cache_dir)
@@ -479,8 +501,8 @@ class Sandbox:
         try:
             relative = go_direct.build(self.cache_dir, _go_env(str(self.cache_dir)))
             self._go_direct = go_direct.GoDirect.load(self.cache_dir, relative)
-        except (OSError, subprocess.SubprocessError, RuntimeError, KeyError, ValueError) as exc:
-            log.warning("sandbox: go samples use go test (%s)", exc)
+        except Exception as exc:  # noqa: BLE001 - a speed-up only: any failure leaves go test
+            log.warning("sandbox: go samples use go test (%s: %s)", type(exc).__name__, exc)
             return False
         status, tail = self._execute_program("go", "main_test.go", _GO_WARM, 600)
         if status != "pass" or "PASS" not in tail:
@@ -516,12 +538,11 @@ _GO_WARM = ('package main\n\nimport (\n    "testing"\n'
 
 def _go_template(cache_dir: Path) -> Path:
     """A Go build cache with testify compiled, built once per cache dir under a file lock."""
-    template = cache_dir / "go-template"
-    with open(cache_dir / "go-template.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with build_lock(cache_dir, "go-template") as template:
         if (template / "READY").is_file():
             return template
-        shutil.rmtree(template, ignore_errors=True)
+        for entry in template.iterdir():  # a build killed half-way
+            _remove(entry)
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             Path(tmp, "main_test.go").write_text(_GO_WARM)
             env = {**_go_env(tmp), "GOCACHE": str(template)}
@@ -533,10 +554,25 @@ def _go_template(cache_dir: Path) -> Path:
         return template
 
 
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _go_env(home: str) -> dict[str, str]:
-    """The Go environment of trusted builds: GOPATH mode, as the samples run."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "GO111MODULE": "off",
-            "GOPATH": GOPATH, "GOENV": "off", "GOTOOLCHAIN": "local"}
+    """The Go environment of trusted builds: GOPATH mode and the samples' PATH (the same go)."""
+    return {"PATH": _sample_path(), "HOME": home, "GO111MODULE": "off", "GOPATH": GOPATH,
+            "GOENV": "off", "GOTOOLCHAIN": "local"}
+
+
+def _sample_path() -> str:
+    """PATH of every sample, and of the trusted builds whose results samples use."""
+    path = ["/usr/local/bin", "/usr/bin", "/bin"]
+    sysroot = _rust_sysroot()
+    return ":".join([f"{sysroot}/bin", *path] if sysroot else path)
 
 
 def _jvm_flags(threads: int) -> str:
@@ -572,13 +608,9 @@ def _javac_archive(cache_dir: Path, threads: int) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     # The archive is only valid for the JVM that wrote it (and those flags): key it on both.
-    key = hashlib.sha256(f"{version}\n{_jvm_flags(threads)}".encode()).hexdigest()[:16]
-    relative = f"java-cds/javac-{key}.jsa"
+    relative = f"java-cds/javac-{key_of(version, _jvm_flags(threads))}.jsa"
     archive = cache_dir / relative
-    archive.parent.mkdir(exist_ok=True)
-    os.chmod(archive.parent, 0o755)
-    with open(cache_dir / "java-cds.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with build_lock(cache_dir, "java-cds"):
         if archive.is_file():
             return relative
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
@@ -608,32 +640,35 @@ def _cpp_precompiled_header(cache_dir: Path) -> str | None:
     compile without it, as before. A stale or foreign .gch is ignored by g++ itself, which then
     reads ``header.h`` as text: the same program, only slower."""
     try:
-        version = subprocess.run(["g++", "--version"], capture_output=True, text=True,
-                                 timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
+        return _build_cpp_precompiled_header(cache_dir)
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        log.warning("sandbox: no C++ precompiled header (%s); cpp samples compile without it", exc)
         return None
+
+
+def _build_cpp_precompiled_header(cache_dir: Path) -> str:
+    # The samples' environment: no CPATH & co. of ours baked into the header.
+    env = {"PATH": _sample_path(), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    version = subprocess.run(["g++", "--version"], capture_output=True, text=True, env=env,
+                             timeout=60).stdout
     header = "\n".join(CPP_HEADER) + "\n"
-    key = hashlib.sha256(f"{version}\n{CPP_STD}\n{header}".encode()).hexdigest()[:16]
-    relative = f"cpp-pch/{key}/header.h"
+    relative = f"cpp-pch/{key_of(version, CPP_STD, header)}/header.h"
     target = cache_dir / relative
-    with open(cache_dir / "cpp-pch.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with build_lock(cache_dir, "cpp-pch"):
         if Path(f"{target}.gch").is_file():
             return relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for directory in (target.parent.parent, target.parent):
-            os.chmod(directory, 0o755)
-        target.write_text(header)
-        partial = target.parent / "partial.gch"  # written in full, then renamed into place
-        res = subprocess.run(["g++", CPP_STD, "-x", "c++-header", str(target), "-o", str(partial)],
-                             capture_output=True, text=True, timeout=300)
-        if res.returncode != 0:
-            log.warning("sandbox: no C++ precompiled header (%s); cpp samples compile without it",
-                        (res.stdout + res.stderr).strip()[-200:])
-            return None
-        os.chmod(target, 0o444)
-        os.chmod(partial, 0o444)
-        os.replace(partial, f"{target}.gch")
+        target.parent.mkdir(exist_ok=True)
+        os.chmod(target.parent, 0o755)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            text, gch = Path(tmp, "header.h"), Path(tmp, "header.h.gch")
+            text.write_text(header)
+            res = subprocess.run(["g++", CPP_STD, "-x", "c++-header", str(text), "-o", str(gch)],
+                                 capture_output=True, text=True, env=env, timeout=300)
+            if res.returncode != 0:
+                raise RuntimeError((res.stdout + res.stderr).strip()[-200:])
+            for path in (text, gch):  # the text first: the .gch's presence says "done"
+                os.chmod(path, 0o444)
+                os.replace(path, target.parent / path.name)
         return relative
 
 
@@ -843,11 +878,8 @@ def _rust_deps(cache_dir: Path) -> list[str]:
     """Build rand/regex/md5 once per cache dir (trusted Debian sources, under a file lock) and
     return ``--extern name=@ROOT@/...rlib`` specs; samples then compile with plain rustc
     against these read-only rlibs -- no cargo, no per-sample dependency rebuild."""
-    deps = cache_dir / "rust-deps"
-    ready = deps / "externs.json"
-    deps.mkdir(exist_ok=True)
-    with open(cache_dir / "rust-deps.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with build_lock(cache_dir, "rust-deps") as deps:
+        ready = deps / "externs.json"
         if ready.is_file():
             return json.loads(ready.read_text())
         env = _write_rust_project(deps)

@@ -20,16 +20,17 @@ does not know, benchmarks or fuzz targets, a test function with a wrong signatur
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from octoray.evaluation.shared_builds import build_lock, key_of
 
 # cmd/go's defaultVetFlags (go1.19 cmd/go/internal/test/test.go): the analyzers go test runs.
 VET_FLAGS = "-atomic -bool -buildtags -errorsas -ifaceassert -nilfunc -printf -stringintconv"
@@ -69,9 +70,10 @@ type pkg struct {
 }
 
 type config struct {
-	Packages map[string]pkg `json:"packages"`
-	Link     []string       `json:"link"`
-	Modinfo  string         `json:"modinfo"`
+	Packages map[string]pkg    `json:"packages"` // what a sample may import
+	Testmain map[string]string `json:"testmain"` // the test main's imports -> export data
+	Link     []string          `json:"link"`
+	Modinfo  string            `json:"modinfo"`
 }
 
 type testFunc struct {
@@ -99,8 +101,8 @@ func main() {
 	for _, spec := range f.Imports {
 		path, err := strconv.Unquote(spec.Path.Value)
 		known, ok := cfg.Packages[path]
-		if err != nil || !ok {
-			os.Exit(useGoTest) // "C" (cgo), a missing package, a local import ...
+		if err != nil || !ok || path == "embed" {
+			os.Exit(useGoTest) // "C" (cgo), a missing package, a local import, //go:embed ...
 		}
 		imports[path] = known
 	}
@@ -119,7 +121,7 @@ func main() {
 	}
 	testmainCfg.WriteString("# import config\n")
 	for _, p := range []string{"os", "reflect", "testing", "testing/internal/testdeps"} {
-		fmt.Fprintf(&testmainCfg, "packagefile %s=%s\n", p, cfg.Packages[p].Export)
+		fmt.Fprintf(&testmainCfg, "packagefile %s=%s\n", p, cfg.Testmain[p])
 	}
 	self := filepath.Join(out, "_pkg_.a")
 	if importTest {
@@ -300,13 +302,9 @@ def build(cache_dir: Path, env: dict[str, str]) -> str:
     ``cache_dir``. Raises RuntimeError (or OSError/SubprocessError) when any step fails."""
     version = _go(["go", "version"], env, cache_dir).strip()
     tooldir = _go(["go", "env", "GOTOOLDIR"], env, cache_dir).strip()
-    key = hashlib.sha256(f"{version}\n{tooldir}\n{GENERATOR_SOURCE}".encode()).hexdigest()[:16]
-    relative = f"go-direct/{key}"
+    relative = f"go-direct/{key_of(version, tooldir, _tree_state(env['GOPATH']), GENERATOR_SOURCE)}"
     target = cache_dir / relative
-    target.parent.mkdir(exist_ok=True)
-    os.chmod(target.parent, 0o755)
-    with open(cache_dir / "go-direct.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with build_lock(cache_dir, "go-direct"):
         if (target / CONFIG).is_file():
             return relative
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
@@ -343,9 +341,10 @@ class GoDirect:
     def steps(self, root: str, timeout: float) -> list[tuple[str, str]]:
         """(phase, shell command) for one sample in its directory (``root``: the cache dir as
         the sample sees it): generate, then the commands ``go test -x`` shows."""
-        tools, version, d, b = self.tooldir, self.goversion, f"{root}/{self.relative}", BUILD_DIR
+        tools, version, b = shlex.quote(self.tooldir), self.goversion, BUILD_DIR
+        generator, config = (shlex.quote(f"{root}/{self.relative}/{name}") for name in (GENERATOR, CONFIG))
         return [
-            ("generate", f"{d}/{GENERATOR} {d}/{CONFIG} {root} \"$PWD/main_test.go\" \"$PWD/{b}\""),
+            ("generate", f"{generator} {config} {shlex.quote(root)} \"$PWD/main_test.go\" \"$PWD/{b}\""),
             ("compile", f"{tools}/compile -o {b}/_pkg_.a -p command-line-arguments -complete -dwarf=false "
                         f"-goversion {version} -D \"_$PWD\" -importcfg {b}/importcfg -pack ./main_test.go"),
             ("vet", f"TERM=dumb {tools}/vet {VET_FLAGS} {b}/vet.cfg"),
@@ -384,13 +383,18 @@ def _template_build(tmp: Path, env: dict[str, str], staging: Path, final: Path) 
     if res.returncode != 0:
         raise RuntimeError(f"go test of the template failed: {(res.stdout + res.stderr)[-300:]}")
     log = res.stderr
-    work = re.search(r"^WORK=(\S+)$", log, re.M).group(1)
+    found = re.search(r"^WORK=(\S+)$", log, re.M)
+    if found is None:
+        raise RuntimeError("go test -x printed no WORK directory")
+    work = found.group(1)
     try:
         blocks = {path: text.replace("$WORK", work) for path, text in
                   re.findall(r"^cat >(\S+) << 'EOF' # internal\n(.*?)^EOF\n", log, re.M | re.S)}
-        vet = next(json.loads(text) for path, text in blocks.items()
-                   if path.endswith("vet.cfg") and '"ImportPath": "command-line-arguments"' in text)
-        link = next(text for path, text in blocks.items() if path.endswith("importcfg.link"))
+        vet = next((json.loads(text) for path, text in blocks.items()
+                    if path.endswith("vet.cfg") and '"ImportPath": "command-line-arguments"' in text), None)
+        link = next((text for path, text in blocks.items() if path.endswith("importcfg.link")), None)
+        if vet is None or link is None:
+            raise RuntimeError("go test -x printed no vet.cfg or importcfg.link for the template")
         copies: dict[str, str] = {}
 
         def stable(path: str) -> str:
@@ -404,7 +408,7 @@ def _template_build(tmp: Path, env: dict[str, str], staging: Path, final: Path) 
                 return copies[path]
             return path
 
-        config = {"packages": {}, "link": [], "modinfo": ""}
+        config: dict = {"packages": {}, "testmain": {}, "link": [], "modinfo": ""}
         for name, export in vet["PackageFile"].items():
             vetx = vet["PackageVetx"].get(name, "")
             config["packages"][name] = {"export": stable(export), "vetx": stable(vetx) if vetx else "",
@@ -415,13 +419,28 @@ def _template_build(tmp: Path, env: dict[str, str], staging: Path, final: Path) 
                 config["link"].append(f"packagefile {name}={stable(path)}")
             elif line.startswith("modinfo "):
                 config["modinfo"] = line
-        missing = {"os", "reflect", "testing", "testing/internal/testdeps"} - set(config["packages"])
-        for name in sorted(missing):  # the test main's own imports
-            export = next(line.partition("=")[2] for line in config["link"] if line.startswith(f"packagefile {name}="))
-            config["packages"][name] = {"export": export, "vetx": "", "standard": True}
+        linked = dict(line[len("packagefile "):].partition("=")[::2] for line in config["link"])
+        for name in ("os", "reflect", "testing", "testing/internal/testdeps"):  # the test main's
+            if name not in linked:
+                raise RuntimeError(f"the template's link config lacks {name}")
+            config["testmain"][name] = linked[name]
         return config
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _tree_state(root: str) -> str:
+    """Names, sizes and modification times of the files under ``root`` (the GOPATH packages):
+    an upgraded testify makes a new key, not stale export data."""
+    entries = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                info = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            entries.append(f"{dirpath}/{name}:{info.st_size}:{info.st_mtime_ns}")
+    return key_of(*sorted(entries))
 
 
 def _importable(name: str) -> bool:

@@ -22,10 +22,9 @@ same output (only their file names are absolute).
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
 import select
+import stat
 import subprocess
 import tempfile
 import threading
@@ -33,7 +32,9 @@ import time
 from pathlib import Path
 from typing import Callable, Literal
 
-CompileStatus = Literal["ok", "fail", "timeout"]
+from octoray.evaluation.shared_builds import build_lock, key_of
+
+CompileStatus = Literal["ok", "fail", "timeout", "crashed"]
 
 SERVER_CLASS = "OctorayJavacServer"
 MESSAGES = ".javac-messages"  # javac's output, written by the server into the sample directory
@@ -83,13 +84,9 @@ def build_server(cache_dir: Path, java_version: str, jvm_flags: str) -> str:
     """Compile the server once per cache dir and JDK (``java -version``'s output; under a file
     lock); returns its class directory relative to ``cache_dir``. Raises
     CalledProcessError/OSError when javac fails."""
-    key = hashlib.sha256(f"{java_version}\n{jvm_flags}\n{_SERVER_SOURCE}".encode()).hexdigest()[:16]
-    relative = f"java-server/{key}"
+    relative = f"java-server/{key_of(java_version, jvm_flags, _SERVER_SOURCE)}"
     target = cache_dir / relative
-    target.parent.mkdir(exist_ok=True)
-    os.chmod(target.parent, 0o755)
-    with open(cache_dir / "java-server.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with build_lock(cache_dir, "java-server"):
         if (target / f"{SERVER_CLASS}.class").is_file():
             return relative
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
@@ -116,9 +113,15 @@ class JavaCompiler:
         self._compiles = 0
         self._lock = threading.Lock()  # one request on the pipe at a time
 
+    def ensure_running(self) -> None:
+        """Start the compiler process if none is running. Raises RuntimeError when it will not."""
+        with self._lock:
+            self._running()
+
     def compile(self, sample_dir: Path, timeout: float) -> tuple[CompileStatus, str]:
-        """Compile ``sample_dir/Main.java`` within ``timeout`` seconds; returns the status and
-        javac's messages. Raises RuntimeError when no compiler process can be started."""
+        """Compile ``sample_dir/Main.java`` within ``timeout`` seconds; returns the status
+        ("crashed": the compiler process died, the verdict is not known) and javac's messages.
+        Raises RuntimeError when no compiler process can be started."""
         with self._lock:
             return self._compile(sample_dir, timeout)
 
@@ -136,9 +139,7 @@ class JavaCompiler:
             self.close()
             if time.monotonic() >= deadline:
                 return "timeout", messages
-            # The compiler died under this sample (e.g. out of memory): a cold javac would have
-            # failed the same way.
-            return "fail", messages + f"\njava compiler stopped: {(answer or 'no answer').strip()}"
+            return "crashed", messages + f"\njava compiler stopped: {(answer or 'no answer').strip()}"
         self._compiles += 1
         if self._compiles >= COMPILES_PER_SERVER:
             self.close()
@@ -165,10 +166,12 @@ class JavaCompiler:
 def _read_line(proc: subprocess.Popen, deadline: float) -> str | None:
     """One line from ``proc``'s stdout, or None at EOF or when ``deadline`` passes."""
     fd = proc.stdout.fileno()
+    poller = select.poll()  # not select.select: a long-lived worker's fds may pass 1024
+    poller.register(fd, select.POLLIN)
     line = b""
     while not line.endswith(b"\n"):
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0 or not poller.poll(left * 1000):
             return None
         chunk = os.read(fd, 1)  # byte by byte: never read past the answer
         if not chunk:
@@ -178,7 +181,15 @@ def _read_line(proc: subprocess.Popen, deadline: float) -> str | None:
 
 
 def _read_text(path: Path) -> str:
+    """The end of a file the compiler (the sample's uid) wrote: never through a link, never a
+    FIFO or device that would block or leak another file into the results."""
     try:
-        return path.read_bytes()[-4000:].decode("utf-8", errors="replace")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return ""
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        size = os.fstat(fd).st_size
+        file.seek(max(0, size - 4000))
+        return file.read(4000).decode("utf-8", errors="replace")
