@@ -42,42 +42,8 @@ MESSAGES = ".javac-messages"  # javac's output, written by the server into the s
 # its RLIMIT_CPU); restarting costs one cold compile.
 COMPILES_PER_SERVER = 400
 
-# Reads sample directory names (one per line, relative to args[0]) and compiles each one's
-# Main.java like `javac Main.java` run there; answers with the exit code. Trusted code of ours.
-_SERVER_SOURCE = r"""
-import java.io.*;
-import java.nio.charset.StandardCharsets;
-import javax.tools.JavaCompiler;
-import javax.tools.ToolProvider;
-
-public final class OctorayJavacServer {
-    public static void main(String[] args) throws IOException {
-        JavaCompiler javac = ToolProvider.getSystemJavaCompiler();
-        BufferedReader requests = new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
-        PrintStream answers = new PrintStream(new FileOutputStream(FileDescriptor.out), true, "UTF-8");
-        System.setOut(System.err);  // only answers go to the pipe
-        answers.println("ready");
-        String name;
-        while ((name = requests.readLine()) != null) {
-            if (name.isEmpty() || name.contains("/") || name.startsWith(".")) {
-                answers.println("bad-request");
-                continue;
-            }
-            String dir = args[0] + "/" + name;
-            int code;
-            try (OutputStream messages = new FileOutputStream(dir + "/.javac-messages")) {
-                code = javac.run(null, messages, messages,
-                                 "-proc:none", "-cp", dir, "-d", dir, dir + "/Main.java");
-            } catch (Throwable failure) {  // out of memory, stack overflow: this JVM is done
-                answers.println("crashed " + failure);
-                System.exit(1);
-                return;
-            }
-            answers.println(code);
-        }
-    }
-}
-"""
+# The compiler process's source (trusted, ours): OctorayJavacServer.java beside this module.
+_SERVER_SOURCE = Path(__file__).with_name(f"{SERVER_CLASS}.java").read_text()
 
 
 def build_server(cache_dir: Path, java_version: str, jvm_flags: str) -> str:
