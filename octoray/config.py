@@ -229,16 +229,6 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def help_lines(cls: type) -> list[str]:
-    """``key (type, default): help`` for each field, for ``--help`` epilogs and docs."""
-    hints = typing.get_type_hints(cls)
-    lines = []
-    for f in dataclasses.fields(cls):
-        type_name = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
-        lines.append(f"  {f.name} ({type_name}, default {f.default!r}): {f.metadata.get('help', '')}")
-    return lines
-
-
 def _coerce(value: Any, hint: Any) -> Any:
     """Convert a YAML value to the annotated type, or raise ValueError saying what was expected."""
     origin = typing.get_origin(hint)

@@ -38,8 +38,8 @@ BUILD_DIR = "go-build-octoray"  # in the sample's directory, as go test's own $G
 CONFIG = "direct.json"
 GENERATOR = "octoray-gotest"
 
-# Our generator's source (Go), built once per cache dir with the rest of the shared part.
-GENERATOR_SOURCE = Path(__file__).with_name("gotest_generator.go").read_text()
+# Our generator (Go), built once per cache dir with the rest of the shared part.
+GENERATOR_SOURCE = Path(__file__).with_name("gotest_generator.go")
 
 
 def build(cache_dir: Path, env: dict[str, str]) -> str:
@@ -48,7 +48,7 @@ def build(cache_dir: Path, env: dict[str, str]) -> str:
     ``cache_dir``. Raises RuntimeError (or OSError/SubprocessError) when any step fails."""
     version = _go(["go", "version"], env, cache_dir).strip()
     tooldir = _go(["go", "env", "GOTOOLDIR"], env, cache_dir).strip()
-    relative = f"go-direct/{key_of(version, tooldir, _tree_state(env['GOPATH']), GENERATOR_SOURCE)}"
+    relative = f"go-direct/{key_of(version, tooldir, _tree_state(env['GOPATH']), GENERATOR_SOURCE.read_text())}"
     target = cache_dir / relative
     with build_lock(cache_dir, "go-direct"):
         if (target / CONFIG).is_file():
@@ -61,8 +61,7 @@ def build(cache_dir: Path, env: dict[str, str]) -> str:
             config["tooldir"] = tooldir
             config["goversion"] = version.split()[2]
             (staging / CONFIG).write_text(json.dumps(config, indent=1))
-            (Path(tmp) / "gen.go").write_text(GENERATOR_SOURCE)
-            _go(["go", "build", "-o", str(staging / GENERATOR), "gen.go"], build_env, Path(tmp))
+            _go(["go", "build", "-o", str(staging / GENERATOR), str(GENERATOR_SOURCE)], build_env, Path(tmp))
             for dirpath, _, filenames in os.walk(staging):  # readable, not writable, by samples
                 os.chmod(dirpath, 0o755)
                 for name in filenames:

@@ -42,24 +42,22 @@ MESSAGES = ".javac-messages"  # javac's output, written by the server into the s
 # its RLIMIT_CPU); restarting costs one cold compile.
 COMPILES_PER_SERVER = 400
 
-# The compiler process's source (trusted, ours): OctorayJavacServer.java beside this module.
-_SERVER_SOURCE = Path(__file__).with_name(f"{SERVER_CLASS}.java").read_text()
+# The compiler process's source (trusted, ours), beside this module.
+_SERVER_SOURCE = Path(__file__).with_name(f"{SERVER_CLASS}.java")
 
 
 def build_server(cache_dir: Path, java_version: str, jvm_flags: str) -> str:
     """Compile the server once per cache dir and JDK (``java -version``'s output; under a file
     lock); returns its class directory relative to ``cache_dir``. Raises
     CalledProcessError/OSError when javac fails."""
-    relative = f"java-server/{key_of(java_version, jvm_flags, _SERVER_SOURCE)}"
+    relative = f"java-server/{key_of(java_version, jvm_flags, _SERVER_SOURCE.read_text())}"
     target = cache_dir / relative
     with build_lock(cache_dir, "java-server"):
         if (target / f"{SERVER_CLASS}.class").is_file():
             return relative
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            Path(tmp, f"{SERVER_CLASS}.java").write_text(_SERVER_SOURCE)
-            subprocess.run(["javac", "-d", tmp, f"{SERVER_CLASS}.java"], cwd=tmp, check=True,
+            subprocess.run(["javac", "-d", tmp, str(_SERVER_SOURCE)], cwd=tmp, check=True,
                            capture_output=True, timeout=300)
-            Path(tmp, f"{SERVER_CLASS}.java").unlink()
             for path in (Path(tmp), *Path(tmp).iterdir()):
                 os.chmod(path, 0o755 if path.is_dir() else 0o444)
             os.replace(tmp, target)
@@ -154,8 +152,8 @@ def _read_text(path: Path) -> str:
     except OSError:
         return ""
     with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             return ""
-        size = os.fstat(fd).st_size
-        file.seek(max(0, size - 4000))
+        file.seek(max(0, info.st_size - 4000))
         return file.read(4000).decode("utf-8", errors="replace")
