@@ -65,13 +65,14 @@ class DataSummary:
 def summarize(shards: Iterable[Any]) -> DataSummary:
     """Row, language, license and repository counts of Parquet ``shards`` (paths or object-store
     locations), column-wise."""
-    from octoray.outputs import parquet_file, read_parquet
+    from octoray.outputs import parquet_file
 
     rows, langs, licenses, repos = 0, Counter(), Counter(), Counter()
     repo_license: dict[str, str] = {}
     for shard in shards:
-        wanted = [c for c in ("lang", "license", "repo") if c in parquet_file(shard).schema_arrow.names]
-        table = read_parquet(shard, columns=wanted)
+        parquet = parquet_file(shard)  # one open, one footer read
+        wanted = [c for c in ("lang", "license", "repo") if c in parquet.schema_arrow.names]
+        table = parquet.read(columns=wanted)
         rows += table.num_rows
         for name, counter in (("lang", langs), ("license", licenses)):
             if name in wanted:

@@ -33,8 +33,8 @@ from octoray import dataset_card, layout, subjects
 from octoray.config import option, to_dict
 from octoray.errors import UserError
 from octoray.evaluation.humanevalpack import LANGUAGES
-from octoray.outputs import (RESOLVED_CONFIG, STATS, atomic_write_json, atomic_write_text, is_complete, iter_jsonl,
-                             parquet_file, read_manifest, require_stage_output, stage_listing, write_manifest,
+from octoray.outputs import (RESOLVED_CONFIG, STATS, atomic_write_json, atomic_write_text, iter_jsonl,
+                             manifest_complete, parquet_file, read_manifest, require_stage_output, stage_listing, write_manifest,
                              write_parquet_atomic, write_resolved_config)
 from octoray.progress import progress_bar
 from octoray.storage import Location, display, fs_path, location, rmtree
@@ -140,8 +140,8 @@ def run(cfg: FilterConfig) -> Location:
     if sum(expected.values()) == 0:
         raise UserError(f"{in_dir} holds no commits: nothing to filter")
     source = {"dir": display(in_dir), "rows": in_manifest.get("rows"), "started_at": in_manifest.get("started_at")}
-    if is_complete(out, STAGE):
-        previous = read_manifest(out) or {}
+    previous = read_manifest(out)
+    if manifest_complete(previous, STAGE):
         if (_result_config(previous.get("config", {})) == _result_config(to_dict(cfg))
                 and previous.get("inputs", {}).get("commits") == source):
             print(f"octoray filter: {out} is already complete ({previous.get('rows', 0)} rows); nothing to do")

@@ -43,8 +43,8 @@ from octoray.languages import LanguageTable, language_table
 from octoray.licenses import LICENSE_FILE_NAMES, PERMISSIVE, classify_license
 from octoray.raylocal import ensure_ray, unreserved_ray_data
 from octoray.node_types import cluster_capacity, require_feasible
-from octoray.outputs import (STATS, atomic_write_json, atomic_write_text, is_complete, read_manifest, read_parquet,
-                             stage_listing, write_manifest, write_parquet_atomic, write_resolved_config)
+from octoray.outputs import (STATS, atomic_write_json, atomic_write_text, manifest_complete, read_manifest,
+                             read_parquet, stage_listing, write_manifest, write_parquet_atomic, write_resolved_config)
 from octoray.progress import progress_bar
 from octoray.shared_storage import require_shared_storage
 from octoray.storage import Location, ObjectPath, copy_file, location, rmtree, scratch_dir
@@ -145,7 +145,7 @@ def run(cfg: MineConfig) -> Location:
     sources = resolve_sources(cfg.sources)
     language_table(cfg.languages_file)  # fail fast on a bad languages file, before Ray starts
     previous = read_manifest(out)
-    if (is_complete(out, STAGE) and previous and previous.get("sources") == [s.spec for s in sources]
+    if (manifest_complete(previous, STAGE) and previous.get("sources") == [s.spec for s in sources]
             and not previous.get("failed_repos")):
         print(f"octoray mine: {out} is already complete ({previous['rows']} rows); nothing to do")
         return out

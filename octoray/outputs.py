@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from octoray import __version__
 from octoray.config import dump_yaml, to_dict
 from octoray.errors import UserError
-from octoray.storage import Location, ObjectPath, upload_file
+from octoray.storage import Location, ObjectPath, fs_path, location, upload_file
 
 MANIFEST = "manifest.json"
 STATS = "stats.json"
@@ -93,8 +93,6 @@ def read_parquet(path: Location, columns: list[str] | None = None) -> Any:
     """One Parquet file as a pyarrow Table, from any location."""
     import pyarrow.parquet as pq
 
-    from octoray.storage import fs_path
-
     fs, where = fs_path(path)
     return pq.read_table(where, columns=columns, filesystem=fs)
 
@@ -102,8 +100,6 @@ def read_parquet(path: Location, columns: list[str] | None = None) -> Any:
 def parquet_file(path: Location) -> Any:
     """A ``pyarrow.parquet.ParquetFile`` (metadata, schema) for any location."""
     import pyarrow.parquet as pq
-
-    from octoray.storage import fs_path
 
     fs, where = fs_path(path)
     return pq.ParquetFile(fs.open_input_file(where))
@@ -128,39 +124,36 @@ def stage_listing(stage_dir: Location) -> list[str]:
 def read_json(path: Location) -> Any:
     """Read a JSON file, with a one-line error when it is missing or broken."""
     try:
-        return json.loads(_loc(path).read_text(encoding="utf-8"))
+        return json.loads(location(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"missing file: {path}") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
 
 
-def _loc(path: Location | str) -> Location:
-    from octoray.storage import location
-
-    return location(path)
-
-
 def read_manifest(out_dir: Location) -> dict[str, Any] | None:
     """The manifest of a stage directory, or None when there is none (yet)."""
-    path = _loc(out_dir) / MANIFEST
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads((location(out_dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (FileNotFoundError, IsADirectoryError):
+        return None
     except json.JSONDecodeError:
         return None  # a torn manifest means "not complete"; the stage reruns
 
 
 def is_complete(out_dir: Location, stage: str) -> bool:
     """True when ``out_dir`` holds a complete output of ``stage``."""
-    manifest = read_manifest(out_dir)
+    return manifest_complete(read_manifest(out_dir), stage)
+
+
+def manifest_complete(manifest: dict[str, Any] | None, stage: str) -> bool:
+    """True when ``manifest`` (:func:`read_manifest`'s) is a complete output of ``stage``."""
     return bool(manifest and manifest.get("stage") == stage and manifest.get("complete"))
 
 
 def require_stage_output(in_dir: Location, stage: str, what: str) -> dict[str, Any]:
     """The manifest of a complete ``stage`` output in ``in_dir``, or a one-line UserError."""
-    in_dir = _loc(in_dir)
+    in_dir = location(in_dir)
     if not in_dir.is_dir():
         raise UserError(f"{what} directory not found: {in_dir}")
     manifest = read_manifest(in_dir)
@@ -173,7 +166,7 @@ def require_stage_output(in_dir: Location, stage: str, what: str) -> dict[str, A
 
 def write_resolved_config(out_dir: Location, cfg: Any) -> None:
     """Write the fully resolved config beside the outputs, for reproducibility."""
-    atomic_write_text(_loc(out_dir) / RESOLVED_CONFIG, dump_yaml(cfg))
+    atomic_write_text(location(out_dir) / RESOLVED_CONFIG, dump_yaml(cfg))
 
 
 def write_manifest(
@@ -200,7 +193,7 @@ def write_manifest(
         "seconds": round(time.time() - started, 3),
         **dict(extra or {}),
     }
-    atomic_write_json(_loc(out_dir) / MANIFEST, manifest)
+    atomic_write_json(location(out_dir) / MANIFEST, manifest)
     return manifest
 
 
@@ -209,7 +202,7 @@ def iter_jsonl(path: Location) -> Iterator[tuple[str, Any]]:
 
     A line that is not JSON stops with a one-line UserError naming the file and line.
     """
-    with _loc(path).open(encoding="utf-8") as handle:
+    with location(path).open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, 1):
             if not line.strip():
                 continue

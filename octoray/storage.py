@@ -401,8 +401,10 @@ def upload_dir(local: Path, dst: Location, *, skip_existing: bool = False, last:
 
 def _same_size(target: Location, size: int) -> bool:
     if isinstance(target, ObjectPath):
-        info = target._info()
-        return info.size == size and target.is_file()
+        import pyarrow.fs as pafs
+
+        info = target._info()  # one request: type and size
+        return info.type == pafs.FileType.File and info.size == size
     return Path(target).is_file() and Path(target).stat().st_size == size
 
 

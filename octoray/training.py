@@ -769,7 +769,7 @@ def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank:
 
         from octoray.modeling import load_tokenizer
 
-        hf_config = AutoConfig.from_pretrained(local_copy(model_path))
+        hf_config = AutoConfig.from_pretrained(model_path)  # already a local copy
         dtype = next(iter(state.values())).dtype
         model = _with_lora(AutoModelForCausalLM.from_config(hf_config, dtype=dtype), cfg)
         missing = set(dict(model.named_parameters())) - set(state)
