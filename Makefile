@@ -1,8 +1,9 @@
-# The two set-up commands of README.md:
-#   make demo   installs everything into .venv/ and runs the demo pipeline on an embedded local Ray
-#   make test   installs everything (Python deps, HumanEvalPack toolchains) and runs the tests
-#               (all but the `cluster` tier: multi-node and autoscaling clusters, ~15 more minutes)
-# CI (.ci/run) calls `make test`, then `make test-cluster`.
+# The two set-up commands of README.md; each installs everything it needs, in either order:
+#   make demo   Python deps into .venv/ and the HumanEvalPack toolchains (the demo evaluates python
+#               and js, which needs js-md5), then runs the demo pipeline on an embedded local Ray
+#   make test   the same installs, then the tests
+#               (all but the `cluster` tier: multi-node and autoscaling clusters, ~7 more minutes)
+# CI (.ci/run) runs them as a new user does: `make demo`, `make test`, then `make test-cluster`.
 
 VENV   ?= .venv
 PYTHON ?= python3
@@ -22,7 +23,7 @@ setup: $(VENV)/.installed
 toolchains:
 	bash scripts/install_toolchains.sh
 
-demo: setup
+demo: setup toolchains
 	SHARED=$(SHARED) bash scripts/demo.sh
 
 test: setup toolchains
