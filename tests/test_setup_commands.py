@@ -27,7 +27,7 @@ def _index(lines: list[str], needle: str) -> int:
     return hits[0]
 
 
-@pytest.mark.parametrize("target, runs", [("demo", "scripts/demo.sh"), ("test", "pytest")])
+@pytest.mark.parametrize("target, runs", [("demo", "scripts/demo.sh"), ("test", "bin/pytest -q")])
 def test_each_setup_command_installs_python_deps_and_toolchains_first(target: str, runs: str,
                                                                       tmp_path: Path) -> None:
     lines = _dry_run(target, tmp_path)
