@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from octoray import jobs  # noqa: E402
+from octoray.cluster import jobs_client as jobs  # noqa: E402
 
 JOB = "python -m octoray.cli --version"
 

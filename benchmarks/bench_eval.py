@@ -55,7 +55,7 @@ def _warm_shared_cache(cache: Path, problems: dict[str, list[dict]]) -> None:
     Go build cache, the warm javac's JVM) stay cold for every side."""
     import json
 
-    code = ("import sys, json; from pathlib import Path; from octoray.evaluation.execution import Sandbox; "
+    code = ("import sys, json; from pathlib import Path; from octoray.evaluation.sandbox.execution import Sandbox; "
             "p = json.loads(sys.stdin.read()); sb = Sandbox(cache_dir=Path(sys.argv[1])); "
             "[sb.execute(l, x, x['declaration'] + x['canonical_solution']) for l, x in p]")
     payload = json.dumps([(lang, items[0]) for lang, items in problems.items() if lang in ("rust", "go", "java", "cpp")])
@@ -81,7 +81,7 @@ def _sequential_in_child(samples: list[dict], by_id: dict[str, dict], cache: Pat
 
 
 def _sequential(samples: list[dict], by_id: dict[str, dict], cache: str, scale: float) -> tuple[float, list[dict]]:
-    from octoray.evaluation.execution import Limits, Sandbox
+    from octoray.evaluation.sandbox.execution import Limits, Sandbox
 
     start = time.perf_counter()
     sandbox = Sandbox(cache_dir=Path(cache), limits=Limits(timeout_scale=scale))
@@ -94,7 +94,7 @@ _POOL_SANDBOX = None
 
 def _pool_init(cache: str, scale: float) -> None:
     global _POOL_SANDBOX
-    from octoray.evaluation.execution import Limits, Sandbox
+    from octoray.evaluation.sandbox.execution import Limits, Sandbox
 
     _POOL_SANDBOX = Sandbox(cache_dir=Path(cache), limits=Limits(timeout_scale=scale))
 
@@ -130,7 +130,6 @@ def _start_ray(actors: int) -> float:
 def _ray(samples: list[dict], by_id: dict[str, dict], cache: Path, scale: float, actors: int,
          accelerated: bool) -> tuple[float, list[dict]]:
     from octoray.evaluation import runner
-
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         results, _ = runner.execute(samples, by_id, Path(out), num_actors=actors, cache_dir=cache,

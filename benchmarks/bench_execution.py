@@ -27,9 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from octoray.evaluation import execution  # noqa: E402
-from octoray.evaluation.execution import LANGUAGES, Sandbox  # noqa: E402
-from octoray.evaluation.programs import build_program  # noqa: E402
+from octoray.evaluation.sandbox import execution  # noqa: E402
+from octoray.evaluation.sandbox.execution import LANGUAGES, Sandbox  # noqa: E402
+from octoray.evaluation.sandbox.programs import build_program  # noqa: E402
 
 
 class Reference:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from octoray import commitpackft_rules as rules  # noqa: E402
-from octoray.languages import LINGUIST  # noqa: E402
+from octoray.data import rules  # noqa: E402
+from octoray.data.languages import LINGUIST  # noqa: E402
 
 SUBJECTS = [
     "Add retry limit to the download helper", "Fix crash when the config file is empty", "fix typo in docs",
@@ -67,7 +67,7 @@ def run_vectorised(table, tables: rules.Tables, batch_rows: int) -> list[int]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from octoray.filtering import _apply, _first_rules
+    from octoray.data.filtering import _apply, _first_rules
 
     codes = np.zeros(table.num_rows, dtype=np.int64)
     for offset, batch in _batches(table, batch_rows):
@@ -98,10 +98,10 @@ def run_ray(rows: list[dict], workdir: Path) -> float:
     """The whole stage through Ray Data (read, rules, actor stage, write); returns seconds."""
     import pyarrow as pa
 
-    from octoray import filtering
+    from octoray.data import filtering
     from octoray.config import load_config
-    from octoray.mining import _schema
-    from octoray.outputs import write_manifest, write_parquet_atomic
+    from octoray.data.mining import _schema
+    from octoray.storage.stage_dirs import write_manifest, write_parquet_atomic
 
     commits = workdir / "commits"
     full = [{**r, "message": r["subject"], "license": "mit", "repos": "x", "repo": "x", "parent": "", "author_date": None}
@@ -135,7 +135,7 @@ def main() -> None:
     table = pa.Table.from_pylist(rows)
     LINGUIST.extensions_for("Python")  # warm enry's import outside the timings
 
-    from octoray.filtering import FilterConfig
+    from octoray.data.filtering import FilterConfig
 
     # CPU seconds of this process: "rows/s per core", and robust to other load on the machine.
     results = []

@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from octoray import mining
+from octoray.data import mining
 from octoray.config import load_config
-from octoray.raylocal import ensure_ray
+from octoray.cluster.connection import ensure_ray
 
 SUBJECTS = ("Fix {n} handling in parser", "Add support for {n} option", "Refactor {n} helper",
             "Remove unused {n} import", "Improve error message for {n}", "Update docs for {n}",

@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from octoray.evaluation import humanevalpack as hep  # noqa: E402
-from octoray.evaluation.execution import CPP_STD, SANDBOX_ROOT, Sandbox, _jvm_flags  # noqa: E402
-from octoray.evaluation.programs import build_program  # noqa: E402
+from octoray.evaluation.sandbox.execution import CPP_STD, SANDBOX_ROOT, Sandbox, _jvm_flags  # noqa: E402
+from octoray.evaluation.sandbox.programs import build_program  # noqa: E402
 
 STAMP = "echo @phase {index} $(date +%s%N)"
 

@@ -5,7 +5,7 @@
 
 For each mode -- ``batched`` (``max_batch_size=32``) and the baseline ``unbatched``
 (``max_batch_size=1``: one sequence at a time, everything else identical) -- the script starts
-the server with :func:`octoray.serving.start`, then runs a closed-loop load at each concurrency
+the server with :func:`octoray.serving.app.start`, then runs a closed-loop load at each concurrency
 level (the baseline is redeployed in place on the same proxy): ``c`` clients each send a request as soon as their previous one is answered, until the
 level's request count or time limit is reached (both bounded). It prints one markdown table:
 requests/s, generated tokens/s (from ``usage``), p50/p99 latency and the mean batch size the
@@ -112,7 +112,7 @@ def decoder_only(model: str, texts: list[str], batch_size: int, max_tokens: int)
     import torch
 
     from octoray.modeling import load_model, load_tokenizer
-    from octoray.decoding import BatchDecoder, Sequence
+    from octoray.serving.decoding import BatchDecoder, Sequence
 
     torch.set_num_threads(1)  # what a 1-CPU replica gets (Ray sets OMP_NUM_THREADS=num_cpus)
     tokenizer = load_tokenizer(model)
@@ -149,7 +149,7 @@ def main() -> int:
     args = parse_args()
     import ray
 
-    from octoray.serving import ServeConfig, shutdown, start
+    from octoray.serving.app import ServeConfig, shutdown, start
 
     levels = [int(c) for c in args.concurrency.split(",")]
     texts = prompts()

@@ -70,9 +70,9 @@ def plain_pytorch_tokens_per_s(model_dir: str, packed: dict, micro_batch: int, s
 
 def octoray_tokens_per_s(cfg_values: dict, warmup: int) -> tuple[float, float | None]:
     """Run the real `octoray train` path and read its per-step tokens/s and MFU."""
-    from octoray import training
+    from octoray.training.driver import driver as training
     from octoray.config import from_mapping
-    from octoray.run_metrics import read_metrics
+    from octoray.training.metrics import read_metrics
 
     cfg = from_mapping(training.TrainConfig, cfg_values)
     run_dir = training.run(cfg)
@@ -98,8 +98,8 @@ def main() -> int:
     import torch
 
     from octoray.modeling import build_demo_model, load_tokenizer
-    from octoray.packing import pack_examples
-    from octoray.run_metrics import mfu, peak_flops
+    from octoray.training.packing import pack_examples
+    from octoray.training.metrics import mfu, peak_flops
 
     cuda = torch.cuda.is_available()
     work = Path(tempfile.mkdtemp(prefix="octoray-bench-"))

@@ -33,9 +33,9 @@ DEMO_MODEL = {"model": "demo", "demo_layers": 2, "demo_embd": 64, "demo_vocab": 
 
 def one_search(search: str, seed: int, sft: Path, work: Path, trials: int, steps: int) -> dict:
     """One ``octoray tune`` run; returns its best val_loss, trial-steps and trial outcomes."""
-    from octoray import tuning
+    from octoray.training.driver import tuning
     from octoray.config import from_mapping
-    from octoray.training import TrainConfig
+    from octoray.training.driver import TrainConfig
 
     train = from_mapping(TrainConfig, {**DEMO_MODEL, "checkpoint_every": max(1, steps // 4)})
     tcfg = from_mapping(tuning.TuneConfig, {
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 
-    from octoray.raylocal import ensure_ray
+    from octoray.cluster.connection import ensure_ray
 
     ensure_ray(dashboard=True, log_to_driver=False)  # octoray tune needs the State API
     rows = []

@@ -1,6 +1,6 @@
 """Oracle check of the execution sandbox: every HumanEvalPack problem in every language, the
 canonical solution (must pass) and the buggy solution (must fail), through
-:class:`octoray.evaluation.execution.Sandbox`, on a process pool.
+:class:`octoray.evaluation.sandbox.execution.Sandbox`, on a process pool.
 
     .venv/bin/python benchmarks/oracle_check.py [--data-dir ../shared/humanevalpack]
         [--languages python,js,java,go,cpp,rust] [--limit N] [--workers 2] [--json out.json]
@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from octoray.evaluation.execution import LANGUAGES, Sandbox  # noqa: E402
+from octoray.evaluation.sandbox.execution import LANGUAGES, Sandbox  # noqa: E402
 
 KNOWN_EXCEPTIONS = {"Rust/32", "Rust/50"}  # rand 0.7 API, see module docstring
 # CPP/23's test calls strlen(""), which resolves to C's strlen, never the buggy solution.

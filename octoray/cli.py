@@ -4,7 +4,7 @@ The verb table below is all this module knows about the stages; a stage module i
 only when its verb runs, and stage modules import torch and ray only inside functions, so
 ``octoray VERB --help`` stays instant. The command line of the stage verbs is generated from
 each stage's config dataclass by :mod:`octoray.stage_cli`; the client verbs (submit, status,
-logs, stop) provide ``add_arguments(parser)`` and ``main(args) -> int`` in :mod:`octoray.jobs`.
+logs, stop) provide ``add_arguments(parser)`` and ``main(args) -> int`` in :mod:`octoray.cluster.jobs_client`.
 
 User errors (:class:`octoray.errors.UserError`) are printed as one line on stderr with exit
 code 2; a traceback means a bug in octoray.
@@ -22,17 +22,17 @@ from octoray.errors import UserError
 
 #: verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "mine": ("octoray.mining", "mine git repositories into CommitPack rows (Ray Data)"),
-    "filter": ("octoray.filtering", "filter CommitPack rows into CommitPackFT instruction data (Ray Data)"),
-    "train": ("octoray.training", "fine-tune a causal LM with Ray Train + DeepSpeed"),
-    "tune": ("octoray.tuning", "search training hyperparameters with Ray Tune"),
-    "serve": ("octoray.serving", "serve a model on Ray Serve behind an OpenAI-compatible API"),
+    "mine": ("octoray.data.mining", "mine git repositories into CommitPack rows (Ray Data)"),
+    "filter": ("octoray.data.filtering", "filter CommitPack rows into CommitPackFT instruction data (Ray Data)"),
+    "train": ("octoray.training.driver", "fine-tune a causal LM with Ray Train + DeepSpeed"),
+    "tune": ("octoray.training.tuning", "search training hyperparameters with Ray Tune"),
+    "serve": ("octoray.serving.app", "serve a model on Ray Serve behind an OpenAI-compatible API"),
     "eval": ("octoray.evaluation.stage", "run HumanEvalPack: generate, execute in the sandbox, pass@k"),
-    "pipeline": ("octoray.pipeline", "run mine -> filter -> train -> serve -> eval -> report, resuming"),
-    "submit": ("octoray.jobs", "submit the pipeline or a stage to a Ray cluster as a Ray Job"),
-    "status": ("octoray.jobs", "show the status of a submitted Ray Job"),
-    "logs": ("octoray.jobs", "print the logs of a submitted Ray Job"),
-    "stop": ("octoray.jobs", "stop a submitted Ray Job"),
+    "pipeline": ("octoray.pipeline.run", "run mine -> filter -> train -> serve -> eval -> report, resuming"),
+    "submit": ("octoray.cluster.jobs_client", "submit the pipeline or a stage to a Ray cluster as a Ray Job"),
+    "status": ("octoray.cluster.jobs_client", "show the status of a submitted Ray Job"),
+    "logs": ("octoray.cluster.jobs_client", "print the logs of a submitted Ray Job"),
+    "stop": ("octoray.cluster.jobs_client", "stop a submitted Ray Job"),
 }
 #: Verbs whose command line comes from their config dataclass (see octoray.stage_cli).
 STAGE_VERBS = ("mine", "filter", "train", "tune", "serve", "eval", "pipeline")
@@ -78,7 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if verb in STAGE_VERBS:
             from octoray import stage_cli
-
             return stage_cli.main(verb, module, argv[1:], description=text)
         from octoray.stage_cli import Parser  # usage errors as one line, like every other error
 

@@ -71,7 +71,7 @@ def load_tokenizer(name_or_path: str) -> Any:
     """
     from transformers import AutoTokenizer
 
-    from octoray.storage import local_copy
+    from octoray.storage.locations import local_copy
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(local_copy(name_or_path))
@@ -87,7 +87,7 @@ def load_model(name_or_path: str, **kwargs: Any) -> Any:
     (a URI is downloaded once per node first)."""
     from transformers import AutoModelForCausalLM
 
-    from octoray.storage import local_copy
+    from octoray.storage.locations import local_copy
 
     try:
         return AutoModelForCausalLM.from_pretrained(local_copy(name_or_path), **kwargs)

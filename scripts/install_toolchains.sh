@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the HumanEvalPack toolchains used by octoray/evaluation/execution.py, then proves them:
+# Installs the HumanEvalPack toolchains used by octoray/evaluation/sandbox/execution.py, then proves them:
 # one trivial program per language is compiled and run the way the sandbox runs samples, and the
 # script fails, naming the missing piece, if any of them does not work.
 #
@@ -120,7 +120,7 @@ printf '#include <boost/any.hpp>\n#include <openssl/md5.h>\n#include <cstring>\n
   || fail "cpp: g++ with boost and OpenSSL failed (apt-get install g++ libboost-dev libssl-dev)"
 cd "$REPO"
 
-# The same dependency set and cargo set-up as octoray/evaluation/execution.py (RUST_DEPS).
+# The same dependency set and cargo set-up as octoray/evaluation/sandbox/execution.py (RUST_DEPS).
 step rust
 mkdir -p src cargo-home
 printf '[package]\nname = "toolchain-check"\nversion = "0.1.0"\nedition = "2021"\n\n[dependencies]\nrand = "0.8"\nregex = "1"\nmd5 = "0.7"\n' > Cargo.toml

@@ -34,7 +34,7 @@ def ray_local():
     """
     import ray
 
-    from octoray.raylocal import ensure_ray
+    from octoray.cluster.connection import ensure_ray
 
     if not ray.is_initialized():
         ensure_ray(dashboard=True, num_cpus=2, log_to_driver=False,

@@ -14,7 +14,7 @@ HEAVY = ("torch", "transformers", "deepspeed", "ray")
 
 
 def test_import_octoray_is_light() -> None:
-    code = ("import sys, octoray, octoray.cli, octoray.config, octoray.outputs; "
+    code = ("import sys, octoray, octoray.cli, octoray.config, octoray.storage.stage_dirs; "
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

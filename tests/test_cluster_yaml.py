@@ -308,7 +308,7 @@ def _containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
 def rayjob_problems(doc: dict[str, Any]) -> list[str]:
     """The entrypoint is an octoray verb on a config file of this repository; the runtime env parses."""
     from octoray.cli import VERBS
-    from octoray.jobs import CLIENT_VERBS
+    from octoray.cluster.jobs_client import CLIENT_VERBS
 
     problems = []
     words = shlex.split(doc["spec"].get("entrypoint", ""))
@@ -319,7 +319,7 @@ def rayjob_problems(doc: dict[str, Any]) -> list[str]:
     elif words[1] == "pipeline":  # its pipeline-level key=value overrides must be PipelineConfig keys
         from octoray.config import load_config
         from octoray.errors import UserError
-        from octoray.pipeline import PipelineConfig
+        from octoray.pipeline.run import PipelineConfig
 
         try:
             load_config(PipelineConfig, REPO_ROOT / words[2], [w for w in words[3:] if "." not in w.split("=")[0]],
@@ -339,7 +339,7 @@ def rayservice_problems(doc: dict[str, Any]) -> list[str]:
 
     from octoray.config import from_mapping
     from octoray.errors import UserError
-    from octoray.serving import ServeConfig
+    from octoray.serving.app import ServeConfig
 
     try:
         config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
@@ -355,7 +355,7 @@ def rayservice_problems(doc: dict[str, Any]) -> list[str]:
             continue
         if not callable(builder):
             problems.append(f"{app.name}: {app.import_path} is not callable")
-        if app.import_path == "octoray.serving:app_builder":
+        if app.import_path == "octoray.serving.app:app_builder":
             try:
                 from_mapping(ServeConfig, app.args or {}, source="serve args")
             except UserError as exc:
@@ -437,7 +437,7 @@ def test_semantic_checks_reject_broken_copies(shared_dir: Path) -> None:
     assert rayservice_problems(service) == []
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     for edit, expected in (
-        (lambda c: c["applications"][0].update(import_path="octoray.serving:no_such_builder"), "does not exist"),
+        (lambda c: c["applications"][0].update(import_path="octoray.serving.app:no_such_builder"), "does not exist"),
         (lambda c: c["applications"][0]["args"].update(max_batch_sise=4), "max_batch_sise"),
         (lambda c: c["applications"][0].update(route_prefix=3), "serveConfigV2"),
     ):

@@ -60,7 +60,6 @@ def test_missing_model_is_one_line_before_any_work(tmp_path) -> None:
 def test_endpoint_alias_and_generator_last_one_wins() -> None:
     from octoray import stage_cli
     from octoray.evaluation import stage
-
     def generator(*words: str) -> str:
         return stage_cli.parse("eval", words, stage).configs[0].generator
 
@@ -248,7 +247,7 @@ def canonical_out(ray_local, tmp_path_factory, shared_dir) -> Path:
 @pytest.mark.ray
 @pytest.mark.toolchain
 def test_oracle_canonical_passes_everywhere(canonical_out: Path) -> None:
-    from octoray.outputs import is_complete
+    from octoray.storage.stage_dirs import is_complete
 
     assert _unexpected(canonical_out, "pass") == []
     metrics = json.loads((canonical_out / "metrics.json").read_text())
@@ -301,7 +300,7 @@ def test_rerun_resumes_without_re_executing(ray_local, canonical_out: Path, tmp_
     import shutil
 
     from octoray.evaluation.runner import PARTS, results_table
-    from octoray.outputs import read_manifest, write_parquet_atomic
+    from octoray.storage.stage_dirs import read_manifest, write_parquet_atomic
 
     out = tmp_path / "resume"
     shutil.copytree(canonical_out, out)

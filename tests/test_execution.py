@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from octoray.evaluation.execution import (LANGUAGES, TIMEOUTS_S, ExecutionResult, Sandbox,
+from octoray.evaluation.sandbox.execution import (LANGUAGES, TIMEOUTS_S, ExecutionResult, Sandbox,
                                          _wait_for_exit)
-from octoray.evaluation.programs import build_program
+from octoray.evaluation.sandbox.programs import build_program
 
 # Problems per language in the default run (Rust/32 and Rust/50 need rand 0.7: avoided).
 SAMPLE = {"python": (0, 41, 82, 123, 163), "js": (0, 41, 82, 123, 163),
@@ -190,8 +190,7 @@ def test_javac_maps_its_class_data_archive_inside_the_sandbox(sandbox: Sandbox,
 def _registry_without(tmp_path: Path, crate: str) -> Path:
     """A copy (by symlinks) of Debian's cargo registry lacking ``crate``: what a machine without
     regex's ``+default`` packages looks like to cargo."""
-    from octoray.evaluation import execution
-
+    from octoray.evaluation.sandbox import execution
     registry = tmp_path / "registry"
     registry.mkdir()
     for entry in execution.DEBIAN_CARGO_REGISTRY.iterdir():
@@ -202,8 +201,7 @@ def _registry_without(tmp_path: Path, crate: str) -> Path:
 
 @pytest.mark.toolchain
 def test_toolchain_probe_names_the_crate_a_registry_lacks(tmp_path: Path, monkeypatch) -> None:
-    from octoray.evaluation import execution
-
+    from octoray.evaluation.sandbox import execution
     assert execution.toolchain_problem("rust") is None
     monkeypatch.setattr(execution, "DEBIAN_CARGO_REGISTRY", _registry_without(tmp_path, "aho-corasick"))
     problem = execution.toolchain_problem("rust")

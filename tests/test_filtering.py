@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from octoray import commitpackft_rules as rules
+from octoray.data import rules
 from octoray.errors import UserError
-from octoray.filtering import FUNNEL_KEYS, FilterConfig, _read_oasst, add_prompts
-from octoray.subjects import reference_normalise
+from octoray.data.filtering import FUNNEL_KEYS, FilterConfig, _read_oasst, add_prompts
+from octoray.data.subjects import reference_normalise
 from tests.conftest import run_cli
 
 
@@ -197,7 +197,7 @@ def test_vectorised_rules_match_the_per_row_reference(table_kind: str, normalise
                                                       request: pytest.FixtureRequest) -> None:
     import numpy as np
 
-    from octoray.filtering import _first_rules
+    from octoray.data.filtering import _first_rules
 
     tables = request.getfixturevalue(table_kind)
     rows = _rows()
@@ -266,7 +266,7 @@ def test_config_problems_are_listed_together() -> None:
 
 
 def test_partial_output_resumes_only_with_the_same_input_and_rules(tmp_path: Path) -> None:
-    from octoray.filtering import _prepare_out
+    from octoray.data.filtering import _prepare_out
 
     out = tmp_path / "sft"
     shard = out / "data" / "train-00000-of-00001.parquet"
@@ -302,7 +302,7 @@ def _check_hub_folder(sft: Path, cache: Path) -> None:
     import pandas as pd
     import yaml
 
-    from octoray.mining import COLUMNS
+    from octoray.data.mining import COLUMNS
 
     manifest = json.loads((sft / "manifest.json").read_text())
     n = len(manifest["files"])
@@ -326,8 +326,8 @@ def _check_hub_folder(sft: Path, cache: Path) -> None:
 
 
 def _fake_mine_dir(path: Path, rows: int) -> Path:
-    from octoray.mining import _schema
-    from octoray.outputs import write_manifest, write_parquet_atomic
+    from octoray.data.mining import _schema
+    from octoray.storage.stage_dirs import write_manifest, write_parquet_atomic
 
     table = _schema().empty_table()
     write_parquet_atomic(table, path / "commits-00000.parquet")
@@ -351,7 +351,7 @@ def test_cli_bad_input_is_one_line(case: str, tmp_path: Path) -> None:
         (tmp_path / "o.jsonl").write_text("not json\n")
         extra.append(f"oasst_file={tmp_path / 'o.jsonl'}")
         # a non-empty (but row-less) mine output, so the OASST file is what fails
-        from octoray.mining import _schema
+        from octoray.data.mining import _schema
         pq.write_table(pa.Table.from_pylist([{"commit": "0" * 40, "subject": "Fix it"}], schema=_schema()),
                        commits / "commits-00000.parquet")
     result = run_cli("filter", commits, "--out", out, *extra)
@@ -387,9 +387,9 @@ class _GatedHub(http.server.BaseHTTPRequestHandler):
 def test_gated_default_tokenizer_says_what_to_do(tmp_path: Path) -> None:
     """The real loader (transformers -> huggingface_hub) against a local endpoint that answers like the Hub."""
     commits = tmp_path / "commits"
-    from octoray.layout import shard_name
-    from octoray.mining import _schema
-    from octoray.outputs import write_manifest, write_parquet_atomic
+    from octoray.storage.layout import shard_name
+    from octoray.data.mining import _schema
+    from octoray.storage.stage_dirs import write_manifest, write_parquet_atomic
 
     write_parquet_atomic(pa.Table.from_pylist([{"commit": "0" * 40, "subject": "Fix it"}], schema=_schema()),
                          commits / shard_name(0, 1))
@@ -485,7 +485,8 @@ def _build_repo(repo: Path, shared_dir: Path) -> dict[str, str]:
 
 @pytest.mark.ray
 def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_local) -> None:
-    from octoray import filtering, mining
+    from octoray.data import filtering
+    from octoray.data import mining
     from octoray.config import load_config
     from octoray.modeling import load_tokenizer, train_bpe_tokenizer
 

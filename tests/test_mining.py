@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from octoray import mining
+from octoray.data import mining
 from octoray.config import load_config
 from octoray.errors import UserError
-from octoray.languages import LINGUIST, load_languages_file
-from octoray.licenses import classify_license
+from octoray.data.languages import LINGUIST, load_languages_file
+from octoray.data.licenses import classify_license
 from tests.conftest import REPO_ROOT, run_cli
 from tests.gitrepo import GPL3, MIT, GitRepo
 
@@ -307,7 +307,7 @@ def test_bad_option_is_one_line(tmp_path: Path) -> None:
 def test_unreserved_ray_data_is_scoped() -> None:
     import ray.data
 
-    from octoray.raylocal import unreserved_ray_data
+    from octoray.cluster.connection import unreserved_ray_data
 
     ctx = ray.data.DataContext.get_current()
     before = ctx.op_resource_reservation_enabled

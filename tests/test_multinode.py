@@ -121,8 +121,8 @@ def _wait_for(what: str, predicate, proc: subprocess.Popen, log: Path, timeout: 
 
 
 def test_worker_node_lost_while_mining_and_while_training(cluster, s3_server, shared_dir: Path, tmp_path: Path) -> None:
-    from octoray.outputs import read_parquet
-    from octoray.storage import location
+    from octoray.storage.stage_dirs import read_parquet
+    from octoray.storage.locations import location
 
     bucket = s3_server.bucket()
     cluster.ensure_workers(1)

@@ -7,7 +7,7 @@ import pytest
 
 from octoray.config import ConfigError, load_config
 from octoray.errors import UserError
-from octoray.node_types import NodeShape, require_feasible, resource_problems
+from octoray.cluster.node_types import NodeShape, require_feasible, resource_problems
 
 
 def test_node_shape_holds_and_describes() -> None:
@@ -25,8 +25,8 @@ def test_resource_settings_are_checked() -> None:
 
 
 def test_train_and_serve_take_extra_resources() -> None:
-    from octoray.serving import ServeConfig
-    from octoray.training import TrainConfig
+    from octoray.serving.app import ServeConfig
+    from octoray.training.driver import TrainConfig
 
     cfg = load_config(TrainConfig, None, ["worker_resources={fake_gpu: 1}"])
     assert cfg.worker_resources == {"fake_gpu": 1}
@@ -50,7 +50,7 @@ def test_request_no_node_holds_is_one_line(ray_local) -> None:
 
 @pytest.mark.ray
 def test_capacity_of_a_cluster_without_autoscaler_is_its_live_nodes(ray_local) -> None:
-    from octoray.node_types import cluster_capacity, cluster_shapes
+    from octoray.cluster.node_types import cluster_capacity, cluster_shapes
 
     assert cluster_capacity("CPU") == 2
     assert cluster_capacity("GPU") == 0

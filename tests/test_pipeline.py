@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from octoray.run_metrics import read_metrics
+from octoray.training.metrics import read_metrics
 from tests.conftest import OCTORAY, REPO_ROOT, run_cli
 
 MAX_STEPS = 160
@@ -95,8 +95,10 @@ def test_pipeline_tune_then_train_with_best_trial_after_a_crashed_trial(tmp_path
 
     import yaml
 
-    from octoray import pipeline, stage_cli
-    from octoray.resources import live_placement_groups, placement_groups
+    from octoray import stage_cli
+
+    from octoray.pipeline.run import run as pipeline
+    from octoray.cluster.resources import live_placement_groups, placement_groups
 
     before = set(placement_groups())
     out = tmp_path / "run"

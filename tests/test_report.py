@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from octoray import pipeline, report, stage_cli
+from octoray import stage_cli
+
+from octoray.pipeline.run import run as pipeline
+
+from octoray.pipeline.run import report
 from octoray.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from octoray.evaluation.execution import Limits, Sandbox
-from octoray.evaluation.java_compiler import SERVER_CLASS
+from octoray.evaluation.sandbox.execution import Limits, Sandbox
+from octoray.evaluation.sandbox.java_compiler import SERVER_CLASS
 
 pytestmark = pytest.mark.toolchain
 

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from octoray.config import ConfigError, load_config
-from octoray.openai_api import APIError, parse_completion_request
-from octoray.serving import ServeConfig
+from octoray.serving.protocol import APIError, parse_completion_request
+from octoray.serving.app import ServeConfig
 from tests.conftest import OCTORAY, REPO_ROOT, run_cli
 
 
@@ -124,13 +124,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def decoder(model_dir: Path):
     from octoray.modeling import load_model, load_tokenizer
-    from octoray.decoding import BatchDecoder
+    from octoray.serving.decoding import BatchDecoder
 
     return BatchDecoder(load_model(str(model_dir)).eval(), load_tokenizer(str(model_dir)))
 
 
 def _seq(decoder, prompt: str, max_tokens: int = 12, **kwargs: Any):
-    from octoray.decoding import Sequence
+    from octoray.serving.decoding import Sequence
 
     return Sequence(prompt_ids=decoder.tokenizer(prompt)["input_ids"], max_tokens=max_tokens, **kwargs)
 
@@ -395,8 +395,8 @@ def test_start_checks_the_model_once(model_dir: Path, ray_local, monkeypatch: py
     """``start`` resolves the model (tokenizer + config, or a download for a URI) once, not once more
     while building the app. Runs after ``test_ctrl_c_shuts_down_cleanly``: Serve is one per
     cluster, so an in-process ``start`` must not run beside the shared server."""
-    from octoray import modeling, serving
-
+    from octoray import modeling
+    from octoray.serving.app import app as serving
     checked: list[str] = []
     real = modeling.preflight_model
 

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from octoray import jobs, stage_cli
+from octoray import stage_cli
+
+from octoray.cluster import jobs_client as jobs
 from octoray.cli import STAGE_VERBS, VERBS, main
 from tests.conftest import REPO_ROOT
 
@@ -169,8 +171,8 @@ def test_ray_address_is_one_field_everywhere() -> None:
 
 
 def test_train_and_tune_report_missing_inputs_with_the_other_problems(tmp_path: Path) -> None:
-    from octoray import training, tuning
-
+    from octoray.training.driver import driver as training
+    from octoray.training.driver import tuning
     with pytest.raises(Exception) as caught:
         stage_cli.parse("train", ["--data", str(tmp_path / "nope"), "--hparams", str(tmp_path / "nt"), "lr=0"],
                         training)

@@ -1,4 +1,4 @@
-"""octoray.storage + octoray.outputs on a real S3-compatible server (moto_server on 127.0.0.1).
+"""octoray.storage.locations + octoray.storage.stage_dirs on a real S3-compatible server (moto_server on 127.0.0.1).
 
 What is checked against the server is read back with an independent pyarrow S3 file system
 (``S3Server.filesystem()``), not through the code under test.
@@ -14,9 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from octoray import outputs, storage
+from octoray.storage import stage_dirs as outputs
+
+from octoray.storage import locations as storage
 from octoray.errors import UserError
-from octoray.storage import ObjectPath
+from octoray.storage.locations import ObjectPath
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from octoray import commitpackft_rules as rules
-from octoray import subjects
+from octoray.data import rules
+from octoray.data import subjects
 from octoray.config import ConfigError, load_config
-from octoray.filtering import _RESCUED, FilterConfig, _first_rules, _LaterRules
+from octoray.data.filtering import _RESCUED, FilterConfig, _first_rules, _LaterRules
 
 PR_SUFFIXES = {  # subject -> normalised subject
     "Fix the tokenizer padding side (#1234)": "Fix the tokenizer padding side",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from octoray import jobs
+from octoray.cluster import jobs_client as jobs
 from octoray.errors import UserError
 from tests.conftest import REPO_ROOT, run_cli
 
@@ -193,7 +193,7 @@ def test_submit_real_stages_with_the_config(ray_head, tmp_path: Path) -> None:
     job's failure names it: the config reached the stage, which stopped before any work."""
     import yaml
 
-    from octoray.outputs import read_manifest
+    from octoray.storage.stage_dirs import read_manifest
     from tests.gitrepo import MIT, GitRepo
 
     url, token = ray_head

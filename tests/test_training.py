@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from octoray.config import ConfigError, from_mapping, load_config
-from octoray.deepspeed_config import build_deepspeed_config, warmup_cosine
-from octoray.run_metrics import MetricsLog, mfu, peak_flops, read_metrics
-from octoray.training import FAIL_MARKER, TrainConfig
+from octoray.training.deepspeed_config import build_deepspeed_config, warmup_cosine
+from octoray.training.metrics import MetricsLog, mfu, peak_flops, read_metrics
+from octoray.training.driver import FAIL_MARKER, TrainConfig
 from tests.conftest import REPO_ROOT, run_cli
 from tests.train_helpers import write_sft
 
@@ -61,7 +61,7 @@ def test_warmup_cosine_schedule() -> None:
 
 def test_packing_eos_separators_padding_and_target_mask(tmp_path: Path) -> None:
     from octoray.modeling import train_bpe_tokenizer
-    from octoray.packing import IGNORE_INDEX, pack_examples
+    from octoray.training.packing import IGNORE_INDEX, pack_examples
 
     tok = train_bpe_tokenizer(["Question: fix it\nAnswer: \ndef f(): pass\n"] * 20, vocab_size=300)
     prompts, completions = ["Question: fix it\nAnswer: \n"] * 3, ["def f(): pass\n"] * 3
@@ -164,8 +164,7 @@ def _rows(run_dir: Path) -> list[dict]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_zero2_worker_failure_resumes_and_loss_falls(tmp_path: Path, ray_local) -> None:
-    from octoray import training
-
+    from octoray.training.driver import driver as training
     cfg = _tiny(tmp_path, zero_stage=2, lr=3e-3, max_steps=10, checkpoint_every=4, fail_at_step=6,
                 max_failures=1, val_fraction=0.1, oasst_ratio=0.1, keep_checkpoints=2)
     run_dir = training.run(cfg)
@@ -193,8 +192,7 @@ def test_zero3_lora_rerun_resumes_exports_merged_model(tmp_path: Path, ray_local
     from ray.train.v2.api.exceptions import TrainingFailedError
     from safetensors.torch import load_file
 
-    from octoray import training
-
+    from octoray.training.driver import driver as training
     cfg = _tiny(tmp_path, zero_stage=3, lora=True, lr=1e-2, max_steps=6, checkpoint_every=2, fail_at_step=4,
                 max_failures=0)
     with pytest.raises(TrainingFailedError):

@@ -15,9 +15,10 @@ import yaml
 
 from octoray.config import ConfigError, from_mapping, to_dict
 from octoray.errors import UserError
-from octoray.training import TrainConfig
-from octoray import stage_cli, tuning
-from octoray.tuning import TuneConfig, check_search_space, trial_base
+from octoray.training.driver import TrainConfig
+from octoray import stage_cli
+from octoray.training.driver import tuning
+from octoray.training.tuning import TuneConfig, check_search_space, trial_base
 from tests.conftest import REPO_ROOT, run_cli
 from tests.train_helpers import write_sft
 
@@ -85,7 +86,7 @@ def test_config_error_keeps_its_sentences_through_pickling() -> None:
 
 def test_tune_config_new_keys_become_overrides_and_search_space() -> None:
     pytest.importorskip("ray.tune")
-    from octoray.tuning import search_space
+    from octoray.training.tuning import search_space
 
     tcfg, train = stage_cli.parse("tune", [str(REPO_ROOT / "jobs" / "demo.yaml"), "search=optuna",
                                            "weight_decay=[0.0, 0.1]", "train.lora=true", "lora_alpha=[16, 32]",
@@ -101,7 +102,7 @@ def test_tune_config_new_keys_become_overrides_and_search_space() -> None:
 
 def _fake_tune_dir(tmp_path: Path, train: TrainConfig, trial_steps: int = 12, trial_workers: int = 1) -> Path:
     """A complete tune directory as 'octoray tune' writes it (manifest + best.json + a checkpoint dir)."""
-    from octoray.outputs import atomic_write_json, write_manifest
+    from octoray.storage.stage_dirs import atomic_write_json, write_manifest
 
     tune_dir = tmp_path / "tune"
     ckpt = tune_dir / "trials" / "t_00001" / "checkpoint_000008"
@@ -125,7 +126,7 @@ def _fake_tune_dir(tmp_path: Path, train: TrainConfig, trial_steps: int = 12, tr
 
 
 def test_hparams_apply_best_trial_over_the_train_section(tmp_path: Path) -> None:
-    from octoray.hparams import apply_best
+    from octoray.training.best_trial import apply_best
 
     train = from_mapping(TrainConfig, {"lr": 1e-3, "warmup_steps": 2, "max_steps": 24, "num_workers": 2})
     tune_dir = _fake_tune_dir(tmp_path, train)
@@ -161,7 +162,7 @@ def test_cli_train_hparams_flag(tmp_path: Path) -> None:
 
 
 def test_report_tuning_section(tmp_path: Path) -> None:
-    from octoray.report import write_report
+    from octoray.pipeline.report import write_report
 
     train = from_mapping(TrainConfig, {})
     _fake_tune_dir(tmp_path, train)
@@ -193,11 +194,11 @@ def test_cli_tune_bad_config_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.ray
 def test_config_error_raised_inside_ray_reads_as_a_sentence(ray_local) -> None:
     """A trial's ConfigError crosses Ray's pickling intact; best.json's error line is its sentence."""
-    from octoray.tuning import error_line
+    from octoray.training.tuning import error_line
 
     @ray_local.remote
     def bad_trial() -> None:
-        from octoray.training import TrainConfig as Cfg
+        from octoray.training.driver import TrainConfig as Cfg
 
         from_mapping(Cfg, {"warmup_steps": 4, "max_steps": 4}, source="trial config")
 
@@ -212,7 +213,7 @@ def test_bounded_wait_names_the_holder_and_leftovers_are_released(ray_local) -> 
     needs them fails within its bound, naming it; the cleanup removes it; then the wait succeeds."""
     from ray.util.placement_group import placement_group
 
-    from octoray.resources import live_placement_groups, placement_groups, release_placement_groups, wait_for_resources
+    from octoray.cluster.resources import live_placement_groups, placement_groups, release_placement_groups, wait_for_resources
 
     before = set(placement_groups())
     leftover = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK", name="left-by-a-trial")
@@ -237,8 +238,7 @@ def test_bounded_wait_names_the_holder_and_leftovers_are_released(ray_local) -> 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_asha_search_names_best_trial(tmp_path: Path, ray_local) -> None:
-    from octoray import tuning
-
+    from octoray.training.driver import tuning
     sft = write_sft(tmp_path / "sft", n=200)
     train = from_mapping(TrainConfig, {"model": "demo", "demo_layers": 1, "demo_embd": 32, "demo_vocab": 512,
                                        "seq_len": 64, "device": "cpu", "precision": "fp32", "micro_batch": 1,
@@ -280,8 +280,8 @@ def _tiny_train() -> TrainConfig:
 @pytest.mark.slow
 def test_optuna_search_with_asha_names_best_trial_and_leaves_nothing(tmp_path: Path, ray_local) -> None:
     """Optuna's TPE (seeded, concurrency-limited) with ASHA on the local Ray, end to end."""
-    from octoray import tuning
-    from octoray.resources import live_placement_groups, placement_groups
+    from octoray.training.driver import tuning
+    from octoray.cluster.resources import live_placement_groups, placement_groups
 
     before = set(placement_groups())
     sft = write_sft(tmp_path / "sft", n=120)
@@ -303,8 +303,8 @@ def test_optuna_search_with_asha_names_best_trial_and_leaves_nothing(tmp_path: P
     assert json.loads((out / "best.json").read_text()) == best
 
     # The winner, continued from its checkpoint: the trial budget equals this training budget.
-    from octoray import training
-    from octoray.run_metrics import read_metrics
+    from octoray.training.driver import driver as training
+    from octoray.training.metrics import read_metrics
 
     cfg = from_mapping(TrainConfig, {**to_dict(_tiny_train()), "data": str(sft), "out": str(tmp_path / "run"),
                                      "max_steps": 4, "num_workers": 1, "hparams": str(out),

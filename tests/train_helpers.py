@@ -43,8 +43,8 @@ def write_sft(out_dir: Path, n: int = 200, seed: int = 0, oasst: int = 0, *, leg
     """
     import pyarrow as pa
 
-    from octoray.layout import shard_name
-    from octoray.outputs import write_manifest, write_parquet_atomic
+    from octoray.storage.layout import shard_name
+    from octoray.storage.stage_dirs import write_manifest, write_parquet_atomic
 
     rows = sft_rows(n, seed, oasst)
     name = "part-00000.parquet" if legacy else shard_name(0, 1)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from octoray.errors import UserError
 from octoray.evaluation import humanevalpack as hep
-from octoray.outputs import iter_jsonl
+from octoray.storage.stage_dirs import iter_jsonl
 
 GENERATOR_KINDS = ("hf", "endpoint", "oracle", "file")
 ORACLES = {"canonical": "canonical_solution", "buggy": "buggy_solution"}

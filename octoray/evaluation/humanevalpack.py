@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from octoray.errors import UserError
-from octoray.outputs import iter_jsonl
+from octoray.storage.stage_dirs import iter_jsonl
 
 #: HumanEvalPack languages, in the order the paper reports them.
 LANGUAGES = ("python", "js", "java", "go", "cpp", "rust")

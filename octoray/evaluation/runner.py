@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from octoray.evaluation.passk import cell_metrics
-from octoray.outputs import write_parquet_atomic
+from octoray.storage.stage_dirs import write_parquet_atomic
 
 RESULTS = "results.parquet"
 PARTS = "results.parts"
@@ -36,7 +36,7 @@ class Executor:
 
     def __init__(self, problems: dict[str, dict[str, Any]], cache_dir: str | None,
                  timeout_scale: float = 1.0, accelerated: bool = True) -> None:
-        from octoray.evaluation.execution import Limits, Sandbox
+        from octoray.evaluation.sandbox.execution import Limits, Sandbox
 
         self.problems = problems
         self.sandbox = Sandbox(cache_dir=Path(cache_dir) if cache_dir else None,
@@ -61,7 +61,7 @@ class Executor:
 
 def read_results(out_dir: Path) -> list[dict[str, Any]]:
     """Every result already on disk (consolidated file and part files), first copy of a key wins."""
-    from octoray.outputs import read_parquet
+    from octoray.storage.stage_dirs import read_parquet
 
     paths = [out_dir / RESULTS] if (out_dir / RESULTS).is_file() else []
     paths += sorted((out_dir / PARTS).glob("part-*.parquet")) if (out_dir / PARTS).is_dir() else []
@@ -81,19 +81,19 @@ def execute(samples: Sequence[dict[str, Any]], problems: dict[str, dict[str, Any
     ``problems`` maps task_id -> problem row. ``num_actors`` 0 means one per CPU in the cluster.
     ``cache_dir`` None is the sandbox's default (shared by all actors of a node: prebuilt Rust
     dependencies are built once there and reused by later runs). ``accelerated=False`` runs
-    today's per-sample build commands (see :class:`~octoray.evaluation.execution.Sandbox`).
+    today's per-sample build commands (see :class:`~octoray.evaluation.sandbox.execution.Sandbox`).
     """
     import ray
     from tqdm import tqdm
 
-    from octoray.storage import location
+    from octoray.storage.locations import location
 
     out_dir = location(out_dir)  # a path or an object-store URI
     wanted = {key_of(s) for s in samples}
     done = {key_of(r): r for r in read_results(out_dir) if key_of(r) in wanted}
     pending = [s for s in samples if key_of(s) not in done]
     if pending:
-        from octoray.node_types import require_feasible
+        from octoray.cluster.node_types import require_feasible
 
         require_feasible("eval", [{"CPU": 1}], what="execution actors of 1 CPU")
         # One per *free* CPU: CPUs held by others (a Serve replica in the pipeline) would leave
@@ -131,7 +131,7 @@ def probe_toolchains(languages: Sequence[str]) -> None:
     """
     import ray
 
-    from octoray.evaluation.execution import toolchain_problem
+    from octoray.evaluation.sandbox.execution import toolchain_problem
 
     def check(langs: Sequence[str]) -> dict[str, str]:
         found = {lang: toolchain_problem(lang) for lang in langs}
@@ -227,7 +227,7 @@ def consolidate(out_dir: Path, results: Sequence[dict[str, Any]]) -> None:
     ordered = sorted(results, key=sort_key)
     write_parquet_atomic(results_table(ordered), out_dir / RESULTS)
     parts = out_dir / PARTS
-    from octoray.storage import rmtree
+    from octoray.storage.locations import rmtree
 
     rmtree(parts)  # the parts are inside results.parquet now
 

@@ -21,7 +21,7 @@ from octoray.config import option, to_dict
 from octoray.errors import UserError
 from octoray.stage_cli import FlagAlias
 from octoray.evaluation.humanevalpack import LANGUAGES, TASKS
-from octoray.outputs import (atomic_write_json, is_complete, read_json, write_manifest,
+from octoray.storage.stage_dirs import (atomic_write_json, is_complete, read_json, write_manifest,
                              write_parquet_atomic, write_resolved_config)
 
 STAGE = "eval"
@@ -128,7 +128,7 @@ def run(cfg: EvalConfig) -> Path:
         raise UserError("refusing to execute model-generated code: pass --allow-code-execution "
                         "(programs run in octoray's sandbox, not a VM; use a disposable machine or container)")
     started = time.time()
-    from octoray.storage import location
+    from octoray.storage.locations import location
 
     out = location(cfg.out)
     fingerprint = _fingerprint(cfg)
@@ -167,7 +167,7 @@ def run(cfg: EvalConfig) -> Path:
 
 
 def _init_ray(cfg: EvalConfig) -> None:
-    from octoray.raylocal import ensure_ray
+    from octoray.cluster.connection import ensure_ray
 
     ensure_ray(address=cfg.ray_address)
 
@@ -194,7 +194,7 @@ def _load_or_generate_samples(cfg: EvalConfig, out: Path, fingerprint: dict[str,
     import pyarrow as pa
 
     from octoray.evaluation import generators
-    from octoray.outputs import read_parquet
+    from octoray.storage.stage_dirs import read_parquet
 
     if (out / SAMPLES).is_file():
         if _samples_match(out, fingerprint):

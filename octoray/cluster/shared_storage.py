@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from octoray.errors import UserError
-from octoray.storage import Location, ObjectPath
+from octoray.storage.locations import Location, ObjectPath
 
 #: Paths already shown to be shared, per driver process (the pipeline checks its root once).
 _VERIFIED: set[str] = set()

@@ -1,10 +1,10 @@
 """``octoray filter``: CommitPack rows (``commits/``) -> CommitPackFT instruction data (``sft/``).
 
-Pipeline (Ray Data, streaming; rules in :mod:`octoray.commitpackft_rules`):
+Pipeline (Ray Data, streaming; rules in :mod:`octoray.data.rules`):
 
 1. *Read* every pending input shard with ``include_paths`` so each row knows its shard.
 2. *Rules 1-7* (tasks): the subject is normalised (``pr_suffix``/``emoji_prefix``,
-   :mod:`octoray.subjects`), then vectorised Arrow predicates; each row gets ``_drop``, the
+   :mod:`octoray.data.subjects`), then vectorised Arrow predicates; each row gets ``_drop``, the
    number of the first rule it fails (0 = kept). Dropped rows lose their big columns but keep
    flowing, so the driver can count the funnel and knows when a shard is whole.
 3. *Rules 8-10 + decontamination* (an actor pool): the tokenizer and the HumanEvalPack n-gram
@@ -12,7 +12,7 @@ Pipeline (Ray Data, streaming; rules in :mod:`octoray.commitpackft_rules`):
    normalised get ``_rescued`` when the paper's rules would drop their raw subject.
 4. *Write* (driver): when all rows of input shard i of n have come back, its kept rows get their
    ``prompt``/``completion`` and are written atomically as ``OUT/data/train-i-of-N.parquet`` (a
-   Hub-style dataset folder, :mod:`octoray.layout`; N = n, plus one for the OASST shard), with the
+   Hub-style dataset folder, :mod:`octoray.storage.layout`; N = n, plus one for the OASST shard), with the
    shard's funnel in ``OUT/_funnel/<input shard name>.json``; a rerun skips shards that have both.
    OASST rows (``oasst_file``) become the last shard. ``stats.json``, the ``README.md`` dataset
    card and, last, ``manifest.json``.
@@ -28,16 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from octoray import commitpackft_rules as rules
-from octoray import dataset_card, layout, subjects
+from octoray.data import rules
+from octoray.data import dataset_card
+from octoray.storage import layout
+from octoray.data import subjects
 from octoray.config import option, to_dict
 from octoray.errors import UserError
 from octoray.evaluation.humanevalpack import LANGUAGES
-from octoray.outputs import (RESOLVED_CONFIG, STATS, atomic_write_json, atomic_write_text, iter_jsonl,
+from octoray.storage.stage_dirs import (RESOLVED_CONFIG, STATS, atomic_write_json, atomic_write_text, iter_jsonl,
                              manifest_complete, parquet_file, read_manifest, require_stage_output, stage_listing, write_manifest,
                              write_parquet_atomic, write_resolved_config)
 from octoray.progress import progress_bar
-from octoray.storage import Location, display, fs_path, location, rmtree
+from octoray.storage.locations import Location, display, fs_path, location, rmtree
 
 STAGE = "filter"
 FUNNEL_DIR = "_funnel"  # resume sidecars, outside data/ (and "_": Parquet dataset readers skip it)
@@ -149,7 +151,7 @@ def run(cfg: FilterConfig) -> Location:
 
     # Everything a worker would choke on is checked here first, as one-line errors.
     tables = rules.load_tables(cfg.verbs_file, cfg.bad_subjects_file)
-    from octoray.languages import language_table
+    from octoray.data.languages import language_table
 
     lang_table = language_table(cfg.languages_file)
     oasst = _read_oasst(location(cfg.oasst_file), cfg.oasst_limit) if cfg.oasst_file else None
@@ -160,8 +162,8 @@ def run(cfg: FilterConfig) -> Location:
     if cfg.decontam:
         _check_problems(cfg)
 
-    from octoray.raylocal import ensure_ray
-    from octoray.shared_storage import require_shared_storage
+    from octoray.cluster.connection import ensure_ray
+    from octoray.cluster.shared_storage import require_shared_storage
 
     require_shared_storage(ensure_ray(), out, "filter --out")
     _prepare_out(out, cfg, source)
@@ -272,8 +274,8 @@ def _output_schema(first_shard: Location) -> Any:
 def _filter_shards(cfg: FilterConfig, pending: list[Location], expected: dict[str, int], out_names: dict[str, str],
                    out: Location, schema: Any, tables: rules.Tables, lang_table: Any) -> None:
     """Run the pending shards through Ray Data and write each one as soon as it is whole."""
-    from octoray.raylocal import ensure_ray
-    from octoray.node_types import require_feasible
+    from octoray.cluster.connection import ensure_ray
+    from octoray.cluster.node_types import require_feasible
 
     ray = ensure_ray()  # quiet Ray Data: our bar counts rows, Ray's counts blocks per operator
     require_feasible("filter", [{"CPU": 1}], what="tasks of 1 CPU")

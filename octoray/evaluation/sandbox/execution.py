@@ -46,10 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from octoray.evaluation import go_direct, java_compiler
+from octoray.evaluation.sandbox import go_direct
+
+from octoray.evaluation.sandbox import java_compiler
 from octoray.evaluation.humanevalpack import LANGUAGES
-from octoray.evaluation.programs import CPP_HEADER, build_program
-from octoray.evaluation.shared_builds import build_lock, key_of
+from octoray.evaluation.sandbox.programs import CPP_HEADER, build_program
+from octoray.evaluation.sandbox.shared_builds import build_lock, key_of
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ DEBIAN_CARGO_REGISTRY = Path(os.environ.get("OCTORAY_CARGO_REGISTRY", "/usr/shar
 # regex's default features (aho-corasick, memchr) are a package of their own, only a Recommends.
 RUST_PACKAGES = "librust-rand-dev librust-regex-dev 'librust-regex+default-dev' librust-md5-dev"
 GOPATH = "/usr/share/gocode"  # golang-github-stretchr-testify-dev installs testify here
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 NODE_MODULES = REPO_ROOT / ".toolchains" / "node_modules"  # js-md5, scripts/install_toolchains.sh
 
 # Inside the namespaces the cache dir is bound here (a tmpfs over /mnt holds the mount point).

@@ -414,8 +414,8 @@ def reference_decision(row: Mapping[str, Any], tables: Tables, extensions_for: C
                        emoji_prefix: bool = False) -> tuple[int, str]:
     """Rules 1-7, 9, 10 on one row the plain Python way: (code of the first failing rule or 0,
     final subject). Rule 8 (tokenizer) and decontamination are not included. ``pr_suffix`` /
-    ``emoji_prefix`` normalise the subject first (:mod:`octoray.subjects`); off, as in the paper."""
-    from octoray.subjects import reference_normalise
+    ``emoji_prefix`` normalise the subject first (:mod:`octoray.data.subjects`); off, as in the paper."""
+    from octoray.data.subjects import reference_normalise
 
     old, new, path, lang = row["old_contents"], row["new_contents"], row["new_file"], row["lang"]
     subject = reference_normalise(row["subject"], pr_suffix, emoji_prefix)

@@ -82,7 +82,7 @@ class MetricsLog:
 
 def read_metrics(path: Any) -> list[dict[str, Any]]:
     """The rows of a metrics JSONL file, local or in object storage (a torn last line from a crash is skipped)."""
-    from octoray.storage import location
+    from octoray.storage.locations import location
 
     path = location(path)
     if not path.is_file():
@@ -118,8 +118,8 @@ def plot_loss(metrics_path: Any, png_path: Any) -> bool:
     fig.tight_layout()
     import io
 
-    from octoray.outputs import atomic_write_bytes
-    from octoray.storage import location
+    from octoray.storage.stage_dirs import atomic_write_bytes
+    from octoray.storage.locations import location
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

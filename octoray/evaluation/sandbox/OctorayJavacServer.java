@@ -1,6 +1,6 @@
 // Reads sample directory names (one per line, relative to args[0]) and compiles each one's
 // Main.java like `javac Main.java` run there; answers with javac's exit code. Started by
-// octoray/evaluation/java_compiler.py inside the sandbox.
+// octoray/evaluation/sandbox/java_compiler.py inside the sandbox.
 import java.io.*;
 import java.nio.charset.StandardCharsets;
 import javax.tools.JavaCompiler;

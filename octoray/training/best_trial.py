@@ -20,8 +20,8 @@ from typing import Any
 
 from octoray.config import from_mapping, to_dict
 from octoray.errors import UserError
-from octoray.outputs import read_json, require_stage_output
-from octoray.storage import Location, location
+from octoray.storage.stage_dirs import read_json, require_stage_output
+from octoray.storage.locations import Location, location
 
 BEST_FILE = "best.json"
 
@@ -73,7 +73,7 @@ def read_best(tune_dir: Location) -> dict[str, Any]:
 
 def apply_best(cfg: Any) -> tuple[Any, Handoff]:
     """``cfg`` (a TrainConfig with ``hparams`` set) with the best trial's hyperparameters applied."""
-    from octoray.training import TrainConfig
+    from octoray.training.driver import TrainConfig
 
     tune_dir = location(cfg.hparams).resolve()
     best = read_best(tune_dir)

@@ -12,7 +12,7 @@ Pipeline (each step streams; no git process per commit):
    ``OUT/.work/<repo>/part-NNNNN.parquet`` with its drop counts beside it, so a rerun skips it.
 3. *Finalize* (driver): deduplicate by commit SHA across repositories (forks are joined in
    ``repos``), publish the shards as ``OUT/data/train-NNNNN-of-NNNNN.parquet`` (a Hub-style dataset
-   folder, :mod:`octoray.layout`), then ``stats.json``, the ``README.md`` dataset card and, last,
+   folder, :mod:`octoray.storage.layout`), then ``stats.json``, the ``README.md`` dataset card and, last,
    ``manifest.json``.
 
 ``OUT`` may be a local path, a shared mount or an object-store URI (``s3://bucket/prefix``); on a
@@ -36,18 +36,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from octoray import dataset_card, gitio, layout
+from octoray.data import dataset_card
+
+from octoray.data import gitio
+
+from octoray.storage import layout
 from octoray.config import option
 from octoray.errors import UserError
-from octoray.languages import LanguageTable, language_table
-from octoray.licenses import LICENSE_FILE_NAMES, PERMISSIVE, classify_license
-from octoray.raylocal import ensure_ray, unreserved_ray_data
-from octoray.node_types import cluster_capacity, require_feasible
-from octoray.outputs import (STATS, atomic_write_json, atomic_write_text, manifest_complete, read_manifest,
+from octoray.data.languages import LanguageTable, language_table
+from octoray.data.licenses import LICENSE_FILE_NAMES, PERMISSIVE, classify_license
+from octoray.cluster.connection import ensure_ray, unreserved_ray_data
+from octoray.cluster.node_types import cluster_capacity, require_feasible
+from octoray.storage.stage_dirs import (STATS, atomic_write_json, atomic_write_text, manifest_complete, read_manifest,
                              read_parquet, stage_listing, write_manifest, write_parquet_atomic, write_resolved_config)
 from octoray.progress import progress_bar
-from octoray.shared_storage import require_shared_storage
-from octoray.storage import Location, ObjectPath, copy_file, location, rmtree, scratch_dir
+from octoray.cluster.shared_storage import require_shared_storage
+from octoray.storage.locations import Location, ObjectPath, copy_file, location, rmtree, scratch_dir
 
 STAGE = "mine"
 
@@ -161,7 +165,7 @@ def run(cfg: MineConfig) -> Location:
 
     items = [dataclasses.asdict(s) for s in sources]
     # Each dataset below is one map over git work: no per-operator reservation, so every
-    # worker starts at once (octoray.raylocal.unreserved_ray_data).
+    # worker starts at once (octoray.cluster.connection.unreserved_ray_data).
     with unreserved_ray_data():
         plans = list(ray.data.from_items(items, override_num_blocks=len(items))
                      .map(lambda row: _plan_repo(Source(**row), cfg, work), compute=compute).iter_rows())
@@ -560,7 +564,7 @@ def _finalize(out: Location, work: Location, keys: list[str]) -> tuple[int, list
     Only the small ``commit``/``repo`` columns are read to find duplicates. A chunk shard without
     duplicates or forks is published as it is (a hard link, no rewrite of file contents); only
     shards that lose a duplicate row or gain fork names in ``repos`` are rewritten. Shards are
-    named ``data/train-i-of-n`` (:func:`octoray.layout.shard_name`): the count is known here, after
+    named ``data/train-i-of-n`` (:func:`octoray.storage.layout.shard_name`): the count is known here, after
     every chunk is mined. Shards of an earlier finalize that are not in the new list, and shards
     of the legacy flat layout, are removed so the data glob holds exactly the manifest's rows.
     """

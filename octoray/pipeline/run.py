@@ -1,7 +1,7 @@
 """``octoray pipeline CONFIG``: mine -> filter -> [tune] -> train -> serve -> eval -> report.
 
 With 'tune' among the stages, the train stage trains with the best trial's hyperparameters
-(``train.hparams`` = the tune directory; see :mod:`octoray.hparams`).
+(``train.hparams`` = the tune directory; see :mod:`octoray.training.best_trial`).
 
 Every stage writes its own directory under ``out`` (a path, a shared mount or an object-store URI
 such as ``s3://bucket/runs/demo``) and is skipped when that output is complete,
@@ -26,7 +26,7 @@ from typing import Any
 from octoray.config import load_config, option
 from octoray.errors import UserError
 from octoray.stage_cli import FlagAlias
-from octoray.outputs import atomic_write_json, is_complete
+from octoray.storage.stage_dirs import atomic_write_json, is_complete
 
 STAGES = ("mine", "filter", "tune", "train", "serve", "eval", "report")
 LATENCY_FILE = "latency.json"
@@ -87,10 +87,10 @@ def run(cfg: PipelineConfig, stage_cfgs: dict[str, Any]) -> Path:
     wanted = [s for s in STAGES if s in cfg.stages]
     print(f"octoray pipeline: {cfg.name} -> {root}  (stages: {' -> '.join(wanted)})", flush=True)
 
-    from octoray.raylocal import ensure_ray
+    from octoray.cluster.connection import ensure_ray
 
-    ray = ensure_ray(dashboard="tune" in wanted)  # tune needs the State API (octoray.tuning._require_state_api)
-    from octoray.shared_storage import require_shared_storage
+    ray = ensure_ray(dashboard="tune" in wanted)  # tune needs the State API (octoray.training.tuning._require_state_api)
+    from octoray.cluster.shared_storage import require_shared_storage
 
     require_shared_storage(ray, root, "out")  # before any work: every node must see the outputs
     for stage in ("mine", "filter", "tune", "train"):
@@ -101,8 +101,7 @@ def run(cfg: PipelineConfig, stage_cfgs: dict[str, Any]) -> Path:
         _banner("serve + eval", dirs["eval"])
         _serve_and_evaluate(cfg, stage_cfgs, dirs, evaluate="eval" in wanted)
     if "report" in wanted:
-        from octoray import report
-
+        from octoray.pipeline.run import report
         _banner("report", dirs["report"])
         path = report.write_report(root, dirs["report"])
         print(f"report: {path}")
@@ -111,7 +110,7 @@ def run(cfg: PipelineConfig, stage_cfgs: dict[str, Any]) -> Path:
 
 
 def _root(cfg: PipelineConfig) -> Path:
-    from octoray.storage import location
+    from octoray.storage.locations import location
 
     return location(cfg.out or f"runs/{cfg.name}")
 
@@ -131,8 +130,8 @@ def _banner(stage: str, out: Path) -> None:
 def stage_configs(config_path: str | Path, by_stage: dict[str, list[str]], cfg: PipelineConfig,
                    dirs: dict[str, Path]) -> dict[str, Any]:
     """Each wanted stage's typed config, wired to the previous stage's directory."""
-    from octoray import filtering, mining
-
+    from octoray.data import filtering
+    from octoray.data import mining
     configs: dict[str, Any] = {}
     problems: list[str] = []
 
@@ -150,22 +149,17 @@ def stage_configs(config_path: str | Path, by_stage: dict[str, list[str]], cfg: 
         load("filter", filtering.FilterConfig, {"commits": str(dirs["mine"]), "out": str(dirs["filter"]),
                                                 "humanevalpack_dir": cfg.humanevalpack_dir})
     if wanted & {"train", "tune", "serve"}:
-        from octoray import training
-
-        # After a tune, training starts from the best trial's hyperparameters (train/config.yaml
+        from octoray.training.driver import driver as training  # After a tune, training starts from the best trial's hyperparameters (train/config.yaml
         # and the log say which); train.hparams=null on the command line keeps the train: section's.
         hparams = str(dirs["tune"]) if "tune" in wanted and "train" in wanted else None
         load("train", training.TrainConfig, {"data": str(dirs["filter"]), "out": str(dirs["train"]),
                                              "hparams": hparams})
     if "tune" in wanted:
-        from octoray import tuning
-
-        # The search space against the trial budget (the train: section), before any work.
+        from octoray.training.driver import tuning  # The search space against the trial budget (the train: section), before any work.
         check = (lambda t: tuning.check_search_space(t, configs["train"])) if "train" in configs else None
         load("tune", tuning.TuneConfig, {"data": str(dirs["filter"]), "out": str(dirs["tune"])}, check)
     if "serve" in wanted:
-        from octoray import serving
-
+        from octoray.serving.app import app as serving
         load("serve", serving.ServeConfig, {"model": str((dirs["train"] / "model").resolve()),
                                             "model_name": cfg.name})
     if "eval" in wanted:
@@ -182,20 +176,16 @@ def stage_configs(config_path: str | Path, by_stage: dict[str, list[str]], cfg: 
 def _run_stage(stage: str, stage_cfgs: dict[str, Any]) -> None:
     """Run one stage; each stage itself skips work its output already holds."""
     if stage == "mine":
-        from octoray import mining
-
+        from octoray.data import mining
         mining.run(stage_cfgs["mine"])
     elif stage == "filter":
-        from octoray import filtering
-
+        from octoray.data import filtering
         filtering.run(stage_cfgs["filter"])
     elif stage == "tune":
-        from octoray import tuning
-
+        from octoray.training.driver import tuning
         tuning.run(stage_cfgs["tune"], stage_cfgs["train"])  # trials start from the train: section
     elif stage == "train":
-        from octoray import training
-
+        from octoray.training.driver import driver as training
         training.run(stage_cfgs["train"])
 
 
@@ -206,14 +196,12 @@ def _serve_and_evaluate(cfg: PipelineConfig, stage_cfgs: dict[str, Any], dirs: d
     if (not evaluate or is_complete(dirs["eval"], "eval")) and latency_file.is_file():
         print("serve + eval: already complete; nothing to do")
         return
-    from octoray import serving
-
+    from octoray.serving.app import app as serving
     url = serving.start(stage_cfgs["serve"])
     print(f"serving {cfg.name} at {url}", flush=True)
     try:
         if evaluate:
             from octoray.evaluation import stage as evaluation
-
             evaluation.run(replace(stage_cfgs["eval"], generator=f"endpoint:{url}"))
         latency = measure_latency(url, cfg.name, cfg.latency_requests, cfg.latency_concurrency)
         atomic_write_json(latency_file, latency)

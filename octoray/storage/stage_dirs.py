@@ -1,8 +1,8 @@
 """Stage output directories: atomic writes, manifests, completeness.
 
 Every stage writes Parquet shards plus ``manifest.json`` (and often ``stats.json``) into its own
-directory (where inside it: :mod:`octoray.layout`), which may be a local/shared path or an
-object-store URI (:mod:`octoray.storage`).
+directory (where inside it: :mod:`octoray.storage.layout`), which may be a local/shared path or an
+object-store URI (:mod:`octoray.storage.locations`).
 On a file system, files are written under a temporary name and renamed when whole; on an object
 store, where there is no rename, each file is one upload that becomes visible only when complete.
 Either way a crash never leaves a half-written shard that a rerun would trust.
@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from octoray import __version__
 from octoray.config import dump_yaml, to_dict
 from octoray.errors import UserError
-from octoray.storage import Location, ObjectPath, fs_path, location, upload_file
+from octoray.storage.locations import Location, ObjectPath, fs_path, location, upload_file
 
 MANIFEST = "manifest.json"
 STATS = "stats.json"
@@ -108,10 +108,10 @@ def parquet_file(path: Location) -> Any:
 def stage_listing(stage_dir: Location) -> list[str]:
     """Names (relative, ``/``-separated) of the files where a stage directory may hold shards.
 
-    Which places to look is :data:`octoray.layout.LISTING_GLOBS`; this only lists them, on any
+    Which places to look is :data:`octoray.storage.layout.LISTING_GLOBS`; this only lists them, on any
     location (object stores list one prefix level at a time, so each pattern is dir + name).
     """
-    from octoray.layout import LISTING_GLOBS
+    from octoray.storage.layout import LISTING_GLOBS
 
     found = []
     for pattern in LISTING_GLOBS:

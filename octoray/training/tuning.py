@@ -1,7 +1,7 @@
 """``octoray tune``: Ray Tune over the training hyperparameters, with ASHA early stopping.
 
 Each trial is a small function that builds one ``TorchTrainer`` through
-:func:`octoray.training.fit`, so trials run the very same ``train_loop_per_worker`` as
+:func:`octoray.training.driver.fit`, so trials run the very same ``train_loop_per_worker`` as
 ``octoray train`` (Ray 2.60: ``Tuner(trainer)`` is deprecated; a function per trial is the way).
 Workers report ``val_loss`` with every checkpoint; ``TuneReportCallback`` forwards those reports
 to Tune (it is Ray's bridge from ``ray.train.report`` on the workers to ``ray.tune.report``),
@@ -13,10 +13,10 @@ checked against the trial budget before any trial starts. ``DIR/best.json`` name
 its hyperparameters, its validation loss and its best checkpoint, with a row per trial (its
 validation curve, steps run, whether ASHA stopped it); ``DIR/trials/<trial_id>/`` holds each
 trial's run. ``octoray train --hparams DIR`` (and the pipeline's train stage) train with the best
-trial's hyperparameters (:mod:`octoray.hparams`).
+trial's hyperparameters (:mod:`octoray.training.best_trial`).
 
 When the search ends, however it ends, every placement group it created is removed before the
-function returns (:mod:`octoray.resources`), so the next stage finds the cluster free.
+function returns (:mod:`octoray.cluster.resources`), so the next stage finds the cluster free.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional
 
 from octoray.config import ConfigError, from_mapping, load_config, option, to_dict
 from octoray.errors import UserError
-from octoray.outputs import (RESOLVED_CONFIG, atomic_write_json, is_complete, read_manifest, require_stage_output,
+from octoray.storage.stage_dirs import (RESOLVED_CONFIG, atomic_write_json, is_complete, read_manifest, require_stage_output,
                              write_manifest, write_resolved_config)
 
 STAGE = "tune"
@@ -93,7 +93,7 @@ class TuneConfig:
     def input_problems(self) -> list[str]:
         """What ``octoray tune`` by itself needs: SFT data that exists and an output directory (the
         pipeline writes the data as it goes, so this is not part of :meth:`problems`)."""
-        from octoray.training import input_dir_problems
+        from octoray.training.driver import input_dir_problems
 
         return input_dir_problems(data=self.data, out=self.out)
 
@@ -110,7 +110,7 @@ def load(path: str | None, overrides: list[str], nested: dict[str, list[str]], *
     command line (``train.key=value`` sets a train: key); the search space is checked against the
     trial budget together with the tune: section's own checks."""
     from octoray.stage_cli import input_check
-    from octoray.training import TrainConfig
+    from octoray.training.driver import TrainConfig
 
     train_cfg = load_config(TrainConfig, path, nested.get("train", []), section="train")
     own_inputs = input_check(check_inputs)
@@ -149,7 +149,7 @@ def check_search_space(tcfg: TuneConfig, train_cfg: Any) -> list[str]:
 
 
 def _trial_base(train_cfg: Any, tcfg: TuneConfig) -> tuple[Any, list[str]]:
-    from octoray.training import TrainConfig
+    from octoray.training.driver import TrainConfig
 
     changes: dict[str, Any] = {"val_fraction": tcfg.val_fraction, "export": False, "fail_at_step": 0,
                                "data": None, "out": None, "hparams": None, "from_best_checkpoint": False}
@@ -190,12 +190,12 @@ def run(tcfg: TuneConfig, train_cfg: Any) -> Path:
 
 
 def _run(tcfg: TuneConfig, train_cfg: Any) -> Path:
-    from octoray.training import _init_ray, prepare_datasets, resolve_model
+    from octoray.training.driver import _init_ray, prepare_datasets, resolve_model
 
     started = time.time()
     if tcfg.data is None or tcfg.out is None:
         raise UserError("pass --data SFT_DIR (the output of 'octoray filter') and --out DIR")
-    from octoray.storage import location
+    from octoray.storage.locations import location
 
     data_dir, out_dir = location(tcfg.data).resolve(), location(tcfg.out).resolve()
     sft_manifest = require_stage_output(data_dir, "filter", "SFT data")
@@ -216,8 +216,8 @@ def _run(tcfg: TuneConfig, train_cfg: Any) -> Path:
         _require_optuna()
     datasets, counts = prepare_datasets(base, data_dir, model_path)
 
-    from octoray.resources import placement_groups, release_placement_groups
-    from octoray.training import _wait_for_workers
+    from octoray.cluster.resources import placement_groups, release_placement_groups
+    from octoray.training.driver import _wait_for_workers
 
     before = set(placement_groups())
     try:
@@ -276,7 +276,7 @@ def _require_state_api() -> None:
     whether the controller died. Without the dashboard that question fails, the CPUs stay
     reserved, and every later trial waits for a worker group that never starts.
     """
-    from octoray.raylocal import has_state_api
+    from octoray.cluster.connection import has_state_api
 
     if not has_state_api():
         raise UserError("octoray tune needs Ray's State API (the dashboard): start the cluster with "
@@ -301,7 +301,7 @@ def max_concurrent(tcfg: TuneConfig, base: Any) -> int:
         return tcfg.max_concurrent_trials
     import ray
 
-    from octoray.training import _use_gpu
+    from octoray.training.driver import _use_gpu
 
     resources = ray.cluster_resources()
     # One CPU stays free for each trial's Ray Data ingest tasks: trials whose workers take every
@@ -337,7 +337,7 @@ def _run_tuner(tcfg: TuneConfig, base: Any, model_path: str, datasets: dict[str,
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from octoray.training import _ray_storage
+    from octoray.training.driver import _ray_storage
 
     reports = math.ceil(base.max_steps / base.checkpoint_every)  # one val_loss per checkpoint
     trainable = tune.with_parameters(_trial, base=to_dict(base), model_path=model_path,
@@ -366,8 +366,8 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], model_path: str, tri
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from octoray.storage import location
-    from octoray.training import TrainConfig, fit
+    from octoray.storage.locations import location
+    from octoray.training.driver import TrainConfig, fit
 
     cfg = from_mapping(TrainConfig, {**base, **params}, source="trial config")
     trial_id = ray.tune.get_context().get_trial_id()
@@ -405,7 +405,7 @@ def summarize(results: Any, base: Any, trials_dir: Path) -> dict[str, Any]:
     it ran, from its metrics.jsonl: the compute it cost), val_curve ([step, val_loss] per report),
     status (completed / stopped by ASHA / error) and error (one line).
     """
-    from octoray.run_metrics import read_metrics
+    from octoray.training.metrics import read_metrics
 
     trials = []
     for result in results:

@@ -2,10 +2,10 @@
 
 :class:`CompletionServer` loads the model, builds a Starlette app with ``POST /v1/completions``
 (plain and streamed), ``GET /v1/models`` and ``GET /healthz``, turns each request into
-:class:`~octoray.decoding.Sequence` s and hands them to its
-:class:`~octoray.serving_scheduler.BatchScheduler`. The protocol's rules (validation, error
-bodies, response shapes) live in :mod:`octoray.openai_api`; deploying this class is
-:func:`octoray.serving.build_app`'s job.
+:class:`~octoray.serving.decoding.Sequence` s and hands them to its
+:class:`~octoray.serving.scheduler.BatchScheduler`. The protocol's rules (validation, error
+bodies, response shapes) live in :mod:`octoray.serving.protocol`; deploying this class is
+:func:`octoray.serving.app.build_app`'s job.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import time
 from typing import Any
 
 from octoray.config import from_mapping
-from octoray.decoding import BatchDecoder, Sequence
-from octoray.openai_api import (SSE_DONE, APIError, completion_chunk, completion_response, error_body, models_response,
+from octoray.serving.decoding import BatchDecoder, Sequence
+from octoray.serving.protocol import (SSE_DONE, APIError, completion_chunk, completion_response, error_body, models_response,
                                new_request_id, parse_completion_request, sse, usage_chunk)
-from octoray.serving import FALLBACK_MAX_MODEL_LEN, ServeConfig
-from octoray.serving_scheduler import BatchScheduler
+from octoray.serving.app import FALLBACK_MAX_MODEL_LEN, ServeConfig
+from octoray.serving.scheduler import BatchScheduler
 
 logger = logging.getLogger("octoray.serve")
 
@@ -167,7 +167,7 @@ def _torch_dtype(name: str, device: Any, model: str) -> Any:
         return torch.float32  # half precision is slow or unsupported on most CPUs
     from transformers import AutoConfig
 
-    from octoray.storage import local_copy
+    from octoray.storage.locations import local_copy
 
     config = AutoConfig.from_pretrained(local_copy(model))
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

@@ -30,7 +30,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from octoray.evaluation.shared_builds import build_lock, key_of
+from octoray.evaluation.sandbox.shared_builds import build_lock, key_of
 
 # cmd/go's defaultVetFlags (go1.19 cmd/go/internal/test/test.go): the analyzers go test runs.
 VET_FLAGS = "-atomic -bool -buildtags -errorsas -ifaceassert -nilfunc -printf -stringintconv"

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Callable, Literal
 
-from octoray.evaluation.shared_builds import build_lock, key_of
+from octoray.evaluation.sandbox.shared_builds import build_lock, key_of
 
 CompileStatus = Literal["ok", "fail", "timeout", "crashed"]
 

@@ -2,15 +2,15 @@
 
 :class:`BatchScheduler` takes the sequences of each request (prompt x ``n``), gathers them with
 Ray Serve's ``@serve.batch`` and decodes up to ``max_batch_size`` of them at a time on one
-:class:`~octoray.decoding.BatchDecoder`. It knows nothing of HTTP (that is
-:mod:`octoray.serving_http`) nor of sampling (that is :mod:`octoray.decoding`).
+:class:`~octoray.serving.decoding.BatchDecoder`. It knows nothing of HTTP (that is
+:mod:`octoray.serving.replica`) nor of sampling (that is :mod:`octoray.serving.decoding`).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from octoray.decoding import BatchDecoder, Sequence
+from octoray.serving.decoding import BatchDecoder, Sequence
 
 
 class BatchScheduler:

@@ -1,7 +1,7 @@
 """The OpenAI completions protocol: request validation, error bodies, responses, SSE chunks.
 
 Pure Python (no torch, no ray, no web framework), so every rule here is unit-tested without a
-server. :mod:`octoray.serving_http` parses each request with :func:`parse_completion_request`, turns
+server. :mod:`octoray.serving.replica` parses each request with :func:`parse_completion_request`, turns
 an :class:`APIError` into its HTTP status and OpenAI-style body, and builds its answers with the
 ``*_response`` / ``*_chunk`` helpers below.
 

@@ -3,22 +3,22 @@
     octoray serve runs/demo/model --host 127.0.0.1 --port 8000 max_batch_size=32
 
 This module holds the config, the command line and the Ray lifecycle: it checks the model once,
-joins or starts Ray (:func:`octoray.raylocal.ensure_ray`) and deploys one Ray Serve deployment
+joins or starts Ray (:func:`octoray.cluster.connection.ensure_ray`) and deploys one Ray Serve deployment
 whose replicas answer ``POST /v1/completions`` (plain and streamed), ``GET /v1/models`` and
 ``GET /healthz``. Replicas autoscale on ongoing requests; each takes ``num_gpus`` when the
 cluster has GPUs. ``engine=vllm`` serves the same API through Ray Serve LLM (vLLM) instead.
 
 The replica is built from parts with one job each:
 
-- :mod:`octoray.serving_http`: the replica (:class:`~octoray.serving_http.CompletionServer`),
+- :mod:`octoray.serving.replica`: the replica (:class:`~octoray.serving.replica.CompletionServer`),
   its HTTP routes and the request -> sequences -> response path;
-- :mod:`octoray.openai_api`: the protocol's rules (validation, error bodies, response shapes);
-- :mod:`octoray.serving_scheduler`: ``@serve.batch`` gathering sequences of concurrent requests
+- :mod:`octoray.serving.protocol`: the protocol's rules (validation, error bodies, response shapes);
+- :mod:`octoray.serving.scheduler`: ``@serve.batch`` gathering sequences of concurrent requests
   into batches, finished sequences leaving early;
-- :mod:`octoray.decoding`: left-padded batched decoding with a KV cache and per-row sampling.
+- :mod:`octoray.serving.decoding`: left-padded batched decoding with a KV cache and per-row sampling.
 
 Python callers (tests, the pipeline) use ``url = start(cfg)`` ... ``shutdown()``; KubeRay's
-``RayService`` points at ``octoray.serving:app_builder``.
+``RayService`` points at ``octoray.serving.app:app_builder``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Literal, Optional
 
 from octoray.config import from_mapping, option, to_dict
 from octoray.errors import UserError
-from octoray.node_types import require_feasible, resource_problems
+from octoray.cluster.node_types import require_feasible, resource_problems
 
 #: Context length assumed when neither the config nor the model says one.
 FALLBACK_MAX_MODEL_LEN = 2048
@@ -111,7 +111,7 @@ def start(cfg: ServeConfig) -> str:
     import ray
     from ray import serve
 
-    from octoray.raylocal import ensure_ray
+    from octoray.cluster.connection import ensure_ray
 
     redeploy = _serving_at == (cfg.host, cfg.port)
     if not redeploy:
@@ -173,7 +173,7 @@ def build_app(cfg: ServeConfig) -> Any:
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """Entry point for Serve config files / KubeRay ``RayService``: ``import_path: octoray.serving:app_builder``.
+    """Entry point for Serve config files / KubeRay ``RayService``: ``import_path: octoray.serving.app:app_builder``.
 
     ``args`` holds :class:`ServeConfig` keys (``model`` at least); host and port come from the
     Serve config's ``http_options`` there, not from ``args``.
@@ -216,7 +216,7 @@ def _app(cfg: ServeConfig) -> Any:
     """:func:`build_app` for a ``cfg`` that :func:`resolve` has already checked and filled in."""
     from ray import serve
 
-    from octoray.serving_http import CompletionServer
+    from octoray.serving.replica import CompletionServer
 
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else _default_num_gpus()
     if cfg.engine == "vllm":
@@ -235,7 +235,7 @@ def _app(cfg: ServeConfig) -> Any:
 def _preflight(cfg: ServeConfig) -> tuple[str, int]:
     """Resolve a local model path and find the context length, failing in one line before deploying."""
     from octoray.modeling import preflight_model
-    from octoray.storage import is_uri, local_copy
+    from octoray.storage.locations import is_uri, local_copy
 
     if is_uri(cfg.model):
         # A model directory URI stays a URI: every replica downloads it once to its node's cache

@@ -3,7 +3,7 @@
 :class:`Sequence` is one completion being generated with its own sampling settings (temperature,
 top_p, seed, stop strings, ``max_tokens``); :class:`BatchDecoder` decodes a list of them together
 with a Hugging Face causal LM, one forward pass per step for the whole batch. Torch only: no Ray,
-no HTTP (the server's scheduler, :mod:`octoray.serving_scheduler`, drives it).
+no HTTP (the server's scheduler, :mod:`octoray.serving.scheduler`, drives it).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from octoray.evaluation.humanevalpack import LANGUAGES
-from octoray.outputs import STATS, atomic_write_text
+from octoray.storage.stage_dirs import STATS, atomic_write_text
 
 #: OctoCoder pass@1 (%) from the OctoPack paper (COMMITPACKFT.md), task -> language -> value.
 OCTOCODER_PASS1 = {
@@ -26,10 +26,10 @@ OCTOCODER_PASS1 = {
 def write_report(root: Any, out: Any) -> Any:
     """Write ``out/report.md`` (+ PNGs) from the stage directories under ``root``; returns its path.
 
-    ``root`` and ``out`` may be paths or object-store locations (:mod:`octoray.storage`); for the
+    ``root`` and ``out`` may be paths or object-store locations (:mod:`octoray.storage.locations`); for the
     latter the report is drawn in a local temp directory and uploaded, ``report.md`` last.
     """
-    from octoray.storage import ObjectPath, upload_dir
+    from octoray.storage.locations import ObjectPath, upload_dir
 
     if isinstance(out, ObjectPath):
         import tempfile
@@ -154,7 +154,7 @@ def _cell(value: Any) -> str:
 
 
 def _training_section(run_dir: Path, out: Path) -> str:
-    from octoray.run_metrics import plot_loss, read_metrics
+    from octoray.training.metrics import plot_loss, read_metrics
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     if not rows:

@@ -1,7 +1,7 @@
 """The dataset card (``README.md``) of a data stage directory (``commits/``, ``sft/``).
 
 The YAML header is Hub dataset-card metadata: ``configs`` names the split's data files
-(:data:`octoray.layout.DATA_FILES_PATTERN`), so ``datasets.load_dataset(DIR)`` reads exactly the
+(:data:`octoray.storage.layout.DATA_FILES_PATTERN`), so ``datasets.load_dataset(DIR)`` reads exactly the
 shards and nothing of octoray's own files; ``license``, ``language``, ``size_categories``,
 ``task_categories`` and ``tags`` are what the Hub indexes. The body says how the data was made:
 octoray version, the command and resolved config, the funnel with the rows each rule dropped, the
@@ -24,7 +24,7 @@ import yaml
 
 from octoray import __version__
 from octoray.config import dump_yaml
-from octoray.layout import DATA_DIR, DATA_FILES_PATTERN, DATA_GLOB, SPLIT
+from octoray.storage.layout import DATA_DIR, DATA_FILES_PATTERN, DATA_GLOB, SPLIT
 
 #: The Hub's size categories: (upper bound, label), the first bound above the row count wins.
 _SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
@@ -65,7 +65,7 @@ class DataSummary:
 def summarize(shards: Iterable[Any]) -> DataSummary:
     """Row, language, license and repository counts of Parquet ``shards`` (paths or object-store
     locations), column-wise."""
-    from octoray.outputs import parquet_file
+    from octoray.storage.stage_dirs import parquet_file
 
     rows, langs, licenses, repos = 0, Counter(), Counter(), Counter()
     repo_license: dict[str, str] = {}

@@ -31,11 +31,11 @@ from typing import Any, Literal, Optional, Sequence
 
 from octoray.config import option, to_dict
 from octoray.errors import UserError
-from octoray.node_types import require_feasible, resource_problems
-from octoray.outputs import is_complete, require_stage_output, write_manifest, write_resolved_config
+from octoray.cluster.node_types import require_feasible, resource_problems
+from octoray.storage.stage_dirs import is_complete, require_stage_output, write_manifest, write_resolved_config
 from octoray.progress import progress_bar
-from octoray.storage import Location, ObjectPath, display, local_copy, location, scratch_dir, upload_dir
-from octoray.run_metrics import LOSS_PNG, METRICS_FILE, MetricsLog, mfu, peak_flops, plot_loss
+from octoray.storage.locations import Location, ObjectPath, display, local_copy, location, scratch_dir, upload_dir
+from octoray.training.metrics import LOSS_PNG, METRICS_FILE, MetricsLog, mfu, peak_flops, plot_loss
 
 STAGE = "train"
 #: DeepSpeed checkpoint tag inside every Ray checkpoint directory.
@@ -146,7 +146,7 @@ class TrainConfig:
 def input_dir_problems(*, data: Optional[str], out: Optional[str], hparams: Optional[str] = None) -> list[str]:
     """The input checks of train and tune: ``data`` and ``out`` given, ``data`` and ``hparams`` existing
     directories when local; object-store URIs are not checked (that would need the network)."""
-    from octoray.storage import is_uri
+    from octoray.storage.locations import is_uri
 
     found = []
     if not data:
@@ -190,7 +190,7 @@ def _run(cfg: TrainConfig) -> Location:
     sft_manifest = require_stage_output(data_dir, "filter", "SFT data")
     handoff = None
     if cfg.hparams is not None:
-        from octoray.hparams import apply_best
+        from octoray.training.best_trial import apply_best
 
         cfg, handoff = apply_best(cfg)
     if is_complete(run_dir, STAGE):
@@ -203,7 +203,7 @@ def _run(cfg: TrainConfig) -> Location:
     _init_ray()
     import ray
 
-    from octoray.shared_storage import require_shared_storage
+    from octoray.cluster.shared_storage import require_shared_storage
 
     require_shared_storage(ray, run_dir, "train --out")
     _write_config(run_dir, cfg, handoff)
@@ -229,14 +229,14 @@ def _write_config(run_dir: Location, cfg: TrainConfig, handoff: Any) -> None:
         write_resolved_config(run_dir, cfg)
         return
     from octoray.config import dump_yaml
-    from octoray.outputs import RESOLVED_CONFIG, atomic_write_text
+    from octoray.storage.stage_dirs import RESOLVED_CONFIG, atomic_write_text
 
     atomic_write_text(run_dir / RESOLVED_CONFIG, f"# {handoff.summary()}\n{dump_yaml(cfg)}")
 
 
 def _warn_if_stale(run_dir: Location, handoff: Any) -> None:
     """A finished run is kept; say so when the tune it took its hyperparameters from has a new winner."""
-    from octoray.outputs import read_manifest
+    from octoray.storage.stage_dirs import read_manifest
 
     if handoff is None:
         return
@@ -257,7 +257,7 @@ def _seed_from_trial(handoff: Any, run_dir: Path) -> None:
     metrics = handoff.checkpoint.parent / METRICS_FILE
     if metrics.is_file() and not (run_dir / METRICS_FILE).exists():
         # The loss curve of the continued run starts at step 1, not at the checkpoint.
-        from octoray.run_metrics import read_metrics
+        from octoray.training.metrics import read_metrics
 
         rows = [r for r in read_metrics(metrics) if r["step"] <= state["step"]]
         (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -269,7 +269,7 @@ def _wait_for_workers(cfg: TrainConfig, what: str) -> None:
     Ray Train itself would retry a worker group that cannot be placed for ever; this fails
     within ``resource_wait_s`` with a line naming what holds the cluster.
     """
-    from octoray.resources import wait_for_resources
+    from octoray.cluster.resources import wait_for_resources
 
     bundles = [_worker_resources(cfg)] * cfg.num_workers
     # A request no node type can ever hold fails now, naming the node types; one that fits waits
@@ -294,7 +294,7 @@ def _require_paths(cfg: TrainConfig) -> tuple[Location, Location]:
 
 
 def _init_ray(dashboard: bool = False) -> None:
-    from octoray.raylocal import ensure_ray
+    from octoray.cluster.connection import ensure_ray
 
     # RAY_ADDRESS (set by Ray Jobs) joins a cluster; otherwise a local one starts. Workers' logs
     # (per-step progress) reach the driver.
@@ -336,9 +336,9 @@ def resolve_model(cfg: TrainConfig, data_dir: Location, run_dir: Location) -> st
 
 def sft_files(data_dir: Location) -> list[str]:
     """The Parquet shards of an ``sft/`` directory (paths, or URIs when it is in object storage),
-    in either layout (:func:`octoray.layout.data_files`)."""
-    from octoray.layout import data_files
-    from octoray.outputs import read_manifest, stage_listing
+    in either layout (:func:`octoray.storage.layout.data_files`)."""
+    from octoray.storage.layout import data_files
+    from octoray.storage.stage_dirs import read_manifest, stage_listing
 
     data_dir = location(data_dir)
     files = [str(data_dir / name) for name in data_files(read_manifest(data_dir), stage_listing(data_dir))]
@@ -349,7 +349,7 @@ def sft_files(data_dir: Location) -> list[str]:
 
 def sft_texts(data_dir: Location, limit: int) -> list[str]:
     """Up to ``limit`` prompt+completion strings, to train the demo tokenizer on."""
-    from octoray.outputs import read_parquet
+    from octoray.storage.stage_dirs import read_parquet
 
     texts: list[str] = []
     for path in sft_files(data_dir):
@@ -364,9 +364,9 @@ def prepare_datasets(cfg: TrainConfig, data_dir: Location, model_path: str) -> t
     """Ray Data: read ``sft/``, mix in OASST at ``oasst_ratio``, shuffle, pack, split off validation."""
     import ray.data
 
-    from octoray.outputs import parquet_file
-    from octoray.packing import pack_batch
-    from octoray.storage import fs_path
+    from octoray.storage.stage_dirs import parquet_file
+    from octoray.training.packing import pack_batch
+    from octoray.storage.locations import fs_path
 
     files = sft_files(data_dir)
     schema = parquet_file(location(files[0])).schema_arrow
@@ -409,7 +409,7 @@ def _mix_oasst(ds: Any, files: list[str], ratio: float, seed: int) -> tuple[Any,
     filter in the read tasks instead of filter + shuffle + limit + union, and the same rows on
     every rerun (the driver counts them with the same rule for the manifest).
     """
-    from octoray.outputs import read_parquet
+    from octoray.storage.stage_dirs import read_parquet
 
     oasst_rows: list[tuple[str, str]] = []
     n_total = 0
@@ -495,7 +495,7 @@ def _use_gpu(cfg: TrainConfig) -> bool:
 
 
 def _last_metrics(run_dir: Location) -> dict[str, Any]:
-    from octoray.run_metrics import read_metrics
+    from octoray.training.metrics import read_metrics
 
     rows = read_metrics(run_dir / METRICS_FILE)
     return rows[-1] if rows else {}
@@ -517,7 +517,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from octoray.config import from_mapping
-    from octoray.deepspeed_config import build_deepspeed_config, warmup_cosine
+    from octoray.training.deepspeed_config import build_deepspeed_config, warmup_cosine
 
     cfg = from_mapping(TrainConfig, config["cfg"])
     run_dir = location(config["run_dir"])
@@ -611,7 +611,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.export:
         _export(engine, cfg, model_path, local_dir / "model", rank)
         if rank == 0 and isinstance(run_dir, ObjectPath):
-            from octoray.storage import rmtree
+            from octoray.storage.locations import rmtree
 
             rmtree(run_dir / "model")  # a model/ left by an earlier, interrupted export
             upload_dir(local_dir / "model", run_dir / "model")
@@ -630,7 +630,7 @@ def _sync_metrics(run_dir: Location, local_dir: Path, *, down: bool = False, ten
     """
     if not isinstance(run_dir, ObjectPath):
         return
-    from octoray.storage import download_file, upload_file
+    from octoray.storage.locations import download_file, upload_file
 
     remote, local = run_dir / METRICS_FILE, local_dir / METRICS_FILE
     if down:
@@ -700,7 +700,7 @@ def _evaluate(engine: Any, shard: Any, micro_batch: int) -> float:
     import torch
     import torch.distributed as dist
 
-    from octoray.packing import IGNORE_INDEX
+    from octoray.training.packing import IGNORE_INDEX
 
     engine.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=engine.device)

@@ -4,7 +4,7 @@
 or an :class:`ObjectPath` — a small ``Path``-like handle on a ``pyarrow.fs`` file system — so a
 stage addresses its files the same way on both (``out / "manifest.json"``, ``.is_file()``,
 ``.read_text()``, ``.glob("*.parquet")``). What differs is how bytes are committed, and that lives
-here and in :mod:`octoray.outputs`:
+here and in :mod:`octoray.storage.stage_dirs`:
 
 * object stores have no rename, but a single upload becomes visible only when it completes, so a
   file is written whole from memory or a local temp file and is never seen half-written;
