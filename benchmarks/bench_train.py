@@ -70,7 +70,7 @@ def plain_pytorch_tokens_per_s(model_dir: str, packed: dict, micro_batch: int, s
 
 def octoray_tokens_per_s(cfg_values: dict, warmup: int) -> tuple[float, float | None]:
     """Run the real `octoray train` path and read its per-step tokens/s and MFU."""
-    from octoray.training.driver import driver as training
+    from octoray.training import driver as training
     from octoray.config import from_mapping
     from octoray.training.metrics import read_metrics
 

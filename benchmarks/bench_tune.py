@@ -33,7 +33,7 @@ DEMO_MODEL = {"model": "demo", "demo_layers": 2, "demo_embd": 64, "demo_vocab": 
 
 def one_search(search: str, seed: int, sft: Path, work: Path, trials: int, steps: int) -> dict:
     """One ``octoray tune`` run; returns its best val_loss, trial-steps and trial outcomes."""
-    from octoray.training.driver import tuning
+    from octoray.training import tuning
     from octoray.config import from_mapping
     from octoray.training.driver import TrainConfig
 

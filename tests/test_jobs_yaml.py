@@ -57,7 +57,7 @@ def test_preset_sections_are_known(path: Path) -> None:
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
 def test_preset_sections_load_into_their_stage_config(path: Path, tmp_path: Path) -> None:
     """Each section loads into its stage's config, wired to its input the way the pipeline wires it."""
-    from octoray.pipeline.run import run as pipeline
+    from octoray.pipeline import run as pipeline
     present = [s for s in sections(path) if s in pipeline.STAGES]
     base = load_config(pipeline.PipelineConfig, path, section="pipeline")
     wanted = tuple(s for s in pipeline.STAGES if s in present or (s == "serve" and "eval" in present))

@@ -97,7 +97,7 @@ def test_pipeline_tune_then_train_with_best_trial_after_a_crashed_trial(tmp_path
 
     from octoray import stage_cli
 
-    from octoray.pipeline.run import run as pipeline
+    from octoray.pipeline import run as pipeline
     from octoray.cluster.resources import live_placement_groups, placement_groups
 
     before = set(placement_groups())

@@ -9,9 +9,9 @@ import pytest
 
 from octoray import stage_cli
 
-from octoray.pipeline.run import run as pipeline
+from octoray.pipeline import run as pipeline
 
-from octoray.pipeline.run import report
+from octoray.pipeline import report
 from octoray.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

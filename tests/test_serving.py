@@ -396,7 +396,7 @@ def test_start_checks_the_model_once(model_dir: Path, ray_local, monkeypatch: py
     while building the app. Runs after ``test_ctrl_c_shuts_down_cleanly``: Serve is one per
     cluster, so an in-process ``start`` must not run beside the shared server."""
     from octoray import modeling
-    from octoray.serving.app import app as serving
+    from octoray.serving import app as serving
     checked: list[str] = []
     real = modeling.preflight_model
 

@@ -171,8 +171,8 @@ def test_ray_address_is_one_field_everywhere() -> None:
 
 
 def test_train_and_tune_report_missing_inputs_with_the_other_problems(tmp_path: Path) -> None:
-    from octoray.training.driver import driver as training
-    from octoray.training.driver import tuning
+    from octoray.training import driver as training
+    from octoray.training import tuning
     with pytest.raises(Exception) as caught:
         stage_cli.parse("train", ["--data", str(tmp_path / "nope"), "--hparams", str(tmp_path / "nt"), "lr=0"],
                         training)

@@ -164,7 +164,7 @@ def _rows(run_dir: Path) -> list[dict]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_zero2_worker_failure_resumes_and_loss_falls(tmp_path: Path, ray_local) -> None:
-    from octoray.training.driver import driver as training
+    from octoray.training import driver as training
     cfg = _tiny(tmp_path, zero_stage=2, lr=3e-3, max_steps=10, checkpoint_every=4, fail_at_step=6,
                 max_failures=1, val_fraction=0.1, oasst_ratio=0.1, keep_checkpoints=2)
     run_dir = training.run(cfg)
@@ -192,7 +192,7 @@ def test_zero3_lora_rerun_resumes_exports_merged_model(tmp_path: Path, ray_local
     from ray.train.v2.api.exceptions import TrainingFailedError
     from safetensors.torch import load_file
 
-    from octoray.training.driver import driver as training
+    from octoray.training import driver as training
     cfg = _tiny(tmp_path, zero_stage=3, lora=True, lr=1e-2, max_steps=6, checkpoint_every=2, fail_at_step=4,
                 max_failures=0)
     with pytest.raises(TrainingFailedError):

@@ -17,7 +17,7 @@ from octoray.config import ConfigError, from_mapping, to_dict
 from octoray.errors import UserError
 from octoray.training.driver import TrainConfig
 from octoray import stage_cli
-from octoray.training.driver import tuning
+from octoray.training import tuning
 from octoray.training.tuning import TuneConfig, check_search_space, trial_base
 from tests.conftest import REPO_ROOT, run_cli
 from tests.train_helpers import write_sft
@@ -238,7 +238,7 @@ def test_bounded_wait_names_the_holder_and_leftovers_are_released(ray_local) -> 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_asha_search_names_best_trial(tmp_path: Path, ray_local) -> None:
-    from octoray.training.driver import tuning
+    from octoray.training import tuning
     sft = write_sft(tmp_path / "sft", n=200)
     train = from_mapping(TrainConfig, {"model": "demo", "demo_layers": 1, "demo_embd": 32, "demo_vocab": 512,
                                        "seq_len": 64, "device": "cpu", "precision": "fp32", "micro_batch": 1,
@@ -280,7 +280,7 @@ def _tiny_train() -> TrainConfig:
 @pytest.mark.slow
 def test_optuna_search_with_asha_names_best_trial_and_leaves_nothing(tmp_path: Path, ray_local) -> None:
     """Optuna's TPE (seeded, concurrency-limited) with ASHA on the local Ray, end to end."""
-    from octoray.training.driver import tuning
+    from octoray.training import tuning
     from octoray.cluster.resources import live_placement_groups, placement_groups
 
     before = set(placement_groups())
@@ -303,7 +303,7 @@ def test_optuna_search_with_asha_names_best_trial_and_leaves_nothing(tmp_path: P
     assert json.loads((out / "best.json").read_text()) == best
 
     # The winner, continued from its checkpoint: the trial budget equals this training budget.
-    from octoray.training.driver import driver as training
+    from octoray.training import driver as training
     from octoray.training.metrics import read_metrics
 
     cfg = from_mapping(TrainConfig, {**to_dict(_tiny_train()), "data": str(sft), "out": str(tmp_path / "run"),

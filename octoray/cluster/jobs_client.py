@@ -107,7 +107,7 @@ class SubmitConfig:
 
 def project_root() -> Path:
     """The octoray checkout this module was loaded from (where pyproject.toml lives)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # octoray/cluster/jobs_client.py -> the checkout
     if not (root / "pyproject.toml").is_file():
         raise UserError("octoray is installed, not checked out: pass --working-dir with the project checkout")
     return root

@@ -101,7 +101,7 @@ def run(cfg: PipelineConfig, stage_cfgs: dict[str, Any]) -> Path:
         _banner("serve + eval", dirs["eval"])
         _serve_and_evaluate(cfg, stage_cfgs, dirs, evaluate="eval" in wanted)
     if "report" in wanted:
-        from octoray.pipeline.run import report
+        from octoray.pipeline import report
         _banner("report", dirs["report"])
         path = report.write_report(root, dirs["report"])
         print(f"report: {path}")
@@ -149,17 +149,21 @@ def stage_configs(config_path: str | Path, by_stage: dict[str, list[str]], cfg: 
         load("filter", filtering.FilterConfig, {"commits": str(dirs["mine"]), "out": str(dirs["filter"]),
                                                 "humanevalpack_dir": cfg.humanevalpack_dir})
     if wanted & {"train", "tune", "serve"}:
-        from octoray.training.driver import driver as training  # After a tune, training starts from the best trial's hyperparameters (train/config.yaml
+        from octoray.training import driver as training
+
+        # After a tune, training starts from the best trial's hyperparameters (train/config.yaml
         # and the log say which); train.hparams=null on the command line keeps the train: section's.
         hparams = str(dirs["tune"]) if "tune" in wanted and "train" in wanted else None
         load("train", training.TrainConfig, {"data": str(dirs["filter"]), "out": str(dirs["train"]),
                                              "hparams": hparams})
     if "tune" in wanted:
-        from octoray.training.driver import tuning  # The search space against the trial budget (the train: section), before any work.
+        from octoray.training import tuning
+
+        # The search space against the trial budget (the train: section), before any work.
         check = (lambda t: tuning.check_search_space(t, configs["train"])) if "train" in configs else None
         load("tune", tuning.TuneConfig, {"data": str(dirs["filter"]), "out": str(dirs["tune"])}, check)
     if "serve" in wanted:
-        from octoray.serving.app import app as serving
+        from octoray.serving import app as serving
         load("serve", serving.ServeConfig, {"model": str((dirs["train"] / "model").resolve()),
                                             "model_name": cfg.name})
     if "eval" in wanted:
@@ -182,10 +186,10 @@ def _run_stage(stage: str, stage_cfgs: dict[str, Any]) -> None:
         from octoray.data import filtering
         filtering.run(stage_cfgs["filter"])
     elif stage == "tune":
-        from octoray.training.driver import tuning
+        from octoray.training import tuning
         tuning.run(stage_cfgs["tune"], stage_cfgs["train"])  # trials start from the train: section
     elif stage == "train":
-        from octoray.training.driver import driver as training
+        from octoray.training import driver as training
         training.run(stage_cfgs["train"])
 
 
@@ -196,7 +200,7 @@ def _serve_and_evaluate(cfg: PipelineConfig, stage_cfgs: dict[str, Any], dirs: d
     if (not evaluate or is_complete(dirs["eval"], "eval")) and latency_file.is_file():
         print("serve + eval: already complete; nothing to do")
         return
-    from octoray.serving.app import app as serving
+    from octoray.serving import app as serving
     url = serving.start(stage_cfgs["serve"])
     print(f"serving {cfg.name} at {url}", flush=True)
     try:
