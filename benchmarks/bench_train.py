@@ -70,12 +70,13 @@ def plain_pytorch_tokens_per_s(model_dir: str, packed: dict, micro_batch: int, s
 
 def octoray_tokens_per_s(cfg_values: dict, warmup: int) -> tuple[float, float | None]:
     """Run the real `octoray train` path and read its per-step tokens/s and MFU."""
-    from octoray.training import driver as training
     from octoray.config import from_mapping
+    from octoray.training import driver
     from octoray.training.metrics import read_metrics
+    from octoray.training.train_config import TrainConfig
 
-    cfg = from_mapping(training.TrainConfig, cfg_values)
-    run_dir = training.run(cfg)
+    cfg = from_mapping(TrainConfig, cfg_values)
+    run_dir = driver.run(cfg)
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] > warmup]
     mfus = [r["mfu"] for r in rows if r.get("mfu") is not None]
     return statistics.median(r["tokens_per_s"] for r in rows), (statistics.median(mfus) if mfus else None)

@@ -35,7 +35,7 @@ def one_search(search: str, seed: int, sft: Path, work: Path, trials: int, steps
     """One ``octoray tune`` run; returns its best val_loss, trial-steps and trial outcomes."""
     from octoray.training import tuning
     from octoray.config import from_mapping
-    from octoray.training.driver import TrainConfig
+    from octoray.training.train_config import TrainConfig
 
     train = from_mapping(TrainConfig, {**DEMO_MODEL, "checkpoint_every": max(1, steps // 4)})
     tcfg = from_mapping(tuning.TuneConfig, {

@@ -18,7 +18,7 @@ import sys
 from typing import Sequence
 
 from octoray import __version__
-from octoray.errors import UserError
+from octoray.errors import user_error_in
 
 #: verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -52,19 +52,6 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error(exc: BaseException) -> UserError | None:
-    """The UserError behind ``exc``, also when Ray wrapped it in a RayTaskError."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        cause = getattr(seen, "cause", None)  # RayTaskError keeps the original exception here
-        if isinstance(cause, UserError):
-            return cause
-        if isinstance(seen, UserError) and not type(seen).__name__.startswith("RayTaskError"):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``octoray`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -90,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"octoray {verb}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
-        user = _user_error(exc)
+        user = user_error_in(exc)
         if user is None:
             raise
         message = str(user).strip().splitlines()[0] if str(user).strip() else type(user).__name__

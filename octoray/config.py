@@ -23,11 +23,13 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, TypeVar
 import yaml
 
 from octoray.errors import UserError
+from octoray.storage.layout import STAGES
 
 T = TypeVar("T")
 
-#: Top-level keys that mark a YAML file as split into stage sections.
-STAGE_SECTIONS = ("pipeline", "mine", "filter", "train", "tune", "serve", "eval", "submit")
+#: Top-level keys that mark a YAML file as split into stage sections: the pipeline's, each stage's
+#: that has a config (the report has none) and octoray submit's.
+STAGE_SECTIONS = ("pipeline", *(stage for stage in STAGES if stage != "report"), "submit")
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 

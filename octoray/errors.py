@@ -9,3 +9,16 @@ class UserError(Exception):
     """
 
     exit_code: int = 2
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError behind ``exc``, also when Ray wrapped it in a RayTaskError."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        cause = getattr(seen, "cause", None)  # RayTaskError keeps the original exception here
+        if isinstance(cause, UserError):
+            return cause
+        if isinstance(seen, UserError) and not type(seen).__name__.startswith("RayTaskError"):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

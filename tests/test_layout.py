@@ -127,7 +127,7 @@ def test_summarize_counts_languages_licenses_and_repositories(tmp_path: Path) ->
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_train_reads_sft_in_either_layout(tmp_path: Path, legacy: bool) -> None:
-    from octoray.training.driver import sft_files, sft_texts
+    from octoray.training.sft_data import sft_files, sft_texts
 
     sft = write_sft(tmp_path / "sft", n=7, oasst=2, legacy=legacy)
     files = sft_files(sft)
@@ -138,7 +138,7 @@ def test_train_reads_sft_in_either_layout(tmp_path: Path, legacy: bool) -> None:
 
 def test_train_reads_a_legacy_sft_without_a_file_list(tmp_path: Path) -> None:
     """octoray 0.1's filter listed its shards; a directory without the list falls back to looking."""
-    from octoray.training.driver import sft_files
+    from octoray.training.sft_data import sft_files
 
     sft = write_sft(tmp_path / "sft", n=3, legacy=True)
     write_parquet_atomic(pq.read_table(sft / "part-00000.parquet"), sft / "oasst.parquet")

@@ -26,7 +26,7 @@ def test_resource_settings_are_checked() -> None:
 
 def test_train_and_serve_take_extra_resources() -> None:
     from octoray.serving.app import ServeConfig
-    from octoray.training.driver import TrainConfig
+    from octoray.training.train_config import TrainConfig
 
     cfg = load_config(TrainConfig, None, ["worker_resources={fake_gpu: 1}"])
     assert cfg.worker_resources == {"fake_gpu": 1}

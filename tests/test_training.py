@@ -13,7 +13,8 @@ import pytest
 from octoray.config import ConfigError, from_mapping, load_config
 from octoray.training.deepspeed_config import build_deepspeed_config, warmup_cosine
 from octoray.training.metrics import MetricsLog, mfu, peak_flops, read_metrics
-from octoray.training.driver import FAIL_MARKER, TrainConfig
+from octoray.training.train_config import TrainConfig
+from octoray.training.worker import FAIL_MARKER
 from tests.conftest import REPO_ROOT, run_cli
 from tests.train_helpers import write_sft
 

@@ -15,7 +15,7 @@ import yaml
 
 from octoray.config import ConfigError, from_mapping, to_dict
 from octoray.errors import UserError
-from octoray.training.driver import TrainConfig
+from octoray.training.train_config import TrainConfig
 from octoray import stage_cli
 from octoray.training import tuning
 from octoray.training.tuning import TuneConfig, check_search_space, trial_base
@@ -198,7 +198,7 @@ def test_config_error_raised_inside_ray_reads_as_a_sentence(ray_local) -> None:
 
     @ray_local.remote
     def bad_trial() -> None:
-        from octoray.training.driver import TrainConfig as Cfg
+        from octoray.training.train_config import TrainConfig as Cfg
 
         from_mapping(Cfg, {"warmup_steps": 4, "max_steps": 4}, source="trial config")
 

@@ -22,23 +22,22 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 from octoray.data import rules
 from octoray.data import dataset_card
 from octoray.storage import layout
+from octoray.storage.layout import MANIFEST
 from octoray.data import subjects
-from octoray.config import option, to_dict
+from octoray.config import to_dict
 from octoray.errors import UserError
-from octoray.evaluation.humanevalpack import LANGUAGES
+from octoray.data.filter_config import FilterConfig
 from octoray.storage.stage_dirs import (RESOLVED_CONFIG, STATS, atomic_write_json, atomic_write_text, iter_jsonl,
-                             manifest_complete, parquet_file, read_manifest, require_stage_output, stage_listing, write_manifest,
-                             write_parquet_atomic, write_resolved_config)
+                             parquet_file, require_stage_output, stage_listing, write_parquet_atomic, write_resolved_config)
 from octoray.progress import progress_bar
+from octoray.resumable import StageRun
 from octoray.storage.locations import Location, display, fs_path, location, rmtree
 
 STAGE = "filter"
@@ -54,73 +53,6 @@ _SUBJECT_WAS, _RESCUED = "_subject_was", "_rescued"
 _RUNTIME_ONLY = {"actors", "batch_size", "tokenizer_batch_size", "progress", "commits", "out"}
 
 
-@dataclass(frozen=True)
-class FilterConfig:
-    """Options of ``octoray filter`` (``key=value`` on the command line, or a ``filter:`` YAML section)."""
-
-    commits: str = option("", "input directory written by 'octoray mine' (commits/)")
-    out: str = option("", "output directory (sft/)")
-    model: str = option("bigcode/starcoder", "hub id or local path of the model whose tokenizer rule 8 uses "
-                                             "(the default is gated: accept its licence on the Hub and log in, "
-                                             "or name another)")
-    tokenizer_rule: bool = option(True, "apply rule 8 (token length of old + eos + new)")
-    min_tokens: int = option(50, "rule 8: fewest tokens kept (inclusive)")
-    max_tokens: int = option(768, "rule 8: most tokens kept (inclusive)")
-    verbs_file: str | None = option(None, "imperative verbs, one per line (default: octoray's table; "
-                                          "OctoPack's good_starts_en.txt reproduces the original)")
-    bad_subjects_file: str | None = option(None, "JSON with bad_subject_exact / bad_subject_substrings "
-                                                 "(default: octoray's table, same format as OctoPack's)")
-    languages_file: str | None = option(None, "JSON {language: [extensions]} for rule 3 instead of Linguist "
-                                              "(e.g. CommitPack's programming_languages.json)")
-    pr_suffix: Literal["strip", "keep"] = option(
-        "strip", "before the rules, remove a trailing pull-request reference from the subject: (#123), "
-                 "(#1, #2), (#1) (#2), [#123], (GH-123), (!123); 'keep' = the paper's rules as published")
-    emoji_prefix: Literal["strip", "keep"] = option(
-        "strip", "before the rules, remove a leading emoji or :emoji_code: prefix from the subject "
-                 "('keep' = the paper's rules as published)")
-    seed: int = option(0, "seed of the per-commit 90% version-bump drop")
-    decontam: bool = option(True, "drop commits whose code overlaps HumanEvalPack prompts or solutions")
-    decontam_ngram: int = option(13, "decontamination: n of the whitespace-token n-grams")
-    decontam_threshold: float = option(0.2, "decontamination: drop when a commit holds at least this "
-                                            "fraction of one problem's n-grams")
-    decontam_languages: tuple[str, ...] = option(LANGUAGES,
-                                                 "HumanEvalPack languages to decontaminate against")
-    humanevalpack_dir: str | None = option(None, "directory of HumanEvalPack <language>.jsonl files "
-                                                 "(default: the hub dataset bigcode/humanevalpack)")
-    template: Literal["octocoder", "commit_tags"] = option(
-        "octocoder", "prompt/completion format: OctoCoder 'Question: ...\\n\\nAnswer: \\n' or "
-                     "<commit_before>/<commit_msg>/<commit_after> tags")
-    oasst_file: str | None = option(None, "JSONL of OASST-style rows {input, output} mixed into the output")
-    oasst_limit: int | None = option(None, "keep only the first N OASST rows")
-    actors: int = option(1, "most actors of the tokenizer/decontamination pool (it scales from 1)")
-    batch_size: int = option(8192, "rows per Ray Data batch (bigger batches amortise per-kernel overhead)")
-    tokenizer_batch_size: int = option(256, "texts per tokenizer call")
-    progress: bool = option(True, "show a progress bar")
-
-    def problems(self) -> list[str]:
-        """Every invalid value, as messages."""
-        found = []
-        if not self.commits:
-            found.append("the input directory (COMMITS_DIR) is required")
-        if not self.out:
-            found.append("out: required (--out DIR)")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            found.append("need 0 <= min_tokens <= max_tokens")
-        if self.decontam_ngram < 1:
-            found.append("decontam_ngram must be >= 1")
-        if not 0 < self.decontam_threshold <= 1:
-            found.append("decontam_threshold must be in (0, 1]")
-        bad = [lang for lang in self.decontam_languages if lang not in LANGUAGES]
-        if bad:
-            found.append(f"decontam_languages: unknown {', '.join(bad)} (choose from {', '.join(LANGUAGES)})")
-        if self.oasst_limit is not None and self.oasst_limit < 0:
-            found.append("oasst_limit must be >= 0")
-        for name in ("actors", "batch_size", "tokenizer_batch_size"):
-            if getattr(self, name) < 1:
-                found.append(f"{name} must be >= 1")
-        return found
-
-
 #: The command line (octoray.stage_cli): ``octoray filter COMMITS_DIR --out sft/``.
 CONFIG = FilterConfig
 INPUT = "commits"
@@ -132,7 +64,6 @@ INPUT = "commits"
 
 def run(cfg: FilterConfig) -> Location:
     """Filter ``cfg.commits`` into ``cfg.out``; returns the output directory."""
-    started = time.time()
     in_dir, out = location(cfg.commits), location(cfg.out)
     in_manifest = require_stage_output(in_dir, "mine", "commits")
     if display(out) == display(in_dir):
@@ -142,12 +73,10 @@ def run(cfg: FilterConfig) -> Location:
     if sum(expected.values()) == 0:
         raise UserError(f"{in_dir} holds no commits: nothing to filter")
     source = {"dir": display(in_dir), "rows": in_manifest.get("rows"), "started_at": in_manifest.get("started_at")}
-    previous = read_manifest(out)
-    if manifest_complete(previous, STAGE):
-        if (_result_config(previous.get("config", {})) == _result_config(to_dict(cfg))
-                and previous.get("inputs", {}).get("commits") == source):
-            print(f"octoray filter: {out} is already complete ({previous.get('rows', 0)} rows); nothing to do")
-            return out
+    stage = StageRun(STAGE, out, cfg, inputs={"commits": source})
+    if stage.reusable(same=lambda previous: _result_config(previous.get("config", {})) == _result_config(to_dict(cfg))
+                      and previous.get("inputs", {}).get("commits") == source):
+        return out
 
     # Everything a worker would choke on is checked here first, as one-line errors.
     tables = rules.load_tables(cfg.verbs_file, cfg.bad_subjects_file)
@@ -162,10 +91,7 @@ def run(cfg: FilterConfig) -> Location:
     if cfg.decontam:
         _check_problems(cfg)
 
-    from octoray.cluster.connection import ensure_ray
-    from octoray.cluster.shared_storage import require_shared_storage
-
-    require_shared_storage(ensure_ray(), out, "filter --out")
+    stage.start(write_config=False)  # _prepare_out writes it, once the old output is judged
     _prepare_out(out, cfg, source)
     # Output shard i of N for input shard i (N counts the OASST shard too): fixed by the input and
     # the config, so a resumed run names every shard as the first attempt did.
@@ -186,10 +112,9 @@ def run(cfg: FilterConfig) -> Location:
     card = dataset_card.filter_card(cfg, stats, dataset_card.summarize(out / f for f in files),
                                     columns=schema.names, source=source)
     atomic_write_text(out / layout.CARD, card)
-    manifest = write_manifest(out, STAGE, cfg, rows=stats["rows"], files=files, started=started,
-                              inputs={"commits": source},
-                              extra={"tables": tables.source, "languages": cfg.languages_file or "linguist (go-enry)"})
-    _print_summary(out, stats, manifest["seconds"])
+    manifest = stage.finish(rows=stats["rows"], files=files,
+                            extra={"tables": tables.source, "languages": cfg.languages_file or "linguist (go-enry)"})
+    _print_summary(stage, stats, manifest["seconds"])
     return out
 
 
@@ -234,8 +159,8 @@ def _prepare_out(out: Location, cfg: FilterConfig, source: dict[str, Any]) -> No
         legacy = any(layout.is_legacy_data_file(name) for name in listing)
         if _result_config(old) != _result_config(to_dict(cfg)) or old_source != source or legacy:
             why = "in octoray 0.1's layout" if legacy else "from another input or config"
-            print(f"octoray filter: {out} was written {why}; starting over", file=sys.stderr)
-            (out / "manifest.json").unlink(missing_ok=True)
+            print(f"octoray {STAGE}: {out} was written {why}; starting over", file=sys.stderr)
+            (out / MANIFEST).unlink(missing_ok=True)
             (out / layout.CARD).unlink(missing_ok=True)
             rmtree(out / FUNNEL_DIR)
             for stale in layout.all_shards(listing):
@@ -587,9 +512,10 @@ def _oasst_table(pairs: list[tuple[str, str]], schema: Any) -> Any:
 # Reporting
 
 
-def _print_summary(out: Location, stats: dict[str, Any], seconds: float) -> None:
+def _print_summary(stage: StageRun, stats: dict[str, Any], seconds: float) -> None:
     funnel = stats["funnel"]
-    print(f"\nfiltered {funnel['input']:,} commits in {seconds:.1f} s -> {out}")
+    print()
+    stage.say(f"filtered {funnel['input']:,} commits in {seconds:.1f} s -> {stage.out}")
     print(f"  {'rule':<16}{'rows left':>11}{'dropped':>10}")
     previous = funnel["input"]
     for key in FUNNEL_KEYS:

@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import re
 
-#: CommitPack's permissive list (commitpack_sql_rules.json), as lower-case SPDX ids.
-PERMISSIVE = frozenset({
-    "mit", "artistic-2.0", "isc", "cc0-1.0", "epl-1.0", "mpl-2.0", "unlicense", "apache-2.0",
-    "bsd-3-clause", "agpl-3.0", "lgpl-2.1", "bsd-2-clause",
-})
 
 #: Root-level file names that hold a repository's license, most specific first.
 LICENSE_FILE_NAMES = (

@@ -30,27 +30,25 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 from octoray.data import dataset_card
 
 from octoray.data import gitio
 
 from octoray.storage import layout
-from octoray.config import option
 from octoray.errors import UserError
 from octoray.data.languages import LanguageTable, language_table
-from octoray.data.licenses import LICENSE_FILE_NAMES, PERMISSIVE, classify_license
-from octoray.cluster.connection import ensure_ray, unreserved_ray_data
+from octoray.data.licenses import LICENSE_FILE_NAMES, classify_license
+from octoray.data.mine_config import MineConfig
+from octoray.cluster.connection import unreserved_ray_data
 from octoray.cluster.node_types import cluster_capacity, require_feasible
-from octoray.storage.stage_dirs import (STATS, atomic_write_json, atomic_write_text, manifest_complete, read_manifest,
-                             read_parquet, stage_listing, write_manifest, write_parquet_atomic, write_resolved_config)
+from octoray.storage.stage_dirs import (STATS, atomic_write_json, atomic_write_text, read_parquet, stage_listing, write_parquet_atomic)
 from octoray.progress import progress_bar
-from octoray.cluster.shared_storage import require_shared_storage
+from octoray.resumable import StageRun
 from octoray.storage.locations import Location, ObjectPath, copy_file, location, rmtree, scratch_dir
 
 STAGE = "mine"
@@ -79,50 +77,6 @@ _BINARY_PROBE = 8000
 _URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class MineConfig:
-    """Options of ``octoray mine`` (``key=value`` on the command line, or a ``mine:`` YAML section)."""
-
-    sources: tuple[str, ...] = option((), "repositories: work trees, bare repos, clone URLs, or files listing them")
-    out: str = option("", "output directory (commits/)")
-    ref: str = option("HEAD", "the history to mine: a ref or revision range passed to git rev-list")
-    workers: int = option(0, "parallel mining tasks (0 = every CPU of the Ray cluster)")
-    chunk_commits: int = option(2000, "most commits per mining task (and per output shard); big histories "
-                                      "are split into such ranges")
-    languages_file: str | None = option(None, "JSON {language: [extensions]} to use instead of Linguist "
-                                              "(e.g. CommitPack's programming_languages.json)")
-    permissive_licenses: tuple[str, ...] = option(tuple(sorted(PERMISSIVE)), "SPDX ids kept (CommitPack's list)")
-    allow_unlicensed: bool = option(False, "also keep repositories without a recognised license file")
-    license_per_commit: bool = option(False, "judge the license at each commit instead of at the mined head")
-    min_message_chars: int = option(5, "messages must be longer than this (exclusive bound)")
-    max_message_chars: int = option(10_000, "messages must be shorter than this (exclusive bound)")
-    max_file_bytes: int = option(1_000_000, "skip commits whose old or new file is larger (huge blobs)")
-    non_utf8: Literal["drop", "replace"] = option("drop", "file contents that are not UTF-8: drop the commit, "
-                                                          "or decode with U+FFFD replacements")
-    clone_dir: str | None = option(None, "where URLs are cloned (default OUT/.repos; with OUT a URI, "
-                                         "a cache on each node)")
-    progress: bool = option(True, "show a progress bar")
-
-    def problems(self) -> list[str]:
-        """Every invalid value, as messages."""
-        found = []
-        if not self.sources:
-            found.append("no repositories given")
-        if not self.out:
-            found.append("out: required (--out DIR)")
-        for name in ("chunk_commits", "max_file_bytes"):
-            if getattr(self, name) <= 0:
-                found.append(f"{name} must be positive")
-        if self.workers < 0:
-            found.append("workers must be >= 0")
-        if self.min_message_chars >= self.max_message_chars:
-            found.append("min_message_chars must be below max_message_chars")
-        unknown = sorted(set(self.permissive_licenses) - {s.lower() for s in self.permissive_licenses})
-        if unknown:
-            found.append(f"permissive_licenses must be lower-case SPDX ids: {', '.join(unknown)}")
-        return found
-
-
 #: The command line (octoray.stage_cli): ``octoray mine REPO_OR_URL... --out commits/``.
 CONFIG = MineConfig
 INPUT = "sources"
@@ -144,19 +98,15 @@ class Source:
 
 def run(cfg: MineConfig) -> Location:
     """Mine ``cfg.sources`` into ``cfg.out``; returns the output directory."""
-    started = time.time()
     out = location(cfg.out)
     sources = resolve_sources(cfg.sources)
     language_table(cfg.languages_file)  # fail fast on a bad languages file, before Ray starts
-    previous = read_manifest(out)
-    if (manifest_complete(previous, STAGE) and previous.get("sources") == [s.spec for s in sources]
-            and not previous.get("failed_repos")):
-        print(f"octoray mine: {out} is already complete ({previous['rows']} rows); nothing to do")
+    specs = [s.spec for s in sources]
+    stage = StageRun(STAGE, out, cfg, inputs={"sources": specs})
+    # Repositories that failed are retried by a rerun.
+    if stage.reusable(same=lambda previous: previous.get("sources") == specs and not previous.get("failed_repos")):
         return out
-    ray = ensure_ray()
-    require_shared_storage(ray, out, "mine --out")  # before any work
-    out.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(out, cfg)
+    ray = stage.start()  # before any work: every node must see out
     work = out / ".work"
     require_feasible("mine", [{"CPU": 1}], what="tasks of 1 CPU")
     # One task per CPU the cluster can have: an autoscaling cluster starts with none.
@@ -202,10 +152,9 @@ def run(cfg: MineConfig) -> Location:
     atomic_write_text(out / layout.CARD, card)
     # Chunk shards and clones are resume state, as big as the data or bigger: not for the Hub.
     atomic_write_text(out / layout.UPLOAD_IGNORE, ".work/\n.repos/\n")
-    manifest = write_manifest(out, STAGE, cfg, rows=rows, files=files, started=started,
-                              extra={"sources": [s.spec for s in sources], "failed_repos": failed,
-                                     "languages": table_source(cfg)})
-    _print_summary(out, stats, failed, manifest["seconds"])
+    manifest = stage.finish(rows=rows, files=files,
+                            extra={"sources": specs, "failed_repos": failed, "languages": table_source(cfg)})
+    _print_summary(stage, stats, failed, manifest["seconds"])
     return out
 
 
@@ -639,9 +588,10 @@ def _aggregate_stats(repos: Iterable[dict[str, Any]], duplicates: int, rows: int
     }
 
 
-def _print_summary(out: Location, stats: dict[str, Any], failed: dict[str, str], seconds: float) -> None:
+def _print_summary(stage: StageRun, stats: dict[str, Any], failed: dict[str, str], seconds: float) -> None:
     n_repos = len(stats["repos"])
-    print(f"\nmined {n_repos} repositor{'y' if n_repos == 1 else 'ies'} in {seconds:.1f} s -> {out}")
+    print()
+    stage.say(f"mined {n_repos} repositor{'y' if n_repos == 1 else 'ies'} in {seconds:.1f} s -> {stage.out}")
     print(f"  commits seen {stats['commits_seen']:>9,}")
     for rule, count in stats["dropped"].items():
         if count:

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from octoray.errors import UserError
+from octoray.evaluation.config import ORACLES, EvalConfig, parse_generator
 from octoray.evaluation import humanevalpack as hep
 from octoray.storage.stage_dirs import iter_jsonl
 
-GENERATOR_KINDS = ("hf", "endpoint", "oracle", "file")
-ORACLES = {"canonical": "canonical_solution", "buggy": "buggy_solution"}
 
 #: One sample row, as written to samples.parquet.
 Sample = dict[str, Any]
@@ -49,18 +48,7 @@ class Request:
 Backend = Callable[[Sequence[Request]], list[list[str]]]
 
 
-def parse_generator(spec: str) -> tuple[str, str]:
-    """``"hf:bigcode/octocoder"`` -> ``("hf", "bigcode/octocoder")``, or a one-line UserError."""
-    kind, sep, arg = spec.partition(":")
-    if not sep or kind not in GENERATOR_KINDS or not arg:
-        raise UserError(f"bad --generator '{spec}': use hf:PATH_OR_ID, endpoint:URL, "
-                        "oracle:canonical, oracle:buggy or file:SAMPLES.jsonl")
-    if kind == "oracle" and arg not in ORACLES:
-        raise UserError(f"bad --generator '{spec}': the oracles are oracle:canonical and oracle:buggy")
-    return kind, arg
-
-
-def generate(cfg: Any, problems: Problems, all_problems: Problems) -> list[Sample]:
+def generate(cfg: EvalConfig, problems: Problems, all_problems: Problems) -> list[Sample]:
     """Sample rows for every selected problem x task, from the generator ``cfg.generator``.
 
     ``all_problems`` (before ``--limit``) lets the file generator tell a row outside the slice
@@ -195,7 +183,7 @@ def model_samples(backend: Backend, problems: Problems, tasks: Sequence[str], n_
     return rows
 
 
-def endpoint_backend(base_url: str, cfg: Any) -> Backend:
+def endpoint_backend(base_url: str, cfg: EvalConfig) -> Backend:
     """Completions from an OpenAI-compatible server (``POST {base_url}/completions``).
 
     At most ``cfg.concurrency`` requests are in flight; connection errors, timeouts, 429 and
@@ -267,7 +255,7 @@ def _first_model(session: Any, base_url: str, timeout: float) -> str:
     return "default"
 
 
-def hf_backend(model: str, cfg: Any) -> Backend:
+def hf_backend(model: str, cfg: EvalConfig) -> Backend:
     """Completions from a Hugging Face causal LM, by Ray Data batch inference on an actor pool.
 
     Each request is expanded to ``n`` rows (one sampled sequence each); rows are sorted by prompt
@@ -297,7 +285,7 @@ def hf_backend(model: str, cfg: Any) -> Backend:
     return backend
 
 
-def _hf_settings(cfg: Any) -> dict[str, Any]:
+def _hf_settings(cfg: EvalConfig) -> dict[str, Any]:
     return {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_length": cfg.max_length,
             "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
 

@@ -10,12 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from octoray.errors import UserError
+from octoray.evaluation.config import LANGUAGES, TASKS  # noqa: F401 - the benchmark's names, for its readers
 from octoray.storage.stage_dirs import iter_jsonl
 
-#: HumanEvalPack languages, in the order the paper reports them.
-LANGUAGES = ("python", "js", "java", "go", "cpp", "rust")
-#: The three HumanEvalPack tasks.
-TASKS = ("fix", "explain", "synthesize")
 
 HUB_DATASET = "bigcode/humanevalpack"
 _REQUIRED = ("task_id", "prompt", "declaration", "canonical_solution", "buggy_solution", "test",

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from octoray.evaluation.passk import cell_metrics
 from octoray.storage.stage_dirs import write_parquet_atomic
+from octoray.storage.layout import RESULTS_FILE
 
-RESULTS = "results.parquet"
 PARTS = "results.parts"
 KEY = ("task_id", "language", "task", "sample_idx")
 RESULT_COLUMNS = (*KEY, "status", "stderr_tail", "duration_s")
@@ -63,7 +63,7 @@ def read_results(out_dir: Path) -> list[dict[str, Any]]:
     """Every result already on disk (consolidated file and part files), first copy of a key wins."""
     from octoray.storage.stage_dirs import read_parquet
 
-    paths = [out_dir / RESULTS] if (out_dir / RESULTS).is_file() else []
+    paths = [out_dir / RESULTS_FILE] if (out_dir / RESULTS_FILE).is_file() else []
     paths += sorted((out_dir / PARTS).glob("part-*.parquet")) if (out_dir / PARTS).is_dir() else []
     seen: dict[Key, dict[str, Any]] = {}
     for path in paths:
@@ -225,7 +225,7 @@ def results_table(rows: Iterable[dict[str, Any]]) -> Any:
 def consolidate(out_dir: Path, results: Sequence[dict[str, Any]]) -> None:
     """Write all results as one sorted ``results.parquet`` (atomically), then drop the parts."""
     ordered = sorted(results, key=sort_key)
-    write_parquet_atomic(results_table(ordered), out_dir / RESULTS)
+    write_parquet_atomic(results_table(ordered), out_dir / RESULTS_FILE)
     parts = out_dir / PARTS
     from octoray.storage.locations import rmtree
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from octoray.evaluation.humanevalpack import LANGUAGES
-from octoray.storage.stage_dirs import STATS, atomic_write_text
+from octoray.storage.layout import (BEST_FILE, EVAL_METRICS_FILE, LATENCY_FILE, LOSS_PNG, MANIFEST, METRICS_FILE,
+                                    REPORT_FILE, STATS, stage_dirs)
+from octoray.storage.stage_dirs import atomic_write_text
 
 #: OctoCoder pass@1 (%) from the OctoPack paper (COMMITPACKFT.md), task -> language -> value.
 OCTOCODER_PASS1 = {
@@ -36,16 +38,17 @@ def write_report(root: Any, out: Any) -> Any:
 
         with tempfile.TemporaryDirectory(prefix="octoray-report-") as tmp:
             write_report(root, Path(tmp))
-            upload_dir(Path(tmp), out, last="report.md")
-        return out / "report.md"
+            upload_dir(Path(tmp), out, last=REPORT_FILE)
+        return out / REPORT_FILE
     out.mkdir(parents=True, exist_ok=True)
+    dirs = stage_dirs(root)
     sections = [f"# octoray run report: `{root}`\n",
-                _funnel_section(root / "commits", root / "sft", out),
-                _tuning_section(root / "tune", root / "train", out),
-                _training_section(root / "train", out),
-                _eval_section(root / "eval", out),
-                _latency_section(root / "serve", out)]
-    path = out / "report.md"
+                _funnel_section(dirs["mine"], dirs["filter"], out),
+                _tuning_section(dirs["tune"], dirs["train"], out),
+                _training_section(dirs["train"], out),
+                _eval_section(dirs["eval"], out),
+                _latency_section(dirs["serve"], out)]
+    path = out / REPORT_FILE
     atomic_write_text(path, "\n".join(sections))
     return path
 
@@ -105,7 +108,7 @@ def _funnel_section(commits: Path, sft: Path, out: Path) -> str:
 
 def _tuning_section(tune_dir: Path, train_dir: Path, out: Path) -> str:
     """The search: a row per trial (hyperparameters, best val_loss, steps, how it ended) and a plot."""
-    best = _read_json(tune_dir / "best.json")
+    best = _read_json(tune_dir / BEST_FILE)
     if not best or not best.get("trials"):
         return "## Hyperparameter search\n\nTuning did not run.\n"
     trials, winner = best["trials"], best["best"]["trial_id"]
@@ -124,7 +127,7 @@ def _tuning_section(tune_dir: Path, train_dir: Path, out: Path) -> str:
         name = f"**{t['trial_id']}**" if t["trial_id"] == winner else str(t["trial_id"])
         lines.append(f"| {name} | " + " | ".join(_cell(config.get(k)) for k in keys) +
                      f" | {_cell(t.get('val_loss'))} | {t.get('steps', '-')} | {ended} |")
-    handoff = (_read_json(train_dir / "manifest.json") or {}).get("hparams_from")
+    handoff = (_read_json(train_dir / MANIFEST) or {}).get("hparams_from")
     if handoff:
         start = "continued from its checkpoint" if handoff.get("checkpoint") else "trained from scratch"
         lines.append(f"\nThe train stage used trial {handoff['trial_id']}'s hyperparameters ({start}).")
@@ -156,10 +159,10 @@ def _cell(value: Any) -> str:
 def _training_section(run_dir: Path, out: Path) -> str:
     from octoray.training.metrics import plot_loss, read_metrics
 
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir / METRICS_FILE)
     if not rows:
         return "## Training\n\nTraining did not run.\n"
-    plot_loss(run_dir / "metrics.jsonl", out / "loss.png")
+    plot_loss(run_dir / METRICS_FILE, out / LOSS_PNG)
     first, last = rows[0], rows[-1]
     tps = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
     lines = ["## Training\n", f"Steps: {last['step']}; loss {first['loss']:.3f} -> {last['loss']:.3f}."]
@@ -172,7 +175,7 @@ def _training_section(run_dir: Path, out: Path) -> str:
 
 
 def _eval_section(eval_dir: Path, out: Path) -> str:
-    metrics = _read_json(eval_dir / "metrics.json")
+    metrics = _read_json(eval_dir / EVAL_METRICS_FILE)
     if not metrics:
         return "## HumanEvalPack\n\nEvaluation did not run.\n"
     lines = ["## HumanEvalPack\n", "pass@k in % (OctoCoder's published pass@1 beside it; problems x samples).\n",
@@ -208,7 +211,7 @@ def _pct(value: float | None) -> str:
 
 
 def _latency_section(serve_dir: Path, out: Path) -> str:
-    latency = _read_json(serve_dir / "latency.json")
+    latency = _read_json(serve_dir / LATENCY_FILE)
     if not latency:
         return "## Serving\n\nThe server was not probed.\n"
     plt = _pyplot()

@@ -19,45 +19,17 @@ from __future__ import annotations
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from octoray.config import load_config, option
+from octoray.config import load_config
 from octoray.errors import UserError
+from octoray.pipeline.config import PipelineConfig
 from octoray.stage_cli import FlagAlias
+from octoray.storage.layout import LATENCY_FILE, MODEL_DIR, STAGES, stage_dirs
+from octoray.storage.locations import Location, location
 from octoray.storage.stage_dirs import atomic_write_json, is_complete
-
-STAGES = ("mine", "filter", "tune", "train", "serve", "eval", "report")
-LATENCY_FILE = "latency.json"
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """The ``pipeline:`` section of a jobs/ YAML file."""
-
-    name: str = option("demo", "run name")
-    out: str = option("", "root of every stage's output: a path, a shared mount or a URI such as "
-                          "s3://bucket/runs/demo (default runs/<name>)")
-    sources: tuple[str, ...] = option((".",), "repositories to mine (paths, URLs or list files)")
-    stages: tuple[str, ...] = option(("mine", "filter", "train", "serve", "eval", "report"),
-                                     "stages to run, in pipeline order (add 'tune' to search hyperparameters first; "
-                                     "the train stage then trains with the best trial's)")
-    humanevalpack_dir: str | None = option(None, "directory of HumanEvalPack <language>.jsonl files "
-                                                 "(default: the hub dataset bigcode/humanevalpack)")
-    allow_code_execution: bool = option(True, "the eval stage executes generated code in the sandbox; "
-                                              "false refuses, as 'octoray eval' does without the flag")
-    latency_requests: int = option(32, "requests of the serving-latency probe run after evaluation")
-    latency_concurrency: int = option(4, "concurrent requests of the latency probe")
-
-    def problems(self) -> list[str]:
-        """Every invalid value, as messages."""
-        found = [f"stages: unknown '{s}' (choose from {', '.join(STAGES)})" for s in self.stages if s not in STAGES]
-        if "eval" in self.stages and "serve" not in self.stages:
-            found.append("stages: 'eval' queries the served model, so it needs 'serve'")
-        if self.latency_requests < 1 or self.latency_concurrency < 1:
-            found.append("latency_requests and latency_concurrency must be >= 1")
-        return found
 
 
 #: The command line (octoray.stage_cli): ``octoray pipeline CONFIG.yaml [key=value | stage.key=value ...]``.
@@ -80,7 +52,7 @@ def load(path: str | Path | None, overrides: list[str] = (), nested: dict[str, l
     return cfg, stage_configs(path, nested or {}, cfg, _dirs(cfg))
 
 
-def run(cfg: PipelineConfig, stage_cfgs: dict[str, Any]) -> Path:
+def run(cfg: PipelineConfig, stage_cfgs: dict[str, Any]) -> Location:
     """Run the pipeline (``stage_cfgs`` from :func:`load`); returns the output root."""
     started = time.time()
     root, dirs = _root(cfg), _dirs(cfg)
@@ -102,6 +74,7 @@ def run(cfg: PipelineConfig, stage_cfgs: dict[str, Any]) -> Path:
         _serve_and_evaluate(cfg, stage_cfgs, dirs, evaluate="eval" in wanted)
     if "report" in wanted:
         from octoray.pipeline import report
+
         _banner("report", dirs["report"])
         path = report.write_report(root, dirs["report"])
         print(f"report: {path}")
@@ -109,29 +82,24 @@ def run(cfg: PipelineConfig, stage_cfgs: dict[str, Any]) -> Path:
     return root
 
 
-def _root(cfg: PipelineConfig) -> Path:
-    from octoray.storage.locations import location
-
+def _root(cfg: PipelineConfig) -> Location:
     return location(cfg.out or f"runs/{cfg.name}")
 
 
-def _dirs(cfg: PipelineConfig) -> dict[str, Path]:
+def _dirs(cfg: PipelineConfig) -> dict[str, Location]:
     """Each stage's output directory under the root."""
-    root = _root(cfg)
-    return {stage: root / name for stage, name in
-            (("mine", "commits"), ("filter", "sft"), ("tune", "tune"), ("train", "train"),
-             ("serve", "serve"), ("eval", "eval"), ("report", "report"))}
+    return stage_dirs(_root(cfg))
 
 
-def _banner(stage: str, out: Path) -> None:
+def _banner(stage: str, out: Location) -> None:
     print(f"\n== {stage} -> {out}", flush=True)
 
 
 def stage_configs(config_path: str | Path, by_stage: dict[str, list[str]], cfg: PipelineConfig,
-                   dirs: dict[str, Path]) -> dict[str, Any]:
+                   dirs: dict[str, Location]) -> dict[str, Any]:
     """Each wanted stage's typed config, wired to the previous stage's directory."""
-    from octoray.data import filtering
-    from octoray.data import mining
+    from octoray.data.filter_config import FilterConfig
+    from octoray.data.mine_config import MineConfig
     configs: dict[str, Any] = {}
     problems: list[str] = []
 
@@ -144,30 +112,32 @@ def stage_configs(config_path: str | Path, by_stage: dict[str, list[str]], cfg: 
 
     wanted = set(cfg.stages)
     if "mine" in wanted:
-        load("mine", mining.MineConfig, {"sources": list(cfg.sources), "out": str(dirs["mine"])})
+        load("mine", MineConfig, {"sources": list(cfg.sources), "out": str(dirs["mine"])})
     if "filter" in wanted:
-        load("filter", filtering.FilterConfig, {"commits": str(dirs["mine"]), "out": str(dirs["filter"]),
+        load("filter", FilterConfig, {"commits": str(dirs["mine"]), "out": str(dirs["filter"]),
                                                 "humanevalpack_dir": cfg.humanevalpack_dir})
     if wanted & {"train", "tune", "serve"}:
-        from octoray.training import driver as training
+        from octoray.training.train_config import TrainConfig
 
         # After a tune, training starts from the best trial's hyperparameters (train/config.yaml
         # and the log say which); train.hparams=null on the command line keeps the train: section's.
         hparams = str(dirs["tune"]) if "tune" in wanted and "train" in wanted else None
-        load("train", training.TrainConfig, {"data": str(dirs["filter"]), "out": str(dirs["train"]),
+        load("train", TrainConfig, {"data": str(dirs["filter"]), "out": str(dirs["train"]),
                                              "hparams": hparams})
     if "tune" in wanted:
         from octoray.training import tuning
+        from octoray.training.tune_config import TuneConfig
 
         # The search space against the trial budget (the train: section), before any work.
         check = (lambda t: tuning.check_search_space(t, configs["train"])) if "train" in configs else None
-        load("tune", tuning.TuneConfig, {"data": str(dirs["filter"]), "out": str(dirs["tune"])}, check)
+        load("tune", TuneConfig, {"data": str(dirs["filter"]), "out": str(dirs["tune"])}, check)
     if "serve" in wanted:
-        from octoray.serving import app as serving
-        load("serve", serving.ServeConfig, {"model": str((dirs["train"] / "model").resolve()),
+        from octoray.serving.config import ServeConfig
+
+        load("serve", ServeConfig, {"model": str((dirs["train"] / MODEL_DIR).resolve()),
                                             "model_name": cfg.name})
     if "eval" in wanted:
-        from octoray.evaluation.stage import EvalConfig
+        from octoray.evaluation.config import EvalConfig
 
         load("eval", EvalConfig, {"generator": "endpoint:http://placeholder/v1", "out": str(dirs["eval"]),
                                   "humanevalpack_dir": cfg.humanevalpack_dir,
@@ -189,11 +159,11 @@ def _run_stage(stage: str, stage_cfgs: dict[str, Any]) -> None:
         from octoray.training import tuning
         tuning.run(stage_cfgs["tune"], stage_cfgs["train"])  # trials start from the train: section
     elif stage == "train":
-        from octoray.training import driver as training
-        training.run(stage_cfgs["train"])
+        from octoray.training import driver
+        driver.run(stage_cfgs["train"])
 
 
-def _serve_and_evaluate(cfg: PipelineConfig, stage_cfgs: dict[str, Any], dirs: dict[str, Path],
+def _serve_and_evaluate(cfg: PipelineConfig, stage_cfgs: dict[str, Any], dirs: dict[str, Location],
                         evaluate: bool) -> None:
     """Serve the trained model, evaluate through the endpoint, probe latency, stop the server."""
     latency_file = dirs["serve"] / LATENCY_FILE
@@ -201,6 +171,7 @@ def _serve_and_evaluate(cfg: PipelineConfig, stage_cfgs: dict[str, Any], dirs: d
         print("serve + eval: already complete; nothing to do")
         return
     from octoray.serving import app as serving
+
     url = serving.start(stage_cfgs["serve"])
     print(f"serving {cfg.name} at {url}", flush=True)
     try:

@@ -20,8 +20,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-#: OpenAI's default for a completion without ``max_tokens``.
-DEFAULT_MAX_TOKENS = 16
+from octoray.serving.config import DEFAULT_MAX_TOKENS
+
 #: OpenAI accepts up to 4 stop sequences; vLLM has no limit, and HumanEvalPack's Python stop
 #: list alone has 8, so this server takes up to 16.
 MAX_STOP_SEQUENCES = 16

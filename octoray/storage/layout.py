@@ -1,4 +1,13 @@
-"""Where files go inside a data stage directory (``commits/``, ``sft/``): the one place that knows.
+"""Where files go: the one module that names a run's stage directories and the files in them.
+
+A pipeline run (``runs/<name>/``, or any ``out=``) holds one directory per stage::
+
+    commits/  sft/  tune/  train/  serve/  eval/  report/
+
+Every stage directory but ``serve/`` and ``report/`` holds ``manifest.json`` (written last: the
+commit marker) and ``config.yaml``. ``tune/`` holds ``best.json``; ``train/`` (RUN_DIR) holds
+``metrics.jsonl``, ``loss.png`` and ``model/``; ``serve/`` holds ``latency.json``; ``eval/`` holds
+``samples.parquet``, ``results.parquet`` and ``metrics.json``; ``report/`` holds ``report.md``.
 
 A data stage directory is a Hub-style dataset folder, so pandas, pyarrow, duckdb, polars and
 ``datasets.load_dataset(DIR)`` open it as it is, and it uploads to the Hub unchanged::
@@ -20,6 +29,42 @@ from __future__ import annotations
 
 import fnmatch
 from typing import Any, Iterable, Mapping
+
+# ---- the run: stages, their directories and their files ------------------------------------
+
+#: The pipeline's stages, in the order they run (``pipeline.stages`` picks among them).
+STAGES = ("mine", "filter", "tune", "train", "serve", "eval", "report")
+#: Each stage's directory under a run's root.
+STAGE_DIRS = {"mine": "commits", "filter": "sft", "tune": "tune", "train": "train", "serve": "serve",
+              "eval": "eval", "report": "report"}
+#: Written last into a complete stage directory: stage, config, inputs, rows, files, timings.
+MANIFEST = "manifest.json"
+#: The resolved config a stage ran with, beside its outputs.
+RESOLVED_CONFIG = "config.yaml"
+#: A data stage's counts (drops per rule, the funnel).
+STATS = "stats.json"
+#: tune/: the best trial, its hyperparameters and checkpoint, a row per trial.
+BEST_FILE = "best.json"
+#: RUN_DIR: the per-step metrics (rank 0), the loss plot and the exported Hugging Face model.
+METRICS_FILE = "metrics.jsonl"
+LOSS_PNG = "loss.png"
+MODEL_DIR = "model"
+#: serve/: the pipeline's latency probe against the running server.
+LATENCY_FILE = "latency.json"
+#: eval/: generated samples, their execution results and pass@k.
+SAMPLES_FILE = "samples.parquet"
+RESULTS_FILE = "results.parquet"
+EVAL_METRICS_FILE = "metrics.json"
+#: report/: the report (its PNGs beside it).
+REPORT_FILE = "report.md"
+
+
+def stage_dirs(root: Any) -> dict[str, Any]:
+    """Each stage's directory under ``root`` (a path or a location): ``{"mine": root / "commits", ...}``."""
+    return {stage: root / name for stage, name in STAGE_DIRS.items()}
+
+
+# ---- a data stage directory (commits/, sft/): a Hub-style dataset folder ----------------------
 
 #: The folder that holds the Parquet shards, and the one split they form.
 DATA_DIR = "data"

@@ -17,16 +17,14 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from octoray import __version__
 from octoray.config import dump_yaml, to_dict
 from octoray.errors import UserError
-from octoray.storage.locations import Location, ObjectPath, fs_path, location, upload_file
+from octoray.storage.locations import Location, ObjectPath, fs_path, is_uri, location, upload_file
+from octoray.storage.layout import MANIFEST, RESOLVED_CONFIG, STATS  # noqa: F401 - STATS: for the data stages
 
-MANIFEST = "manifest.json"
-STATS = "stats.json"
-RESOLVED_CONFIG = "config.yaml"
 
 
 def atomic_write_bytes(path: Location, data: bytes) -> None:
@@ -210,3 +208,18 @@ def iter_jsonl(path: Location) -> Iterator[tuple[str, Any]]:
                 yield f"{path}:{line_no}", json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+
+
+def input_dir_problems(*, data: Optional[str], out: Optional[str], hparams: Optional[str] = None) -> list[str]:
+    """The input checks of train and tune: ``data`` and ``out`` given, ``data`` and ``hparams`` existing
+    directories when local; object-store URIs are not checked (that would need the network)."""
+
+    found = []
+    if not data:
+        found.append("data: required (--data SFT_DIR, the output of 'octoray filter')")
+    if not out:
+        found.append("out: required (--out DIR)")
+    for key, value, what in (("data", data, "SFT data"), ("hparams", hparams, "tune")):
+        if value and not is_uri(value) and not location(value).is_dir():
+            found.append(f"{key}: {what} directory not found: {value}")
+    return found

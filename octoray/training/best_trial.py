@@ -22,8 +22,9 @@ from octoray.config import from_mapping, to_dict
 from octoray.errors import UserError
 from octoray.storage.stage_dirs import read_json, require_stage_output
 from octoray.storage.locations import Location, location
+from octoray.storage.layout import BEST_FILE, MANIFEST
+from octoray.training.train_config import TrainConfig
 
-BEST_FILE = "best.json"
 
 #: What a DeepSpeed checkpoint fixes: continuing from one needs these equal in trial and run.
 #: (The data split, checkpoint cadence and validation fraction may differ.)
@@ -71,10 +72,8 @@ def read_best(tune_dir: Location) -> dict[str, Any]:
     return best
 
 
-def apply_best(cfg: Any) -> tuple[Any, Handoff]:
-    """``cfg`` (a TrainConfig with ``hparams`` set) with the best trial's hyperparameters applied."""
-    from octoray.training.driver import TrainConfig
-
+def apply_best(cfg: TrainConfig) -> tuple[TrainConfig, Handoff]:
+    """``cfg`` (with ``hparams`` set) with the best trial's hyperparameters applied."""
     tune_dir = location(cfg.hparams).resolve()
     best = read_best(tune_dir)
     trial = best["best"]
@@ -86,7 +85,7 @@ def apply_best(cfg: Any) -> tuple[Any, Handoff]:
     # Checked again: e.g. the best warmup_steps may not fit a shorter train: budget.
     applied = from_mapping(TrainConfig, {**current, **params},
                            source=f"train: section with the hyperparameters of {tune_dir / BEST_FILE}")
-    manifest = read_json(tune_dir / "manifest.json")
+    manifest = read_json(tune_dir / MANIFEST)
     trial_config = {**manifest.get("train_config", {}), **params}
     checkpoint = None
     if cfg.from_best_checkpoint:

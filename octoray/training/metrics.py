@@ -12,9 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
+from octoray.storage.layout import LOSS_PNG, METRICS_FILE  # noqa: F401 - LOSS_PNG: for the run directory's users
+
 TB_DIR = "tb"
-LOSS_PNG = "loss.png"
 
 #: Dense bf16 peak FLOP/s per GPU by device-name fragment (vendor datasheets, no sparsity).
 PEAK_BF16_FLOPS = (

@@ -23,80 +23,17 @@ from __future__ import annotations
 
 import math
 import shutil
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any
 
-from octoray.config import ConfigError, from_mapping, load_config, option, to_dict
+from octoray.config import ConfigError, from_mapping, load_config, to_dict
 from octoray.errors import UserError
-from octoray.storage.stage_dirs import (RESOLVED_CONFIG, atomic_write_json, is_complete, read_manifest, require_stage_output,
-                             write_manifest, write_resolved_config)
-
-STAGE = "tune"
-METRIC = "val_loss"
-BEST_FILE = "best.json"
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    """The ``tune:`` section: search space, trial budget and ASHA settings."""
-
-    data: Optional[str] = option(None, "sft/ directory written by 'octoray filter'; a path or a URI", metavar="SFT_DIR")
-    out: Optional[str] = option(None, "tuning directory: trials/, tune/ (Ray Tune state), best.json; "
-                                      "a path or a URI (s3://bucket/prefix)", metavar="DIR")
-    search: Literal["random", "optuna"] = option("random", "searcher: random sampling, or optuna (Optuna's TPE "
-                                                           "through ray.tune.search.optuna; pip install 'octoray[tune]')")
-    lr: tuple[float, ...] = option((1e-4, 1e-3), "learning-rate range [low, high], sampled log-uniformly")
-    warmup_steps: tuple[int, ...] = option((1, 3), "warmup steps to choose from (each < the trial's max_steps)")
-    batch_size: tuple[int, ...] = option((), "global batch sizes to choose from (empty: the train: value)")
-    weight_decay: tuple[float, ...] = option((), "AdamW weight decays to choose from (empty: the train: value)")
-    lora_r: tuple[int, ...] = option((), "LoRA ranks to choose from (needs lora: true under train:)")
-    lora_alpha: tuple[int, ...] = option((), "LoRA alphas to choose from (needs lora: true under train:)")
-    lora_dropout: tuple[float, ...] = option((), "LoRA dropouts to choose from (needs lora: true under train:)")
-    num_samples: int = option(8, "number of trials")
-    max_steps: int = option(0, "optimizer steps per trial (0: the train: value)")
-    num_workers: int = option(0, "Ray Train workers per trial (0: the train: value)")
-    val_fraction: float = option(0.1, "packed sequences held out for the validation loss ASHA ranks by")
-    grace_period: int = option(1, "ASHA: validation reports (one per checkpoint) before a trial may be stopped")
-    reduction_factor: int = option(2, "ASHA: keep the best 1/reduction_factor at each rung")
-    max_concurrent_trials: int = option(0, "trials at once (0: as many as the cluster's CPUs/GPUs hold)")
-    startup_trials: int = option(0, "optuna: random trials before TPE models the results (0: a quarter of "
-                                    "num_samples, at least 2; Optuna's own default, 10, would leave TPE idle in a small search)")
-    seed: int = option(0, "seed of the search (random sampling and Optuna's TPE)")
-    fail_trial: int = option(0, "testing hook: the N-th trial (1-based) crashes (its Ray Train controller exits "
-                                "abruptly) at its first report (0 = never)")
-
-    def problems(self) -> list[str]:
-        """Every inconsistency in the search space itself, for one ConfigError (the trial budget is
-        checked against the train: section by :func:`check_search_space`)."""
-        out = []
-        if len(self.lr) != 2 or not 0 < self.lr[0] <= self.lr[1]:
-            out.append(f"lr must be a range [low, high] with 0 < low <= high, got {list(self.lr)}")
-        for name, low in (("warmup_steps", 0), ("batch_size", 1), ("weight_decay", 0), ("lora_r", 1),
-                          ("lora_alpha", 1), ("lora_dropout", 0)):
-            if any(v < low for v in getattr(self, name)):
-                out.append(f"{name} choices must be >= {low}, got {list(getattr(self, name))}")
-        if any(v >= 1 for v in self.lora_dropout):
-            out.append(f"lora_dropout choices must be < 1, got {list(self.lora_dropout)}")
-        if self.startup_trials < 0 or self.fail_trial < 0:
-            out.append("startup_trials and fail_trial must be >= 0")
-        for name in ("num_samples", "grace_period", "reduction_factor"):
-            if getattr(self, name) < 1:
-                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.reduction_factor == 1:
-            out.append("reduction_factor must be >= 2")
-        if not 0 < self.val_fraction < 1:
-            out.append(f"val_fraction must be in (0, 1): ASHA needs a validation loss, got {self.val_fraction}")
-        return out
-
-    def input_problems(self) -> list[str]:
-        """What ``octoray tune`` by itself needs: SFT data that exists and an output directory (the
-        pipeline writes the data as it goes, so this is not part of :meth:`problems`)."""
-        from octoray.training.driver import input_dir_problems
-
-        return input_dir_problems(data=self.data, out=self.out)
-
+from octoray.resumable import StageRun
+from octoray.storage.layout import BEST_FILE, MANIFEST, METRICS_FILE, RESOLVED_CONFIG
+from octoray.storage.locations import Location, display, location
+from octoray.storage.stage_dirs import atomic_write_json, require_stage_output
+from octoray.training.train_config import TrainConfig
+from octoray.training.tune_config import METRIC, STAGE, TuneConfig
 
 #: The command line (octoray.stage_cli): ``octoray tune CONFIG.yaml --data sft/ --out tune/ [train.key=value]``.
 CONFIG = TuneConfig
@@ -105,12 +42,11 @@ NESTED = ("train",)
 
 
 def load(path: str | None, overrides: list[str], nested: dict[str, list[str]], *, values: dict[str, Any],
-         check_inputs: bool = True) -> tuple[TuneConfig, Any]:
+         check_inputs: bool = True) -> tuple[TuneConfig, TrainConfig]:
     """(TuneConfig, base TrainConfig) from the config file's tune: and train: sections and the
     command line (``train.key=value`` sets a train: key); the search space is checked against the
     trial budget together with the tune: section's own checks."""
     from octoray.stage_cli import input_check
-    from octoray.training.driver import TrainConfig
 
     train_cfg = load_config(TrainConfig, path, nested.get("train", []), section="train")
     own_inputs = input_check(check_inputs)
@@ -127,7 +63,7 @@ CHOICE_KEYS = ("warmup_steps", "batch_size", "weight_decay", "lora_r", "lora_alp
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout")
 
 
-def trial_base(train_cfg: Any, tcfg: TuneConfig) -> Any:
+def trial_base(train_cfg: TrainConfig, tcfg: TuneConfig) -> TrainConfig:
     """The TrainConfig every trial starts from: the train: section with the tune: budget applied.
 
     Raises one ConfigError listing every way the search space breaks that budget.
@@ -138,7 +74,7 @@ def trial_base(train_cfg: Any, tcfg: TuneConfig) -> Any:
     return base
 
 
-def check_search_space(tcfg: TuneConfig, train_cfg: Any) -> list[str]:
+def check_search_space(tcfg: TuneConfig, train_cfg: TrainConfig) -> list[str]:
     """Every reason the search space cannot work with the trial budget, as sentences (empty: fine).
 
     Each choice is tried on the trial base as the trial would build it, so every rule of
@@ -148,9 +84,7 @@ def check_search_space(tcfg: TuneConfig, train_cfg: Any) -> list[str]:
     return _trial_base(train_cfg, tcfg)[1]
 
 
-def _trial_base(train_cfg: Any, tcfg: TuneConfig) -> tuple[Any, list[str]]:
-    from octoray.training.driver import TrainConfig
-
+def _trial_base(train_cfg: TrainConfig, tcfg: TuneConfig) -> tuple[TrainConfig, list[str]]:
     changes: dict[str, Any] = {"val_fraction": tcfg.val_fraction, "export": False, "fail_at_step": 0,
                                "data": None, "out": None, "hparams": None, "from_best_checkpoint": False}
     if tcfg.max_steps:
@@ -182,65 +116,55 @@ def _trial_base(train_cfg: Any, tcfg: TuneConfig) -> tuple[Any, list[str]]:
     return base, list(dict.fromkeys(problems))
 
 
-def run(tcfg: TuneConfig, train_cfg: Any) -> Path:
+def run(tcfg: TuneConfig, train_cfg: TrainConfig) -> Location:
     """Run the search and write ``DIR/best.json``; returns DIR."""
-    out_dir = _run(tcfg, train_cfg)
-    print(f"octoray tune: best trial in {out_dir / BEST_FILE}")
-    return out_dir
+    from octoray.training.driver import resolve_model, wait_for_workers
+    from octoray.training.sft_data import prepare_datasets
 
-
-def _run(tcfg: TuneConfig, train_cfg: Any) -> Path:
-    from octoray.training.driver import _init_ray, prepare_datasets, resolve_model
-
-    started = time.time()
     if tcfg.data is None or tcfg.out is None:
         raise UserError("pass --data SFT_DIR (the output of 'octoray filter') and --out DIR")
-    from octoray.storage.locations import location
-
     data_dir, out_dir = location(tcfg.data).resolve(), location(tcfg.out).resolve()
     sft_manifest = require_stage_output(data_dir, "filter", "SFT data")
     base = trial_base(train_cfg, tcfg)  # every problem of the space, before any work
-    if is_complete(out_dir, STAGE):
-        changed = _changed_keys(read_manifest(out_dir) or {}, tcfg, base)
-        if not changed:
-            print(f"octoray tune: {out_dir} is already complete (manifest.json); nothing to do")
-            return out_dir
-        print(f"octoray tune: the search changed since {out_dir} was written ({', '.join(changed)}); searching again")
+    stage = StageRun(STAGE, out_dir, tcfg, inputs={"sft": {"path": display(data_dir), "rows": sft_manifest.get("rows")}})
+    if stage.reusable(same=lambda previous: not _changed_keys(previous, tcfg, base)):
+        return out_dir
+    if stage.complete():
+        changed = _changed_keys(stage.previous or {}, tcfg, base)
+        stage.say(f"the search changed since {out_dir} was written ({', '.join(changed)}); searching again")
         _clear(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(out_dir, tcfg)
+    # The State API needs the dashboard (see _require_state_api).
+    stage.start(log_to_driver=True, dashboard=True)
     model_path = resolve_model(base, data_dir, out_dir)
-    _init_ray(dashboard=True)
     _require_state_api()
     if tcfg.search == "optuna":
         _require_optuna()
     datasets, counts = prepare_datasets(base, data_dir, model_path)
 
     from octoray.cluster.resources import placement_groups, release_placement_groups
-    from octoray.training.driver import _wait_for_workers
 
     before = set(placement_groups())
     try:
-        _wait_for_workers(base, "octoray tune (one trial)")
+        wait_for_workers(base, "octoray tune (one trial)")
         results = _run_tuner(tcfg, base, model_path, datasets, out_dir)
     finally:
         # However the search ended, nothing it reserved may outlive it: a stopped or failed trial's
         # worker placement group would otherwise hold its CPUs until the driver exits.
         removed = release_placement_groups(before)
         if removed:
-            print(f"octoray tune: removed {len(removed)} placement group(s) left by trials: {', '.join(removed)}")
+            stage.say(f"removed {len(removed)} placement group(s) left by trials: {', '.join(removed)}")
     best = summarize(results, base, out_dir / "trials")
     best["search"] = tcfg.search
     atomic_write_json(out_dir / BEST_FILE, best)
-    print(f"octoray tune: best trial {best['best']['trial_id']} {METRIC}={best['best'][METRIC]:.4f} "
-          f"config={best['best']['config']} ({tcfg.search} search, {best['trial_steps']} trial-steps)")
-    write_manifest(out_dir, STAGE, tcfg, rows=len(best["trials"]), files=[BEST_FILE, RESOLVED_CONFIG],
-                   started=started, inputs={"sft": {"path": str(data_dir), "rows": sft_manifest.get("rows")}},
-                   extra={"model_path": model_path, "counts": counts, "train_config": to_dict(base)})
+    stage.say(f"best trial {best['best']['trial_id']} {METRIC}={best['best'][METRIC]:.4f} "
+              f"config={best['best']['config']} ({tcfg.search} search, {best['trial_steps']} trial-steps)")
+    stage.finish(rows=len(best["trials"]), files=[BEST_FILE, RESOLVED_CONFIG],
+                 extra={"model_path": model_path, "counts": counts, "train_config": to_dict(base)})
+    stage.say(f"best trial in {out_dir / BEST_FILE}")
     return out_dir
 
 
-def _changed_keys(manifest: dict[str, Any], tcfg: TuneConfig, base: Any) -> list[str]:
+def _changed_keys(manifest: dict[str, Any], tcfg: TuneConfig, base: TrainConfig) -> list[str]:
     """Keys of the tune: section or the trial base that differ from the finished search's."""
     paths = {"data", "out"}
     searched = set(CHOICE_KEYS) | {"lr"}
@@ -253,7 +177,7 @@ def _changed_keys(manifest: dict[str, Any], tcfg: TuneConfig, base: Any) -> list
 
 def _clear(out_dir: Path) -> None:
     """Drop a finished search's outputs (manifest first: an interrupted clear is just incomplete)."""
-    for name in ("manifest.json", BEST_FILE):
+    for name in (MANIFEST, BEST_FILE):
         (out_dir / name).unlink(missing_ok=True)
     for name in ("trials", "tune"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
@@ -295,19 +219,19 @@ def search_space(tcfg: TuneConfig) -> dict[str, Any]:
     return space
 
 
-def max_concurrent(tcfg: TuneConfig, base: Any) -> int:
+def max_concurrent(tcfg: TuneConfig, base: TrainConfig) -> int:
     """How many trials fit the cluster at once (each needs num_workers x its worker resources)."""
     if tcfg.max_concurrent_trials:
         return tcfg.max_concurrent_trials
     import ray
 
-    from octoray.training.driver import _use_gpu
+    from octoray.training.driver import use_gpu
 
     resources = ray.cluster_resources()
     # One CPU stays free for each trial's Ray Data ingest tasks: trials whose workers take every
     # CPU starve their own data pipelines and hang.
     fits = int((resources.get("CPU", 1) - 1) // (base.num_workers * base.cpus_per_worker))
-    if _use_gpu(base):
+    if use_gpu(base):
         fits = min(fits, int(resources.get("GPU", 0) // base.num_workers))
     return max(1, fits)
 
@@ -333,11 +257,11 @@ def searcher(tcfg: TuneConfig, concurrent: int) -> Any:
     return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrent)
 
 
-def _run_tuner(tcfg: TuneConfig, base: Any, model_path: str, datasets: dict[str, Any], out_dir: Path) -> Any:
+def _run_tuner(tcfg: TuneConfig, base: TrainConfig, model_path: str, datasets: dict[str, Any], out_dir: Path) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from octoray.training.driver import _ray_storage
+    from octoray.training.driver import ray_storage
 
     reports = math.ceil(base.max_steps / base.checkpoint_every)  # one val_loss per checkpoint
     trainable = tune.with_parameters(_trial, base=to_dict(base), model_path=model_path,
@@ -355,7 +279,7 @@ def _run_tuner(tcfg: TuneConfig, base: Any, model_path: str, datasets: dict[str,
             search_alg=searcher(tcfg, concurrent),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(1, reports),
                                     grace_period=tcfg.grace_period, reduction_factor=tcfg.reduction_factor)),
-        run_config=tune.RunConfig(name="tune", **_ray_storage(out_dir)),  # a path, or bucket + file system
+        run_config=tune.RunConfig(name="tune", **ray_storage(out_dir)),  # a path, or bucket + file system
     )
     return tuner.fit()
 
@@ -367,7 +291,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], model_path: str, tri
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from octoray.storage.locations import location
-    from octoray.training.driver import TrainConfig, fit
+    from octoray.training.driver import fit
 
     cfg = from_mapping(TrainConfig, {**base, **params}, source="trial config")
     trial_id = ray.tune.get_context().get_trial_id()
@@ -398,7 +322,7 @@ def _DieAtFirstReport() -> Any:
     return DieAtFirstReport()
 
 
-def summarize(results: Any, base: Any, trials_dir: Path) -> dict[str, Any]:
+def summarize(results: Any, base: TrainConfig, trials_dir: Path) -> dict[str, Any]:
     """best.json: the best trial (lowest val_loss ever reported), its checkpoint, and a row per trial.
 
     Each row: trial_id, config, val_loss (its best), checkpoint, reports, steps (optimizer steps
@@ -410,7 +334,7 @@ def summarize(results: Any, base: Any, trials_dir: Path) -> dict[str, Any]:
     trials = []
     for result in results:
         trial_id = _trial_id(result)
-        rows = read_metrics(trials_dir / trial_id / "metrics.jsonl") if trial_id else []
+        rows = read_metrics(trials_dir / trial_id / METRICS_FILE) if trial_id else []
         row: dict[str, Any] = {"trial_id": trial_id, "config": _plain(result.config), METRIC: None,
                                "checkpoint": None, "reports": 0, "steps": max((r["step"] for r in rows), default=0),
                                "val_curve": [], "status": "completed", "error": None}
@@ -450,9 +374,9 @@ def _trial_id(result: Any) -> str | None:
 
 def error_line(error: BaseException) -> str:
     """A trial's error as one readable line: the octoray UserError inside, else the last line."""
-    from octoray.cli import _user_error
+    from octoray.errors import user_error_in
 
-    user = _user_error(error)
+    user = user_error_in(error)
     if user is not None:
         return str(user).strip().splitlines()[0]
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]

@@ -1,0 +1,71 @@
+"""The config of ``octoray serve`` (a leaf: imports nothing from octoray.serving, so the app, the
+replica and the pipeline import it without a cycle)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from octoray.cluster.node_types import resource_problems
+from octoray.config import option
+
+#: Context length assumed when neither the config nor the model says one.
+FALLBACK_MAX_MODEL_LEN = 2048
+#: ``max_tokens`` when a request gives none: OpenAI's default.
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Configuration of ``octoray serve`` (YAML section ``serve:``)."""
+
+    model: str = option("", "model to serve: the model/ dir written by `octoray train` (a path or a URI such as "
+                            "s3://bucket/runs/x/model, downloaded once per node), a local HF dir or a hub id")
+    model_name: str = option("", "name clients pass as `model` and /v1/models lists (default: the model argument)")
+    host: str = option("127.0.0.1", "address the HTTP proxy listens on (0.0.0.0 for every interface)")
+    port: int = option(8000, "HTTP port; the API is at http://HOST:PORT/v1")
+    engine: Literal["hf", "vllm"] = option(
+        "hf", "hf: transformers with octoray's batched decoder (CPU or GPU); vllm: Ray Serve LLM (needs vLLM + GPU)")
+    max_batch_size: int = option(32, "most sequences decoded together by one replica (1 turns batching off)")
+    batch_wait_timeout_s: float = option(0.01, "how long a batch waits to fill before it starts")
+    min_replicas: int = option(1, "autoscaling: fewest replicas")
+    max_replicas: int = option(1, "autoscaling: most replicas")
+    target_ongoing_requests: float = option(32.0, "autoscaling: ongoing requests per replica to aim for")
+    max_ongoing_requests: int = option(128, "requests a replica accepts at once (must be >= max_batch_size)")
+    num_cpus: float = option(1.0, "CPUs reserved per replica")
+    num_gpus: Optional[float] = option(None, "GPUs per replica (default: 1 when the Ray cluster has GPUs, else 0)")
+    resources: Optional[dict[str, float]] = option(
+        None, "extra Ray resources per replica, e.g. {fake_gpu: 1} for a node type that advertises its "
+              "accelerators as a custom resource")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "weights dtype; auto = float32 on CPU, the model's half dtype (or bfloat16) on GPU")
+    max_model_len: Optional[int] = option(None, "context window, prompt + completion (default: the model's)")
+    default_max_tokens: int = option(DEFAULT_MAX_TOKENS, "max_tokens when a request gives none (OpenAI's default is 16)")
+    max_choices: int = option(128, "most completions (prompts x n) one request may ask for")
+    ray_address: Optional[str] = option(None, "Ray cluster to connect to, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else a new local Ray)")
+    app_name: str = option("octoray", "Ray Serve application name")
+
+    def problems(self) -> list[str]:
+        """Every invalid value, for :class:`octoray.config.ConfigError`."""
+        found = []
+        if not self.model:
+            found.append("model: give the model to serve (a path or a hub id)")
+        if not 0 < self.port < 65536:
+            found.append(f"port: must be 1-65535, got {self.port}")
+        positive = {"max_batch_size": self.max_batch_size, "max_replicas": self.max_replicas,
+                    "max_ongoing_requests": self.max_ongoing_requests, "default_max_tokens": self.default_max_tokens,
+                    "max_choices": self.max_choices, "target_ongoing_requests": self.target_ongoing_requests}
+        found += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
+        if self.batch_wait_timeout_s < 0:
+            found.append(f"batch_wait_timeout_s: must be >= 0, got {self.batch_wait_timeout_s}")
+        if self.min_replicas < 0 or self.min_replicas > self.max_replicas:
+            found.append(f"min_replicas: must be 0..max_replicas ({self.max_replicas}), got {self.min_replicas}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            found.append(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                         f"({self.max_batch_size}), or batches can never fill")
+        if self.num_cpus < 0 or (self.num_gpus is not None and self.num_gpus < 0):
+            found.append("num_cpus/num_gpus: must be >= 0")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            found.append(f"max_model_len: must be >= 2, got {self.max_model_len}")
+        found += resource_problems("resources", self.resources)
+        return found

@@ -1,0 +1,346 @@
+"""What each Ray Train worker runs (:func:`train_loop_per_worker`): the DeepSpeed engine, resume,
+the step loop, checkpoints and the export. ``octoray train`` and every ``octoray tune`` trial start
+it through :func:`octoray.training.driver.fit`; it reads only its ``config`` dict.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from octoray.progress import progress_bar
+from octoray.storage.locations import Location, ObjectPath, local_copy, location, scratch_dir, upload_dir
+from octoray.training.metrics import METRICS_FILE, MetricsLog, mfu, peak_flops
+from octoray.training.train_config import TrainConfig
+
+#: DeepSpeed checkpoint tag inside every Ray checkpoint directory.
+CKPT_TAG = "ds"
+#: octoray's own resume state (step, tokens) next to the DeepSpeed shards.
+STATE_FILE = "octoray_state.json"
+#: Marker that makes the ``fail_at_step`` test hook fire only once per run directory.
+FAIL_MARKER = ".fail_at_step_done"
+
+
+#: DeepSpeed checkpoint tag inside every Ray checkpoint directory.
+CKPT_TAG = "ds"
+
+
+#: octoray's own resume state (step, tokens) next to the DeepSpeed shards.
+STATE_FILE = "octoray_state.json"
+
+
+#: Marker that makes the ``fail_at_step`` test hook fire only once per run directory.
+FAIL_MARKER = ".fail_at_step_done"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: build the DeepSpeed engine, resume, train, checkpoint, export.
+
+    ``config`` holds the resolved TrainConfig as a dict, the run directory and the model path.
+    Inside ``octoray tune`` ``config`` also carries the trial's hyperparameters (already merged).
+    """
+    import ray.train  # imported here, as deepspeed and torch below: the driver never pays for them
+    import torch
+
+    from octoray.config import from_mapping
+
+    cfg = from_mapping(TrainConfig, config["cfg"])
+    run_dir = location(config["run_dir"])
+    model_path = local_copy(config["model_path"])  # a URI: downloaded once per node
+    # Files rank 0 appends to (metrics.jsonl, tb/) live on a local disk; with a URI RUN_DIR they are
+    # uploaded at every checkpoint, so a worker group restarted on another node starts from them.
+    local_dir = _local_run_dir(run_dir)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    engine, hf_ds_config = _engine(cfg, model_path, world)
+
+    checkpoint = ray.train.get_checkpoint()  # this run's own latest, after a restart or rerun
+    if checkpoint is None and config.get("init_checkpoint"):
+        checkpoint = ray.train.Checkpoint.from_directory(config["init_checkpoint"])  # a tune trial's
+    step, tokens_seen = _maybe_resume(engine, checkpoint)
+    start_step = step  # logged with every row: shows where a (re)started worker group resumed
+    if rank == 0:
+        _sync_metrics(run_dir, local_dir, down=True)
+    log = MetricsLog(local_dir, enabled=rank == 0, resume_step=step)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    val_shard = ray.train.get_dataset_shard("val") if cfg.val_fraction > 0 else None
+    batches = _endless_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch)
+    progress = progress_bar(cfg.max_steps, desc="train", unit="step", enabled=rank == 0, initial=step,
+                            mininterval=1.0)
+
+    while step < cfg.max_steps:
+        _maybe_fail(cfg, run_dir, step + 1, rank, world)
+        row = _train_step(engine, batches, cfg, world)
+        step += 1
+        tokens_seen += row["tokens"]
+        row.update(step=step, tokens=tokens_seen, start_step=start_step,
+                   mfu=mfu(n_params, row["tokens_per_s"] / world, peak))
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if val_shard is not None:
+                row["val_loss"] = _evaluate(engine, val_shard, cfg.micro_batch)
+            log.log(row)
+            if rank == 0:
+                _sync_metrics(run_dir, local_dir)
+            _save_and_report(engine, row, step, tokens_seen, rank)
+        else:
+            log.log(row)
+        progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        progress.update(1)
+    progress.close()
+    log.close()
+    if rank == 0:
+        _sync_metrics(run_dir, local_dir, tensorboard=True)
+    del hf_ds_config  # training is over (see _export_model)
+    _export_model(engine, cfg, model_path, run_dir, local_dir, rank)
+
+
+def _engine(cfg: TrainConfig, model_path: str, world: int) -> tuple[Any, Any]:
+    """The DeepSpeed engine (model, AdamW, warmup-cosine schedule) and transformers' handle on the
+    DeepSpeed config, which must live as long as training does under ZeRO-3."""
+    import deepspeed
+    import torch
+
+    from octoray.training.deepspeed_config import build_deepspeed_config, warmup_cosine
+
+    cuda = torch.cuda.is_available()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    ds_config = build_deepspeed_config(
+        zero_stage=cfg.zero_stage, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world_size=world,
+        lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16,
+        offload_optimizer=cfg.offload_optimizer, offload_params=cfg.offload_params, cuda=cuda)
+    # Adopt the process group Ray Train set up, before anything reads the world size: under
+    # ZeRO-3 from_pretrained already runs zero.Init, which checks the batch against it.
+    deepspeed.init_distributed()
+    model, hf_ds_config = _load_model(cfg, model_path, ds_config, bf16)
+    schedule = functools.partial(warmup_cosine, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                                 min_lr_ratio=cfg.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+    return engine, hf_ds_config
+
+
+def _train_step(engine: Any, batches: Any, cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """One optimizer step (``grad_accum`` micro-batches); its metrics row, loss averaged over ranks."""
+    import torch
+    import torch.distributed as dist
+
+    engine.train()
+    lr = engine.get_lr()[0]
+    started = time.perf_counter()
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, tokens
+    data_seconds = 0.0  # time spent waiting on the input pipeline: a stall shows up here
+    for _ in range(cfg.grad_accum):
+        fetch_started = time.perf_counter()
+        batch = next(batches)
+        data_seconds += time.perf_counter() - fetch_started
+        loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        engine.backward(loss)
+        engine.step()
+        sums[0] += loss.detach().double()
+        sums[1] += batch["input_ids"].numel()
+    dist.all_reduce(sums)  # one small collective: the logged loss is the global mean
+    seconds = time.perf_counter() - started
+    step_tokens = int(sums[1].item())
+    return {"loss": float(sums[0].item()) / (cfg.grad_accum * world), "lr": lr,
+            "tokens_per_s": step_tokens / seconds, "step_seconds": seconds, "data_seconds": data_seconds,
+            "tokens": step_tokens}
+
+
+def _export_model(engine: Any, cfg: TrainConfig, model_path: str, run_dir: Location, local_dir: Path,
+                  rank: int) -> None:
+    """RUN_DIR/model in Hugging Face format (uploaded when RUN_DIR is a URI), when ``cfg.export``."""
+    # Stop transformers from building models under zero.Init, or rank 0's fresh export model would
+    # start ZeRO-3 collectives the other ranks never join (a deadlock).
+    if cfg.zero_stage == 3:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    if not cfg.export:
+        return
+    _export(engine, cfg, model_path, local_dir / "model", rank)
+    if rank == 0 and isinstance(run_dir, ObjectPath):
+        from octoray.storage.locations import rmtree
+
+        rmtree(run_dir / "model")  # a model/ left by an earlier, interrupted export
+        upload_dir(local_dir / "model", run_dir / "model")
+
+
+def _local_run_dir(run_dir: Location) -> Path:
+    """RUN_DIR itself on a file system; a node-local scratch directory for a URI RUN_DIR."""
+    return scratch_dir(run_dir, "runs") if isinstance(run_dir, ObjectPath) else Path(run_dir)
+
+
+def _sync_metrics(run_dir: Location, local_dir: Path, *, down: bool = False, tensorboard: bool = False) -> None:
+    """Copy rank 0's ``metrics.jsonl`` (and ``tb/``) between the scratch directory and a URI RUN_DIR.
+
+    ``down``: before training, take the bucket's copy (the record up to the checkpoint resumed
+    from; MetricsLog then drops later lines), so a fresh node continues the same file.
+    """
+    if not isinstance(run_dir, ObjectPath):
+        return
+    from octoray.storage.locations import download_file, upload_file
+
+    remote, local = run_dir / METRICS_FILE, local_dir / METRICS_FILE
+    if down:
+        local.unlink(missing_ok=True)
+        if remote.is_file():
+            download_file(remote, local)
+        return
+    if local.is_file():
+        upload_file(local, remote)
+    if tensorboard and (local_dir / "tb").is_dir():
+        upload_dir(local_dir / "tb", run_dir / "tb")
+
+
+def _load_model(cfg: TrainConfig, model_path: str, ds_config: dict[str, Any], bf16: bool) -> tuple[Any, Any]:
+    import torch
+
+    hf_ds_config = None
+    if cfg.zero_stage == 3:
+        # With this object alive, from_pretrained builds the model under deepspeed.zero.Init, so
+        # each rank materialises only its partition (a 15.5B model never sits whole on one GPU).
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+    from octoray.modeling import load_model
+
+    model = load_model(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return _with_lora(model, cfg), hf_ds_config
+
+
+def _with_lora(model: Any, cfg: TrainConfig) -> Any:
+    """``model`` wrapped in LoRA adapters as ``cfg`` asks (for training, and to rebuild the trained
+    model's parameter names at export), or ``model`` itself when ``cfg.lora`` is off."""
+    if not cfg.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                            lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets)))
+
+
+def _maybe_resume(engine: Any, checkpoint: Any) -> tuple[int, int]:
+    """Load the latest Ray checkpoint into the engine; return (step, tokens) reached."""
+    if checkpoint is None:
+        return 0, 0
+    with checkpoint.as_directory() as ckpt_dir:
+        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG)
+        if load_path is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint '{CKPT_TAG}' in {ckpt_dir}")
+        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+    return int(state["step"]), int(state["tokens"])
+
+
+def _endless_batches(shard: Any, micro_batch: int):
+    """Micro-batches forever, epoch after epoch (shards are equal-sized, so ranks stay in lockstep)."""
+    while True:
+        seen = 0
+        for batch in shard.iter_torch_batches(batch_size=micro_batch, drop_last=True):
+            seen += 1
+            yield batch
+        if not seen:
+            raise RuntimeError("this worker's data shard holds fewer sequences than micro_batch")
+
+
+def _evaluate(engine: Any, shard: Any, micro_batch: int) -> float:
+    """Mean per-token validation loss over every worker's validation shard."""
+    import torch
+    import torch.distributed as dist
+
+    from octoray.training.packing import IGNORE_INDEX
+
+    engine.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=micro_batch, drop_last=False):
+            loss = engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the model shifts labels by one
+            sums[0] += loss.double() * n
+            sums[1] += n
+    dist.all_reduce(sums)
+    engine.train()
+    return float(sums[0] / sums[1].clamp(min=1))
+
+
+def _save_and_report(engine: Any, metrics: dict[str, Any], step: int, tokens: int, rank: int) -> None:
+    """Every rank writes its DeepSpeed shard into one Ray checkpoint directory and reports it."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="octoray-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=CKPT_TAG)
+        if rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, "tokens": tokens}))
+        reported = {k: v for k, v in metrics.items() if v is not None}
+        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+
+def _maybe_fail(cfg: TrainConfig, run_dir: Location, next_step: int, rank: int, world: int) -> None:
+    """Test hook: the last rank dies abruptly once, to exercise FailureConfig + resume."""
+    if cfg.fail_at_step != next_step or rank != world - 1:
+        return
+    marker = run_dir / FAIL_MARKER
+    if marker.exists():
+        return
+    marker.write_text(f"worker {rank} exited before step {next_step}\n")
+    # Ray's controller registers a reported checkpoint when it next polls the workers (every 2 s);
+    # a death right after the report could beat that and lose the checkpoint, which a real crash
+    # hours into a run would not. Wait (bounded) until Ray's snapshot names the last checkpoint.
+    last = (next_step - 1) // cfg.checkpoint_every * cfg.checkpoint_every
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 120
+    while last and time.time() < deadline:
+        if snapshot.is_file() and f"checkpoint_{last:06d}" in snapshot.read_text(errors="replace"):
+            break
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank: int) -> None:
+    """Write the trained model (LoRA merged) + tokenizer in Hugging Face format on rank 0.
+
+    Parameters are gathered one at a time (whole under ZeRO-3, a no-op otherwise), so no rank
+    ever holds a second full copy on the GPU; rank 0 assembles them on the CPU.
+    """
+    import deepspeed
+    import torch
+
+    state: dict[str, Any] = {}
+    module = engine.module
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], enabled=cfg.zero_stage == 3):
+            if rank == 0:
+                state[name] = param.detach().to("cpu", copy=True)
+    if rank == 0:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from octoray.modeling import load_tokenizer
+
+        hf_config = AutoConfig.from_pretrained(model_path)  # already a local copy
+        dtype = next(iter(state.values())).dtype
+        model = _with_lora(AutoModelForCausalLM.from_config(hf_config, dtype=dtype), cfg)
+        missing = set(dict(model.named_parameters())) - set(state)
+        if missing:
+            raise RuntimeError(f"export: trained state lacks {sorted(missing)[:3]}")
+        model.load_state_dict(state, strict=False)  # buffers (attention masks) come from the config
+        if cfg.lora:
+            model = model.merge_and_unload()
+        model.config.use_cache = True
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        model.save_pretrained(tmp)
+        load_tokenizer(model_path).save_pretrained(tmp)
+        if out_dir.exists():
+            import shutil
+
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)  # a crash mid-export never leaves a half model/ behind
+    torch.distributed.barrier()
