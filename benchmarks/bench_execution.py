@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from octoray.evaluation.sandbox import execution  # noqa: E402
+from octoray.evaluation.sandbox import toolchains  # noqa: E402
 from octoray.evaluation.sandbox.execution import LANGUAGES, Sandbox  # noqa: E402
 from octoray.evaluation.sandbox.programs import build_program  # noqa: E402
 
@@ -42,15 +42,15 @@ class Reference:
         (self.rust / "src" / "bin").mkdir(parents=True, exist_ok=True)
         (self.rust / "Cargo.toml").write_text(
             '[package]\nname = "rust"\nversion = "0.1.0"\nedition = "2021"\n\n[dependencies]\n'
-            + "".join(f'{k} = "{v}"\n' for k, v in execution.RUST_DEPS.items()))
+            + "".join(f'{k} = "{v}"\n' for k, v in toolchains.RUST_DEPS.items()))
         home = work / "cargo-home"
         home.mkdir(exist_ok=True)
         (home / "config.toml").write_text(
             '[source.crates-io]\nreplace-with = "debian"\n\n'
-            f'[source.debian]\ndirectory = "{execution.DEBIAN_CARGO_REGISTRY}"\n')
+            f'[source.debian]\ndirectory = "{toolchains.DEBIAN_CARGO_REGISTRY}"\n')
         self.env = {**os.environ, "CARGO_HOME": str(home), "GO111MODULE": "off",
-                    "GOPATH": execution.GOPATH, "GOCACHE": str(self.gocache),
-                    "NODE_PATH": str(execution.NODE_MODULES)}
+                    "GOPATH": toolchains.GOPATH, "GOCACHE": str(self.gocache),
+                    "NODE_PATH": str(toolchains.NODE_MODULES)}
 
     def run(self, language: str, problem: dict, code: str) -> bool:
         program = build_program(language, problem, code)

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from octoray.evaluation import humanevalpack as hep  # noqa: E402
-from octoray.evaluation.sandbox.execution import CPP_STD, SANDBOX_ROOT, Sandbox, _jvm_flags  # noqa: E402
+from octoray.evaluation.sandbox.execution import CPP_STD, SANDBOX_ROOT, Sandbox, jvm_flags  # noqa: E402
 from octoray.evaluation.sandbox.programs import build_program  # noqa: E402
 
 STAMP = "echo @phase {index} $(date +%s%N)"
@@ -124,7 +124,7 @@ def _measure_warm_java(sb: Sandbox, program) -> dict[str, float]:
         compile_ms = (time.perf_counter() - started) * 1000
         if status != "ok":
             raise RuntimeError(messages)
-        steps = [("run", f"java {_jvm_flags(1)} -cp . Main")]
+        steps = [("run", f"java {jvm_flags(1)} -cp . Main")]
         status, tail = sb._run("java", workdir, 60, _phased(steps))
         if status != "pass":
             raise RuntimeError(tail)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from octoray.evaluation.sandbox.execution import (LANGUAGES, TIMEOUTS_S, ExecutionResult, Sandbox,
-                                         _wait_for_exit)
+                                         wait_for_exit)
 from octoray.evaluation.sandbox.programs import build_program
 
 # Problems per language in the default run (Rust/32 and Rust/50 need rand 0.7: avoided).
@@ -103,11 +103,11 @@ def test_timeouts_are_the_reference_ones() -> None:
 
 def test_wait_for_exit_reaps_exited_and_reports_timeouts() -> None:
     done = subprocess.Popen(["/bin/sh", "-c", "exit 3"])
-    assert _wait_for_exit(done, 30) is True and done.returncode == 3
-    assert _wait_for_exit(done, 30) is True  # already reaped: no pidfd, Popen knows the code
+    assert wait_for_exit(done, 30) is True and done.returncode == 3
+    assert wait_for_exit(done, 30) is True  # already reaped: no pidfd, Popen knows the code
     hung = subprocess.Popen(["/bin/sh", "-c", "sleep 30"])
     try:
-        assert _wait_for_exit(hung, 0.2) is False and hung.returncode is None
+        assert wait_for_exit(hung, 0.2) is False and hung.returncode is None
     finally:
         hung.kill()
         hung.wait()
@@ -190,10 +190,10 @@ def test_javac_maps_its_class_data_archive_inside_the_sandbox(sandbox: Sandbox,
 def _registry_without(tmp_path: Path, crate: str) -> Path:
     """A copy (by symlinks) of Debian's cargo registry lacking ``crate``: what a machine without
     regex's ``+default`` packages looks like to cargo."""
-    from octoray.evaluation.sandbox import execution
+    from octoray.evaluation.sandbox import toolchains
     registry = tmp_path / "registry"
     registry.mkdir()
-    for entry in execution.DEBIAN_CARGO_REGISTRY.iterdir():
+    for entry in toolchains.DEBIAN_CARGO_REGISTRY.iterdir():
         if not entry.name.startswith(f"{crate}-"):
             (registry / entry.name).symlink_to(entry)
     return registry
@@ -201,10 +201,10 @@ def _registry_without(tmp_path: Path, crate: str) -> Path:
 
 @pytest.mark.toolchain
 def test_toolchain_probe_names_the_crate_a_registry_lacks(tmp_path: Path, monkeypatch) -> None:
-    from octoray.evaluation.sandbox import execution
-    assert execution.toolchain_problem("rust") is None
-    monkeypatch.setattr(execution, "DEBIAN_CARGO_REGISTRY", _registry_without(tmp_path, "aho-corasick"))
-    problem = execution.toolchain_problem("rust")
+    from octoray.evaluation.sandbox import toolchains
+    assert toolchains.toolchain_problem("rust") is None
+    monkeypatch.setattr(toolchains, "DEBIAN_CARGO_REGISTRY", _registry_without(tmp_path, "aho-corasick"))
+    problem = toolchains.toolchain_problem("rust")
     assert problem is not None and "aho-corasick" in problem and "librust-regex+default-dev" in problem
     assert "\n" not in problem
 

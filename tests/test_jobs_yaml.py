@@ -16,19 +16,6 @@ from tests.conftest import REPO_ROOT
 PRESETS = sorted((REPO_ROOT / "jobs").glob("*.yaml")) + sorted((REPO_ROOT / "jobs").glob("*.yml"))
 
 
-def config_class(module) -> type:
-    """The stage's config dataclass: ``CONFIG_CLASS`` if the module names one, else its one ``*Config``."""
-    explicit = getattr(module, "CONFIG_CLASS", None)
-    if explicit is not None:
-        return explicit
-    found = [obj for name, obj in vars(module).items()
-             if name.endswith("Config") and isinstance(obj, type) and dataclasses.is_dataclass(obj)
-             and obj.__module__ == module.__name__]
-    if len(found) != 1:
-        pytest.fail(f"{module.__name__}: expected one *Config dataclass (or CONFIG_CLASS), found {found}")
-    return found[0]
-
-
 def sections(path: Path) -> list[str]:
     return [key for key in read_yaml(path) if key in STAGE_SECTIONS]
 
@@ -65,5 +52,5 @@ def test_preset_sections_load_into_their_stage_config(path: Path, tmp_path: Path
                                      {s: tmp_path / s for s in pipeline.STAGES})  # ConfigError on any problem
     for section in present:
         module = importlib.import_module(VERBS[section][0])
-        assert isinstance(configs[section], config_class(module)), section
+        assert isinstance(configs[section], module.CONFIG), section
     assert configs, f"{path.name}: no section could be checked"

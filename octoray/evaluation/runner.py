@@ -131,7 +131,7 @@ def probe_toolchains(languages: Sequence[str]) -> None:
     """
     import ray
 
-    from octoray.evaluation.sandbox.execution import toolchain_problem
+    from octoray.evaluation.sandbox.toolchains import toolchain_problem
 
     def check(langs: Sequence[str]) -> dict[str, str]:
         found = {lang: toolchain_problem(lang) for lang in langs}

@@ -2,7 +2,10 @@
 
 This module, with its two helpers for the accelerated builds -- ``java_compiler`` (the warm
 javac it starts inside the sandbox) and ``go_direct`` (the Go build steps it runs inside the
-sandbox) -- is all of it; nothing else in octoray starts a sample's code or its compiler.
+sandbox) -- is all of it; nothing else in octoray starts a sample's code or its compiler. Its
+neighbours in :mod:`octoray.evaluation.sandbox` run none: ``isolation`` holds the namespace set-up
+and the process-tree kill it uses, ``toolchains`` the tools and the trusted shared builds
+(built from octoray's own text, never a sample's), ``programs`` assembles a sample's program.
 
 Each sample runs as its own subprocess tree in a fresh directory, under per-language wall-clock
 timeouts and rlimits, and -- where the machine allows it (util-linux ``unshare``; detected once
@@ -27,15 +30,11 @@ the same rlimits and uid drop; see docs/execution.md for exactly what is and is 
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
 import resource
-import select
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,8 +49,13 @@ from octoray.evaluation.sandbox import go_direct
 
 from octoray.evaluation.sandbox import java_compiler
 from octoray.evaluation.humanevalpack import LANGUAGES
-from octoray.evaluation.sandbox.programs import CPP_HEADER, build_program
-from octoray.evaluation.sandbox.shared_builds import build_lock, key_of
+from octoray.evaluation.sandbox.programs import build_program
+from octoray.evaluation.sandbox.isolation import (READY, SANDBOX_ROOT, SETUP_SH, UID_BASE, UID_SPAN, isolation_mode,
+                                                  kill_group, mount_table, tasks_of_uid, unshare_argv, wait_for_exit)
+from octoray.evaluation.sandbox.toolchains import (CPP_STD, GO_WARM, GOPATH, JAVA_WARM, NODE_MODULES, TOOLS,
+                                                   cpp_precompiled_header, go_env, go_template, java_version,
+                                                   javac_archive, jvm_flags, remove_path, rust_deps, sample_path,
+                                                   toolchain_problem)
 
 log = logging.getLogger(__name__)
 
@@ -64,66 +68,6 @@ TIMEOUTS_S: dict[str, float] = {"python": 10, "js": 10, "java": 10, "go": 20, "c
                                 "rust": 300}
 
 TAIL_CHARS = 2000
-# Versions the Debian packages provide offline. The reference used rand 0.7, whose
-# gen_range(a, b) takes two arguments; rand 0.8 takes a range, so the canonical solutions of
-# Rust/32 and Rust/50 do not compile here (documented exception in docs/execution.md).
-RUST_DEPS = {"rand": "0.8", "regex": "1", "md5": "0.7"}
-# Where Debian's librust-*-dev packages put the crates; OCTORAY_CARGO_REGISTRY points elsewhere
-# (another offline directory source).
-DEBIAN_CARGO_REGISTRY = Path(os.environ.get("OCTORAY_CARGO_REGISTRY", "/usr/share/cargo/registry"))
-# regex's default features (aho-corasick, memchr) are a package of their own, only a Recommends.
-RUST_PACKAGES = "librust-rand-dev librust-regex-dev 'librust-regex+default-dev' librust-md5-dev"
-GOPATH = "/usr/share/gocode"  # golang-github-stretchr-testify-dev installs testify here
-REPO_ROOT = Path(__file__).resolve().parents[3]
-NODE_MODULES = REPO_ROOT / ".toolchains" / "node_modules"  # js-md5, scripts/install_toolchains.sh
-
-# Inside the namespaces the cache dir is bound here (a tmpfs over /mnt holds the mount point).
-SANDBOX_ROOT = "/mnt/sbx"
-HIDDEN_DIRS = ("/root", "/home")
-PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-UID_BASE = 1_100_000  # sandbox uids: UID_BASE + pid % UID_SPAN, no /etc/passwd entry needed
-UID_SPAN = 100_000
-READY = ".ready-"  # marker the namespace setup writes (as root) right before starting a sample
-
-# Runs as root (or as mapped root in a user namespace) in the new namespaces, then starts the
-# sample as a child -- not via exec: a credential change would clear the parent-death signal
-# that `unshare --kill-child` relies on to tear the PID namespace down. The mounts are one
-# `mount --all` over a table (see _mount_table) written to a fresh tmpfs no sample can write
-# to: one process instead of one per mount, a third of a sample's sandbox overhead.
-_SETUP_SH = r"""
-set -eu
-table=$1; work=$2; uid=$3; shift 3
-mount -t tmpfs -o size=1m,mode=755 octoray-sandbox /mnt
-printf '%s\n' "$table" > /mnt/fstab
-mount --all --fstab /mnt/fstab
-cd "/mnt/sbx/work/$work"
-: > "/mnt/sbx/work/.ready-$work"
-if [ -n "$uid" ]; then
-  setpriv --reuid="$uid" --regid="$uid" --clear-groups --no-new-privs -- "$@"
-else
-  "$@"
-fi
-"""
-
-
-def _mount_table(sandbox_dir: str) -> str:
-    """The fstab the setup mounts, in order: ``sandbox_dir`` at /mnt/sbx; each toolchain dir
-    under a hidden home dir set aside under /mnt/keep; empty tmpfs over the home dirs; the
-    set-aside toolchain dirs back in place; fresh tmpfs over the temporary dirs. Mount points
-    are created as needed (``X-mount.mkdir``)."""
-    keep = _keep_paths()
-    rows = [(sandbox_dir, SANDBOX_ROOT, "none", "bind,X-mount.mkdir")]
-    rows += [(path, f"/mnt/keep/{i}", "none", "bind,X-mount.mkdir") for i, path in enumerate(keep)]
-    rows += [("octoray-sandbox", d, "tmpfs", "size=1m,mode=755") for d in HIDDEN_DIRS if os.path.isdir(d)]
-    rows += [(f"/mnt/keep/{i}", path, "none", "bind,X-mount.mkdir") for i, path in enumerate(keep)]
-    rows += [("octoray-sandbox", d, "tmpfs", "size=64m,mode=1777") for d in PRIVATE_TMP if os.path.isdir(d)]
-    return "\n".join(f"{_fstab_field(source)} {_fstab_field(target)} {kind} {options} 0 0"
-                     for source, target, kind, options in rows)
-
-
-def _fstab_field(path: str) -> str:
-    """``path`` with fstab's octal escapes for the characters that would split or end a field."""
-    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
 
 
 @dataclass(frozen=True)
@@ -191,8 +135,8 @@ class Sandbox:
         if self.uid is not None:
             os.chown(self.private, self.uid, self.uid)
         weakref.finalize(self, shutil.rmtree, self.private, True)
-        self.isolation = _isolation_mode(self.is_root, self.allow_network)
-        self._mount_table = _mount_table(str(self.cache_dir))
+        self.isolation = isolation_mode(self.is_root, self.allow_network)
+        self._mount_table = mount_table(str(self.cache_dir))
         self._toolchain_problems: dict[str, str | None] = {}
         self._toolchain_lock = threading.Lock()
         self._rust_externs: list[str] | None = None
@@ -262,7 +206,7 @@ class Sandbox:
         if language == "js":
             return "node test.js"
         if language == "java":
-            jvm = _jvm_flags(self.limits.threads)
+            jvm = jvm_flags(self.limits.threads)
             javac = " ".join(f"-J{flag}" for flag in jvm.split())
             if self._javac_archive:
                 javac += f" -J-XX:SharedArchiveFile={root}/{self._javac_archive}"
@@ -288,7 +232,7 @@ class Sandbox:
     def _env(self, language: str, workdir_inside: str) -> dict[str, str]:
         """The whole environment of a sample: nothing of ours leaks in."""
         root = self._root
-        env = {"PATH": _sample_path(), "HOME": workdir_inside, "TMPDIR": workdir_inside,
+        env = {"PATH": sample_path(), "HOME": workdir_inside, "TMPDIR": workdir_inside,
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         threads = str(self.limits.threads)
         env.update(OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
@@ -325,7 +269,7 @@ class Sandbox:
         if left <= 0:
             return "timeout", messages[-TAIL_CHARS:]
         status, tail = self._run("java", workdir, left,
-                                 f"java {_jvm_flags(self.limits.threads)} -cp . Main")
+                                 f"java {jvm_flags(self.limits.threads)} -cp . Main")
         return status, (messages + tail)[-TAIL_CHARS:]
 
     def _start_java_compiler(self, server_classes: str) -> java_compiler.JavaCompiler:
@@ -337,7 +281,7 @@ class Sandbox:
         home = self.cache_dir / "work" / name  # the server's own cwd
         log_path = self.cache_dir / f"{name}.log"
         # No attach API: a process of the same uid must not be able to drive the compiler JVM.
-        command = (f"exec java {_jvm_flags(self.limits.threads)} -XX:+DisableAttachMechanism "
+        command = (f"exec java {jvm_flags(self.limits.threads)} -XX:+DisableAttachMechanism "
                    f"-cp {shlex.quote(f'{root}/{server_classes}')} {java_compiler.SERVER_CLASS} "
                    f"{shlex.quote(f'{root}/work')}")
 
@@ -354,7 +298,7 @@ class Sandbox:
                 os.close(fd)
 
         def stop(proc: subprocess.Popen) -> None:
-            _kill_group(proc)
+            kill_group(proc)
             for pipe in (proc.stdin, proc.stdout):
                 try:
                     pipe.close()
@@ -364,7 +308,7 @@ class Sandbox:
         compiler = java_compiler.JavaCompiler(start, stop)
         weakref.finalize(self, compiler.close)
         for leftover in (home, self.cache_dir / "work" / f"{READY}{name}", log_path):
-            weakref.finalize(self, _remove, leftover)
+            weakref.finalize(self, remove_path, leftover)
         return compiler
 
     # -- the subprocess -----------------------------------------------------------------------
@@ -377,8 +321,8 @@ class Sandbox:
             # memory (RLIMIT_FSIZE caps the file), and we only read its tail.
             proc = self._popen(language, workdir, shell_command or self._command(language, timeout),
                                cpu_s=int(timeout * 2) + 5, stdin=subprocess.DEVNULL, stdout=out)
-            timed_out = not _wait_for_exit(proc, timeout)
-            _kill_group(proc)
+            timed_out = not wait_for_exit(proc, timeout)
+            kill_group(proc)
             tail = _tail(out)
         if isolated and not (self.cache_dir / "work" / f"{READY}{workdir.name}").exists():
             return "error", "sandbox setup failed: " + tail
@@ -400,7 +344,7 @@ class Sandbox:
         env = self._env(language, inside)
         command = ["env", "-i", *(f"{k}={v}" for k, v in env.items()), "/bin/sh", "-c", shell_command]
         if isolated:
-            argv = [*_unshare_argv(self.is_root, self.allow_network), "/bin/sh", "-c", _SETUP_SH,
+            argv = [*unshare_argv(self.is_root, self.allow_network), "/bin/sh", "-c", SETUP_SH,
                     "octoray-sandbox", self._mount_table, workdir.name,
                     "" if self.uid is None else str(self.uid), *command]
         else:
@@ -411,7 +355,7 @@ class Sandbox:
             "cpu": cpu_s,
             # Root ignores RLIMIT_NPROC, the sandbox uid does not; a non-root caller's own
             # processes count too, so they are added.
-            "nproc": limits.max_processes + (0 if self.is_root else _tasks_of_uid(os.getuid())),
+            "nproc": limits.max_processes + (0 if self.is_root else tasks_of_uid(os.getuid())),
             "fsize": limits.max_file_mb << 20,
             "nofile": limits.max_open_files,
             "core": 0,
@@ -452,16 +396,16 @@ class Sandbox:
                 problem = self._probe(language)
             try:
                 if problem is None and language == "rust":
-                    self._rust_externs = _rust_deps(self.cache_dir)
+                    self._rust_externs = rust_deps(self.cache_dir)
                 if problem is None and language == "go":
                     problem = self._warm_go()
                 if problem is None and language == "java":
-                    self._javac_archive = _javac_archive(self.cache_dir, self.limits.threads)
+                    self._javac_archive = javac_archive(self.cache_dir, self.limits.threads)
                 if problem is None and language == "java" and self.accelerated \
                         and self.isolation != "none":  # the compiler needs its own namespaces
                     problem = self._warm_java()
                 if problem is None and language == "cpp" and self.accelerated:
-                    self._cpp_header = _cpp_precompiled_header(self.cache_dir)
+                    self._cpp_header = cpp_precompiled_header(self.cache_dir)
             except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
                 problem = f"building {language} dependencies failed: {exc}"
             self._toolchain_problems[language] = problem
@@ -470,7 +414,7 @@ class Sandbox:
     def _probe(self, language: str) -> str | None:
         """Run the toolchain's version command inside the sandbox: catches toolchains the
         sandbox uid cannot reach (e.g. under /root without the namespace bind mounts)."""
-        tools = _TOOLS[language] or [shlex.quote(sys.executable)]
+        tools = TOOLS[language] or [shlex.quote(sys.executable)]
         versions = {"go": "go version", "node": "node --version"}
         command = " && ".join(versions.get(t, f"{t} --version") for t in tools)
         status, tail = self._execute_program(language, "probe.txt", "", 60, command)
@@ -483,7 +427,7 @@ class Sandbox:
         built by go test): a copy of a template built once per cache dir (trusted code, under a
         file lock); samples never write to the shared template. Then one sandboxed trial run:
         through the Go tools directly when accelerated and that works, else through go test."""
-        template = _go_template(self.cache_dir)
+        template = go_template(self.cache_dir)
         gocache = self.private / "go-build"
         if not gocache.exists():
             shutil.copytree(template, gocache, symlinks=True)
@@ -494,19 +438,19 @@ class Sandbox:
                         os.chown(os.path.join(dirpath, name), self.uid, self.uid)
         if self.accelerated and self._start_go_direct():
             return None
-        status, tail = self._execute_program("go", "main_test.go", _GO_WARM, 600)
+        status, tail = self._execute_program("go", "main_test.go", GO_WARM, 600)
         return None if status == "pass" else f"go warm-up failed ({status}): {tail[-300:]}"
 
     def _start_go_direct(self) -> bool:
         """Build Go samples without the go command from now on, once the shared part is built
         and a trusted program passes that way (True); otherwise (logged) samples keep to go test."""
         try:
-            relative = go_direct.build(self.cache_dir, _go_env(str(self.cache_dir)))
+            relative = go_direct.build(self.cache_dir, go_env(str(self.cache_dir)))
             self._go_direct = go_direct.GoDirect.load(self.cache_dir, relative)
         except Exception as exc:  # noqa: BLE001 - a speed-up only: any failure leaves go test
             log.warning("sandbox: go samples use go test (%s: %s)", type(exc).__name__, exc)
             return False
-        status, tail = self._execute_program("go", "main_test.go", _GO_WARM, 600)
+        status, tail = self._execute_program("go", "main_test.go", GO_WARM, 600)
         if status != "pass" or "PASS" not in tail:
             self._go_direct = None
             log.warning("sandbox: go samples use go test: a trusted program failed the direct "
@@ -518,221 +462,19 @@ class Sandbox:
         """Start the warm compiler and check it on a trusted program. A JDK without the
         compiler API (or a server that will not start) leaves samples on cold javac."""
         try:
-            server = java_compiler.build_server(self.cache_dir, _java_version(),
-                                                _jvm_flags(self.limits.threads))
+            server = java_compiler.build_server(self.cache_dir, java_version(),
+                                                jvm_flags(self.limits.threads))
         except (OSError, subprocess.SubprocessError) as exc:
             log.warning("sandbox: no warm java compiler (%s); java samples use javac", exc)
             return None
         self._java_compiler = self._start_java_compiler(server)
-        status, tail = self._execute_program("java", "Main.java", _JAVA_WARM, 120)
+        status, tail = self._execute_program("java", "Main.java", JAVA_WARM, 120)
         if status != "pass":
             self._java_compiler.close()
             self._java_compiler = None
             log.warning("sandbox: the warm java compiler failed a trusted program (%s: %s); "
                         "java samples use javac", status, tail.strip()[-300:])
         return None
-
-
-_GO_WARM = ('package main\n\nimport (\n    "testing"\n'
-            '    "github.com/stretchr/testify/assert"\n)\n\n'
-            "func TestWarm(t *testing.T) {\n    assert.Equal(t, 1, 1)\n}\n")
-
-
-def _go_template(cache_dir: Path) -> Path:
-    """A Go build cache with testify compiled, built once per cache dir under a file lock."""
-    with build_lock(cache_dir, "go-template") as template:
-        if (template / "READY").is_file():
-            return template
-        for entry in template.iterdir():  # a build killed half-way
-            _remove(entry)
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            Path(tmp, "main_test.go").write_text(_GO_WARM)
-            env = {**_go_env(tmp), "GOCACHE": str(template)}
-            res = subprocess.run(["go", "test", "-count=1", "main_test.go"], cwd=tmp, env=env,
-                                 capture_output=True, text=True, timeout=600)
-        if res.returncode != 0:
-            raise RuntimeError((res.stdout + res.stderr).strip()[-300:])
-        (template / "READY").write_text("")
-        return template
-
-
-def _remove(path: Path) -> None:
-    """Delete a file or a directory tree, if it is there."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _go_env(home: str) -> dict[str, str]:
-    """The Go environment of trusted builds: GOPATH mode and the samples' PATH (the same go)."""
-    return {"PATH": _sample_path(), "HOME": home, "GO111MODULE": "off", "GOPATH": GOPATH,
-            "GOENV": "off", "GOTOOLCHAIN": "local"}
-
-
-def _sample_path() -> str:
-    """PATH of every sample, and of the trusted builds whose results samples use."""
-    path = ["/usr/local/bin", "/usr/bin", "/bin"]
-    sysroot = _rust_sysroot()
-    return ":".join([f"{sysroot}/bin", *path] if sysroot else path)
-
-
-def _jvm_flags(threads: int) -> str:
-    """Small heap + C1 only: fits RLIMIT_AS and starts ~2x faster than the default JIT."""
-    return (f"-Xmx512m -Xss8m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:-UsePerfData "
-            f"-XX:ActiveProcessorCount={threads}")
-
-
-_JAVA_WARM = ("import java.util.*;\nimport java.lang.*;\nimport java.math.BigInteger;\n"
-              "import java.security.*;\nimport java.util.stream.*;\n\n"
-              "class Solution {\n    public List<Integer> f(List<Integer> xs) {\n"
-              "        return xs.stream().map(x -> x * 2).collect(Collectors.toList());\n    }\n}\n\n"
-              "public class Main {\n    public static void main(String[] args) {\n"
-              "        Solution s = new Solution();\n"
-              "        if (!s.f(Arrays.asList(1, 2)).equals(Arrays.asList(2, 4))) {\n"
-              "            throw new AssertionError();\n        }\n    }\n}\n")
-
-
-@functools.lru_cache(maxsize=1)
-def _java_version() -> str:
-    """``java -version``'s output, once per process (it keys what is built for one JDK)."""
-    return subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=60).stderr
-
-
-def _javac_archive(cache_dir: Path, threads: int) -> str | None:
-    """A class-data-sharing archive of javac's own classes (``-XX:ArchiveClassesAtExit``),
-    dumped once per cache dir and JDK under a file lock by compiling a trusted program: javac
-    then starts from mapped, pre-parsed classes instead of loading ~3,000 of them, which cuts a
-    sample's compile by about a third. Returns the archive's path relative to ``cache_dir``, or
-    None (logged) when the JDK cannot dump one -- samples then compile without it, as before."""
-    try:
-        version = _java_version()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    # The archive is only valid for the JVM that wrote it (and those flags): key it on both.
-    relative = f"java-cds/javac-{key_of(version, _jvm_flags(threads))}.jsa"
-    archive = cache_dir / relative
-    with build_lock(cache_dir, "java-cds"):
-        if archive.is_file():
-            return relative
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            Path(tmp, "Main.java").write_text(_JAVA_WARM)
-            flags = [f"-J{flag}" for flag in _jvm_flags(threads).split()]
-            partial = Path(tmp) / "javac.jsa"  # written in full, then renamed into place
-            res = subprocess.run(["javac", *flags, f"-J-XX:ArchiveClassesAtExit={partial}",
-                                  "Main.java"], cwd=tmp, capture_output=True, text=True,
-                                 timeout=300)
-            if res.returncode != 0 or not partial.is_file():
-                log.warning("sandbox: no javac class-data archive (%s); java samples compile "
-                            "without it", (res.stdout + res.stderr).strip()[-200:] or "no file")
-                return None
-            os.chmod(partial, 0o444)
-            os.replace(partial, archive)
-        return relative
-
-
-CPP_STD = "-std=c++11"
-
-
-def _cpp_precompiled_header(cache_dir: Path) -> str | None:
-    """A precompiled header of :data:`CPP_HEADER` (parsing iostream, boost/any & co. is 2/3 of a
-    C++ sample's time), built once per cache dir and g++ under a file lock from our own fixed
-    text. Returns ``cpp-pch/<key>/header.h`` relative to ``cache_dir`` (g++ finds
-    ``header.h.gch`` beside it), or None (logged) when g++ cannot build one -- samples then
-    compile without it, as before. A stale or foreign .gch is ignored by g++ itself, which then
-    reads ``header.h`` as text: the same program, only slower."""
-    try:
-        return _build_cpp_precompiled_header(cache_dir)
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        log.warning("sandbox: no C++ precompiled header (%s); cpp samples compile without it", exc)
-        return None
-
-
-def _build_cpp_precompiled_header(cache_dir: Path) -> str:
-    # The samples' environment: no CPATH & co. of ours baked into the header.
-    env = {"PATH": _sample_path(), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-    version = subprocess.run(["g++", "--version"], capture_output=True, text=True, env=env,
-                             timeout=60).stdout
-    header = "\n".join(CPP_HEADER) + "\n"
-    relative = f"cpp-pch/{key_of(version, CPP_STD, header)}/header.h"
-    target = cache_dir / relative
-    with build_lock(cache_dir, "cpp-pch"):
-        if Path(f"{target}.gch").is_file():
-            return relative
-        target.parent.mkdir(exist_ok=True)
-        os.chmod(target.parent, 0o755)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            text, gch = Path(tmp, "header.h"), Path(tmp, "header.h.gch")
-            text.write_text(header)
-            res = subprocess.run(["g++", CPP_STD, "-x", "c++-header", str(text), "-o", str(gch)],
-                                 capture_output=True, text=True, env=env, timeout=300)
-            if res.returncode != 0:
-                raise RuntimeError((res.stdout + res.stderr).strip()[-200:])
-            for path in (text, gch):  # the text first: the .gch's presence says "done"
-                os.chmod(path, 0o444)
-                os.replace(path, target.parent / path.name)
-        return relative
-
-
-def _wait_for_exit(proc: subprocess.Popen, timeout: float) -> bool:
-    """Wait until ``proc`` exits (True) or ``timeout`` seconds pass (False), waking the moment
-    it exits: ``Popen.wait(timeout=)`` polls with sleeps that double up to 50 ms, which added
-    ~30 ms of idle latency to every sample (half of a JavaScript sample's time). A pidfd
-    (Linux >= 5.3) becomes readable when the process exits; without one, Popen's polling."""
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):  # no pidfd support, or the process is already reaped
-        try:
-            proc.wait(timeout=timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    try:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        if not poller.poll(max(0.0, timeout) * 1000):
-            return proc.poll() is not None
-        proc.wait()  # reap it; returns at once
-        return True
-    finally:
-        os.close(pidfd)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Terminate, then kill, the sample's whole session, and wait until it is gone. With PID
-    namespaces the death of the namespace's init kills every descendant, setsid'd ones
-    included; the init only finishes exiting once all of them are dead, so we wait for that."""
-    inits = _children(proc.pid)
-    for sig, grace in ((signal.SIGTERM, 0.2), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    if proc.returncode is None:
-        log.warning("sandbox: process %d did not die after SIGKILL", proc.pid)
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in inits) and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (OSError, ValueError):
-        return []
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (a zombie init has reaped its namespace)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _tail(out) -> str:
@@ -742,178 +484,3 @@ def _tail(out) -> str:
     return out.read().decode("utf-8", errors="replace")[-TAIL_CHARS:]
 
 
-def _unshare_argv(is_root: bool, allow_network: bool) -> list[str]:
-    argv = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
-            "--mount-proc"]
-    if not allow_network:
-        argv.append("--net")
-    if not is_root:
-        argv[1:1] = ["--user", "--map-root-user"]
-    return argv
-
-
-_ISOLATION: dict[tuple[bool, bool], str] = {}
-
-
-def _isolation_mode(is_root: bool, allow_network: bool) -> str:
-    """"namespaces" when unshare works here, else "none" (logged once per process)."""
-    key = (is_root, allow_network)
-    if key not in _ISOLATION:
-        mode, why = "none", "unshare not found"
-        if shutil.which("unshare") and (not is_root or shutil.which("setpriv")):
-            with tempfile.TemporaryDirectory() as tmp:
-                os.chmod(tmp, 0o755)
-                (Path(tmp) / "work" / "probe").mkdir(parents=True)
-                probe = subprocess.run(
-                    [*_unshare_argv(is_root, allow_network), "/bin/sh", "-c", _SETUP_SH,
-                     "octoray-sandbox", _mount_table(tmp), "probe", str(UID_BASE) if is_root else "",
-                     "/bin/true"],
-                    capture_output=True, text=True, timeout=30)
-                if probe.returncode == 0:
-                    mode = "namespaces"
-                else:
-                    why = (probe.stderr or probe.stdout).strip().splitlines()[-1:] or ["?"]
-                    why = why[0]
-        if mode == "none":
-            log.warning("sandbox: no namespace isolation (%s); samples run with rlimits, a new "
-                        "session%s and no network/PID/mount isolation", why,
-                        " and an unprivileged uid" if is_root else "")
-        _ISOLATION[key] = mode
-    return _ISOLATION[key]
-
-
-@functools.lru_cache(maxsize=1)
-def _keep_paths() -> tuple[str, ...]:
-    """Toolchain directories under hidden home dirs that samples still need (pyenv, rustup,
-    a virtualenv or node_modules in a home checkout); worked out once per process."""
-    wanted = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent,
-              NODE_MODULES}
-    sysroot = _rust_sysroot()
-    if sysroot:
-        wanted.add(Path(sysroot))
-    out = set()
-    for path in wanted:
-        path = path.resolve()
-        if path.is_dir() and any(str(path).startswith(h + "/") for h in HIDDEN_DIRS):
-            out.add(str(path))
-    # A directory inside another kept one comes along with it.
-    return tuple(sorted(p for p in out if not any(p.startswith(q + "/") for q in out)))
-
-
-_SYSROOT: list[str | None] = []
-
-
-def _rust_sysroot() -> str | None:
-    """rustc's toolchain dir (rustup keeps it under the home dir); None without rustc."""
-    if not _SYSROOT:
-        try:
-            res = subprocess.run(["rustc", "--print", "sysroot"], capture_output=True, text=True,
-                                 timeout=60)
-            _SYSROOT.append(res.stdout.strip() if res.returncode == 0 else None)
-        except (OSError, subprocess.SubprocessError):
-            _SYSROOT.append(None)
-    return _SYSROOT[0]
-
-
-_TOOLS = {"python": [], "js": ["node"], "java": ["javac", "java"], "go": ["go"],
-          "cpp": ["g++"], "rust": ["rustc", "cargo"]}
-
-
-def _check_toolchain(language: str) -> str | None:
-    missing = [tool for tool in _TOOLS[language] if shutil.which(tool) is None]
-    if missing:
-        return (f"{language} toolchain missing ({', '.join(missing)}): run "
-                f"scripts/install_toolchains.sh")
-    if language == "js" and not (NODE_MODULES / "js-md5").is_dir():
-        return f"js-md5 missing in {NODE_MODULES}: run scripts/install_toolchains.sh"
-    if language == "go" and not Path(GOPATH, "src/github.com/stretchr/testify").is_dir():
-        return "testify missing: apt-get install golang-github-stretchr-testify-dev"
-    if language == "rust" and not DEBIAN_CARGO_REGISTRY.is_dir():
-        return f"Debian rust crates missing: apt-get install {RUST_PACKAGES}"
-    if language == "cpp" and not Path("/usr/include/boost/any.hpp").is_file():
-        return "boost headers missing: apt-get install libboost-dev"
-    return None
-
-
-def toolchain_problem(language: str) -> str | None:
-    """One line naming what ``language`` is missing on this machine, or None.
-
-    Cheap (well under a second, nothing compiled), so it can run before any work starts: tools
-    on PATH, the library packages, and for Rust that rand/regex/md5 resolve offline from the
-    Debian registry -- a crate present without its default-feature packages resolves only there,
-    not by looking at directories.
-    """
-    problem = _check_toolchain(language)
-    if problem is None and language == "rust":
-        with tempfile.TemporaryDirectory(prefix="octoray-rust-check-") as tmp:
-            env = _write_rust_project(Path(tmp))
-            try:
-                res = subprocess.run(["cargo", "generate-lockfile", "--offline"], cwd=tmp, env=env,
-                                     capture_output=True, text=True, timeout=120)
-            except (OSError, subprocess.SubprocessError) as exc:
-                return f"rust: cargo failed to run ({exc})"
-            if res.returncode != 0:
-                lines = [line for line in res.stderr.splitlines() if line.startswith("error")]
-                why = lines[0].removeprefix("error: ") if lines else "cargo could not resolve them"
-                return (f"rust crates rand/regex/md5 do not resolve offline ({why}): apt-get install "
-                        f"{RUST_PACKAGES}")
-    return problem
-
-
-def _write_rust_project(project: Path) -> dict[str, str]:
-    """A cargo project depending on :data:`RUST_DEPS` from the Debian directory source, in
-    ``project``; returns the environment cargo needs to use it offline."""
-    (project / "src").mkdir(parents=True, exist_ok=True)
-    (project / "src" / "lib.rs").write_text("")
-    (project / "Cargo.toml").write_text(
-        '[package]\nname = "octoray-rust-deps"\nversion = "0.1.0"\nedition = "2021"\n\n'
-        "[dependencies]\n" + "".join(f'{k} = "{v}"\n' for k, v in RUST_DEPS.items()))
-    home = project / "cargo-home"
-    home.mkdir(exist_ok=True)
-    (home / "config.toml").write_text(
-        '[source.crates-io]\nreplace-with = "debian"\n\n'
-        f'[source.debian]\ndirectory = "{DEBIAN_CARGO_REGISTRY}"\n')
-    return {**os.environ, "CARGO_HOME": str(home)}
-
-
-def _rust_deps(cache_dir: Path) -> list[str]:
-    """Build rand/regex/md5 once per cache dir (trusted Debian sources, under a file lock) and
-    return ``--extern name=@ROOT@/...rlib`` specs; samples then compile with plain rustc
-    against these read-only rlibs -- no cargo, no per-sample dependency rebuild."""
-    with build_lock(cache_dir, "rust-deps") as deps:
-        ready = deps / "externs.json"
-        if ready.is_file():
-            return json.loads(ready.read_text())
-        env = _write_rust_project(deps)
-        res = subprocess.run(["cargo", "build", "--offline", "--message-format=json"], cwd=deps,
-                             env=env, capture_output=True, text=True, timeout=900)
-        if res.returncode != 0:
-            raise RuntimeError(res.stderr.strip()[-300:] or "cargo failed")
-        externs = []
-        for line in res.stdout.splitlines():
-            msg = json.loads(line) if line.startswith("{") else {}
-            name = msg.get("target", {}).get("name")
-            if msg.get("reason") == "compiler-artifact" and name in RUST_DEPS:
-                rlib = next(f for f in msg["filenames"] if f.endswith(".rlib"))
-                externs.append(f"{name}=@ROOT@/" + str(Path(rlib).relative_to(cache_dir)))
-        if sorted(e.split("=")[0] for e in externs) != sorted(RUST_DEPS):
-            raise RuntimeError(f"cargo built {externs}, expected {sorted(RUST_DEPS)}")
-        for dirpath, dirnames, filenames in os.walk(deps):  # readable, not writable, by samples
-            for name in dirnames:
-                os.chmod(os.path.join(dirpath, name), 0o755)
-        ready.write_text(json.dumps(externs))
-        return externs
-
-
-def _tasks_of_uid(uid: int) -> int:
-    """Threads already running under ``uid`` (RLIMIT_NPROC counts them all)."""
-    count = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{pid}").st_uid == uid:
-                count += len(os.listdir(f"/proc/{pid}/task"))
-        except OSError:
-            continue
-    return count
