@@ -200,7 +200,7 @@ def _filter_shards(cfg: FilterConfig, pending: list[Location], expected: dict[st
                    out: Location, schema: Any, tables: rules.Tables, lang_table: Any) -> None:
     """Run the pending shards through Ray Data and write each one as soon as it is whole."""
     from octoray.cluster.connection import ensure_ray
-    from octoray.cluster.node_types import require_feasible
+    from octoray.cluster.resources import require_feasible
 
     ray = ensure_ray()  # quiet Ray Data: our bar counts rows, Ray's counts blocks per operator
     require_feasible("filter", [{"CPU": 1}], what="tasks of 1 CPU")

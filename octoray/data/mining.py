@@ -45,7 +45,7 @@ from octoray.data.languages import LanguageTable, language_table
 from octoray.data.licenses import LICENSE_FILE_NAMES, classify_license
 from octoray.data.mine_config import MineConfig
 from octoray.cluster.connection import unreserved_ray_data
-from octoray.cluster.node_types import cluster_capacity, require_feasible
+from octoray.cluster.resources import cluster_capacity, require_feasible
 from octoray.storage.stage_dirs import (STATS, atomic_write_json, atomic_write_text, read_parquet, stage_listing, write_parquet_atomic)
 from octoray.progress import progress_bar
 from octoray.resumable import StageRun
@@ -358,13 +358,27 @@ def _mine_chunk(chunk: dict[str, Any], cfg: MineConfig, work: Location) -> dict[
 
 
 def _mine_commits(chunk: dict[str, Any], cfg: MineConfig, table: LanguageTable) -> tuple[list[dict], Counter]:
+    """The CommitPack rows of one chunk's commits, and how many commits each rule dropped.
+
+    Each step streams one git plumbing process over the commits still standing and leaves the
+    rest to the next: changed files -> commit messages -> licenses -> blob sizes -> blob contents.
+    """
     repo = Path(chunk["repo"])
     dropped: Counter = Counter()
     commits: list[str] = chunk["commits"]
     if not commits:
         return [], dropped
+    candidates = _single_file_changes(repo, commits, table, dropped)
+    infos = _kept_messages(repo, candidates, cfg, dropped)
+    licenses = _licenses(repo, chunk, infos, cfg, dropped)
+    contents = _contents(repo, chunk, candidates, infos, cfg, dropped)
+    rows = _rows(chunk, candidates, infos, licenses, contents, cfg, table, dropped)
+    return rows, dropped
 
-    # 1. Which files each commit touched (blob ids only).
+
+def _single_file_changes(repo: Path, commits: list[str], table: LanguageTable,
+                         dropped: Counter) -> dict[str, gitio.FileChange]:
+    """Commits that modify exactly one file of a known language in place (blob ids only)."""
     candidates: dict[str, gitio.FileChange] = {}
     with_diff = 0
     for sha, changes in gitio.changed_files(repo, commits):
@@ -378,8 +392,12 @@ def _mine_commits(chunk: dict[str, Any], cfg: MineConfig, table: LanguageTable) 
         else:
             candidates[sha] = changes[0]
     dropped["no_diff"] += len(commits) - with_diff  # root commits, empty commits
+    return candidates
 
-    # 2. Commit objects: message rules.
+
+def _kept_messages(repo: Path, candidates: dict[str, gitio.FileChange], cfg: MineConfig,
+                   dropped: Counter) -> dict[str, gitio.CommitInfo]:
+    """The commit objects of ``candidates`` whose messages pass the message rules."""
     infos: dict[str, gitio.CommitInfo] = {}
     with gitio.CatFile(repo) as cat:
         for sha, obj_type, _, raw in cat.objects(candidates):
@@ -392,8 +410,13 @@ def _mine_commits(chunk: dict[str, Any], cfg: MineConfig, table: LanguageTable) 
                 dropped[reason] += 1
             else:
                 infos[sha] = info
+    return infos
 
-    # 3. License per commit (option).
+
+def _licenses(repo: Path, chunk: dict[str, Any], infos: dict[str, gitio.CommitInfo], cfg: MineConfig,
+              dropped: Counter) -> dict[str, str | None]:
+    """Each kept commit's license: the repository's at the mined head, or (``license_per_commit``)
+    its own, dropping those not permitted."""
     licenses = {sha: chunk["license"] for sha in infos}
     if cfg.license_per_commit:
         for sha in list(infos):
@@ -401,8 +424,13 @@ def _mine_commits(chunk: dict[str, Any], cfg: MineConfig, table: LanguageTable) 
             if not _license_ok(licenses[sha], cfg):
                 dropped["license"] += 1
                 del infos[sha]
+    return licenses
 
-    # 4. Blob sizes, then contents.
+
+def _contents(repo: Path, chunk: dict[str, Any], candidates: dict[str, gitio.FileChange],
+              infos: dict[str, gitio.CommitInfo], cfg: MineConfig, dropped: Counter) -> dict[str, bytes]:
+    """The old and new blobs of the kept commits, sizes checked first (too large, or never fetched
+    by a partial clone: dropped) so no oversized blob is read."""
     blob_ids = {b for sha in infos for b in (candidates[sha].old_blob, candidates[sha].new_blob)}
     sizes: dict[str, int | None] = {}
     with gitio.CatFile(repo, check_only=True) as check:
@@ -426,7 +454,13 @@ def _mine_commits(chunk: dict[str, Any], cfg: MineConfig, table: LanguageTable) 
         for blob, obj_type, _, content in cat.objects(dict.fromkeys(wanted)):
             if obj_type == "blob" and content is not None:
                 contents[blob] = content
+    return contents
 
+
+def _rows(chunk: dict[str, Any], candidates: dict[str, gitio.FileChange], infos: dict[str, gitio.CommitInfo],
+          licenses: dict[str, str | None], contents: dict[str, bytes], cfg: MineConfig, table: LanguageTable,
+          dropped: Counter) -> list[dict[str, Any]]:
+    """CommitPack rows of the kept commits whose contents are text in a known language."""
     rows: list[dict[str, Any]] = []
     for sha, info in infos.items():
         change = candidates[sha]
@@ -453,7 +487,7 @@ def _mine_commits(chunk: dict[str, Any], cfg: MineConfig, table: LanguageTable) 
             "license": licenses[sha] or "", "repos": chunk["name"], "repo": chunk["name"],
             "parent": info.parents[0] if info.parents else "", "author_date": info.author_date,
         })
-    return rows, dropped
+    return rows
 
 
 def _message_drop_reason(message: str, path: str, cfg: MineConfig) -> str | None:

@@ -93,7 +93,7 @@ def execute(samples: Sequence[dict[str, Any]], problems: dict[str, dict[str, Any
     done = {key_of(r): r for r in read_results(out_dir) if key_of(r) in wanted}
     pending = [s for s in samples if key_of(s) not in done]
     if pending:
-        from octoray.cluster.node_types import require_feasible
+        from octoray.cluster.resources import require_feasible
 
         require_feasible("eval", [{"CPU": 1}], what="execution actors of 1 CPU")
         # One per *free* CPU: CPUs held by others (a Serve replica in the pipeline) would leave

@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 from octoray.config import from_mapping, to_dict
 from octoray.errors import UserError
-from octoray.cluster.node_types import require_feasible
+from octoray.cluster.resources import require_feasible
 from octoray.serving.config import FALLBACK_MAX_MODEL_LEN, ServeConfig
 
 

@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from octoray.cluster.node_types import require_feasible
+from octoray.cluster.resources import require_feasible
 from octoray.config import to_dict
 from octoray.errors import UserError
 from octoray.storage.locations import Location, ObjectPath, display, location, scratch_dir, upload_dir

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from octoray.cluster.node_types import resource_problems
+from octoray.cluster.resources import resource_problems
 from octoray.config import option
 from octoray.storage.stage_dirs import input_dir_problems
 

@@ -7,7 +7,7 @@ import pytest
 
 from octoray.config import ConfigError, load_config
 from octoray.errors import UserError
-from octoray.cluster.node_types import NodeShape, require_feasible, resource_problems
+from octoray.cluster.resources import NodeShape, require_feasible, resource_problems
 
 
 def test_node_shape_holds_and_describes() -> None:
@@ -50,7 +50,7 @@ def test_request_no_node_holds_is_one_line(ray_local) -> None:
 
 @pytest.mark.ray
 def test_capacity_of_a_cluster_without_autoscaler_is_its_live_nodes(ray_local) -> None:
-    from octoray.cluster.node_types import cluster_capacity, cluster_shapes
+    from octoray.cluster.resources import cluster_capacity, cluster_shapes
 
     assert cluster_capacity("CPU") == 2
     assert cluster_capacity("GPU") == 0
