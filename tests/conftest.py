@@ -6,15 +6,11 @@ Run the fast tier with ``make test-fast`` (or ``pytest -m "not ray and not toolc
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("OCTORAY_SHARED", REPO_ROOT.parent / "shared"))
-OCTORAY = [sys.executable, "-m", "octoray.cli"]
+from tests.helpers import REPO_ROOT, SHARED
 
 
 @pytest.fixture(scope="session")
@@ -42,12 +38,6 @@ def ray_local():
     yield ray
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
-    """Run ``octoray ARGS`` in a subprocess, as a user would; returns CompletedProcess."""
-    return subprocess.run([*OCTORAY, *map(str, args)], cwd=cwd or REPO_ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto_server) on 127.0.0.1 for the whole session.
@@ -55,7 +45,7 @@ def s3_server():
     The process environment points at it (``AWS_ENDPOINT_URL`` + dummy keys), so octoray in this
     process, in subprocesses and in Ray workers started afterwards all reach it.
     """
-    from tests import s3server
+    from tests.helpers import s3server
 
     server = s3server.start()
     saved = {key: os.environ.get(key) for key in server.env}

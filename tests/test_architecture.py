@@ -152,3 +152,12 @@ def test_no_function_is_long() -> None:
                 if length > MAX_FUNCTION_LINES:
                     long[f"{name}.{node.name}"] = length
     assert long == {}
+
+
+def test_tests_mirror_the_package() -> None:
+    """Every folder of tests/ (but helpers/) is a room of octoray/, so a module's tests are found
+    where the module is."""
+    tests = Path(__file__).resolve().parent
+    rooms = {p.relative_to(tests).as_posix() for p in tests.rglob("*") if p.is_dir()
+             and p.name != "__pycache__" and p.relative_to(tests).parts[0] != "helpers"}
+    assert {room for room in rooms if not (PACKAGE / room / "__init__.py").is_file()} == set()

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from octoray.cli import VERBS
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 HEAVY = ("torch", "transformers", "deepspeed", "ray")
 

@@ -22,7 +22,7 @@ from octoray import stage_cli
 
 from octoray.cluster import jobs_client as jobs
 from octoray.cli import STAGE_VERBS, VERBS, main
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 HEAVY = ("torch", "transformers", "deepspeed", "ray")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import OCTORAY, REPO_ROOT, run_cli
+from tests.helpers import OCTORAY, REPO_ROOT, run_cli
 
 MAX_STEPS = 12
 CHECKPOINT_EVERY = 4
@@ -118,7 +118,7 @@ def test_mine_to_s3_equals_mine_to_disk(s3_server, tmp_path: Path) -> None:
     """Many chunks, a URL source (cloned into the node cache, not the bucket), a rerun that skips."""
     from octoray.storage.stage_dirs import read_parquet
     from octoray.storage.locations import location
-    from tests.test_mining import KEPT_SUBJECTS, build_rules_repo
+    from tests.helpers.gitrepo import KEPT_SUBJECTS, build_rules_repo
 
     repo = build_rules_repo(tmp_path / "rules")
     bucket = s3_server.bucket()

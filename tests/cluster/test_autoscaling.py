@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, run_cli
-from tests.s3server import free_port
+from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers.s3server import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cluster]
 

@@ -15,6 +15,8 @@ import pytest
 from octoray.evaluation.sandbox.execution import (LANGUAGES, TIMEOUTS_S, ExecutionResult, Sandbox,
                                          wait_for_exit)
 from octoray.evaluation.sandbox.programs import build_program
+from tests.helpers import REPO_ROOT
+from tests.helpers.toolchains import registry_without
 
 # Problems per language in the default run (Rust/32 and Rust/50 need rand 0.7: avoided).
 SAMPLE = {"python": (0, 41, 82, 123, 163), "js": (0, 41, 82, 123, 163),
@@ -187,23 +189,12 @@ def test_javac_maps_its_class_data_archive_inside_the_sandbox(sandbox: Sandbox,
 
 # -- toolchain probe -------------------------------------------------------------------------------
 
-def _registry_without(tmp_path: Path, crate: str) -> Path:
-    """A copy (by symlinks) of Debian's cargo registry lacking ``crate``: what a machine without
-    regex's ``+default`` packages looks like to cargo."""
-    from octoray.evaluation.sandbox import toolchains
-    registry = tmp_path / "registry"
-    registry.mkdir()
-    for entry in toolchains.DEBIAN_CARGO_REGISTRY.iterdir():
-        if not entry.name.startswith(f"{crate}-"):
-            (registry / entry.name).symlink_to(entry)
-    return registry
-
 
 @pytest.mark.toolchain
 def test_toolchain_probe_names_the_crate_a_registry_lacks(tmp_path: Path, monkeypatch) -> None:
     from octoray.evaluation.sandbox import toolchains
     assert toolchains.toolchain_problem("rust") is None
-    monkeypatch.setattr(toolchains, "DEBIAN_CARGO_REGISTRY", _registry_without(tmp_path, "aho-corasick"))
+    monkeypatch.setattr(toolchains, "DEBIAN_CARGO_REGISTRY", registry_without(tmp_path, "aho-corasick"))
     problem = toolchains.toolchain_problem("rust")
     assert problem is not None and "aho-corasick" in problem and "librust-regex+default-dev" in problem
     assert "\n" not in problem
@@ -213,7 +204,7 @@ def test_toolchain_probe_names_the_crate_a_registry_lacks(tmp_path: Path, monkey
 def test_install_script_check_fails_naming_the_missing_piece(tmp_path: Path) -> None:
     """``--check`` installs nothing and names what is missing: here js-md5, in a checkout that
     never ran the installer (the system toolchains it checks first are present on this machine)."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO_ROOT
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "install_toolchains.sh").write_text(
         (repo / "scripts" / "install_toolchains.sh").read_text())

@@ -19,8 +19,8 @@ from octoray.training.train_config import TrainConfig
 from octoray import stage_cli
 from octoray.training import tuning
 from octoray.training.tuning import TuneConfig, check_search_space, trial_base
-from tests.conftest import REPO_ROOT, run_cli
-from tests.train_helpers import write_sft
+from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers.sft import write_sft
 
 
 def test_tune_config_problems() -> None:

@@ -26,7 +26,7 @@ import pytest
 from octoray.config import ConfigError, load_config
 from octoray.serving.protocol import APIError, parse_completion_request
 from octoray.serving.app import ServeConfig
-from tests.conftest import OCTORAY, REPO_ROOT, run_cli
+from tests.helpers import OCTORAY, REPO_ROOT, run_cli
 
 
 # ------------------------------------------------------------------ request validation (fast)

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.s3server import free_port
+from tests.helpers.s3server import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 _START_TRIES = 3

@@ -11,7 +11,7 @@ import pytest
 
 from octoray.cli import VERBS
 from octoray.config import STAGE_SECTIONS, load_config, read_yaml
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 PRESETS = sorted((REPO_ROOT / "jobs").glob("*.yaml")) + sorted((REPO_ROOT / "jobs").glob("*.yml"))
 

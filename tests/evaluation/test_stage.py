@@ -14,7 +14,7 @@ import pytest
 from octoray.errors import UserError
 from octoray.evaluation import generators
 from octoray.evaluation import humanevalpack as hep
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 ALL_LANGUAGES = ",".join(hep.LANGUAGES)
 
@@ -283,13 +283,13 @@ def test_incomplete_toolchain_is_one_line_before_any_work(tmp_path, shared_dir) 
     """A machine whose Rust crates lack regex's default features (no ``librust-regex+default-dev``):
     one line naming the language and the package, and nothing generated or executed. Its own
     embedded Ray, so that the probe's workers see the registry this test points at."""
-    from tests.test_execution import _registry_without
+    from tests.helpers.toolchains import registry_without
 
     out = tmp_path / "eval"
     result = run_cli("eval", "--generator", "oracle:canonical", "--languages", "python,rust",
                      "--data-dir", shared_dir / "humanevalpack", "--allow-code-execution",
                      "--out", out, "--limit", "1",
-                     env={"OCTORAY_CARGO_REGISTRY": str(_registry_without(tmp_path, "aho-corasick"))})
+                     env={"OCTORAY_CARGO_REGISTRY": str(registry_without(tmp_path, "aho-corasick"))})
     _one_line_error(result, "cannot execute rust samples", "aho-corasick", "librust-regex+default-dev")
     assert not out.exists()
 

@@ -16,7 +16,7 @@ from octoray.data import dataset_card
 from octoray.storage import layout
 from octoray.data.mining import MineConfig
 from octoray.storage.stage_dirs import stage_listing, write_manifest, write_parquet_atomic
-from tests.train_helpers import write_sft
+from tests.helpers.sft import write_sft
 
 
 def test_shard_names_are_the_hubs_and_sort_in_order() -> None:

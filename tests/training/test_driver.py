@@ -15,8 +15,8 @@ from octoray.training.deepspeed_config import build_deepspeed_config, warmup_cos
 from octoray.training.metrics import MetricsLog, mfu, peak_flops, read_metrics
 from octoray.training.train_config import TrainConfig
 from octoray.training.worker import FAIL_MARKER
-from tests.conftest import REPO_ROOT, run_cli
-from tests.train_helpers import write_sft
+from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers.sft import write_sft
 
 # ------------------------------------------------------------------ fast: config and helpers
 

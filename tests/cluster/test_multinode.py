@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import raycluster
-from tests.conftest import OCTORAY, REPO_ROOT
+from tests.helpers import raycluster
+from tests.helpers import OCTORAY, REPO_ROOT
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cluster]
 

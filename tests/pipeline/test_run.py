@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from octoray.training.metrics import read_metrics
-from tests.conftest import OCTORAY, REPO_ROOT, run_cli
+from tests.helpers import OCTORAY, REPO_ROOT, run_cli
 
 MAX_STEPS = 160
 CHECKPOINT_EVERY = 8

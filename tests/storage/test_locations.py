@@ -136,7 +136,7 @@ def test_upload_skips_finished_files_and_models_download_once(s3_server, tmp_pat
 
 
 def test_bad_uris_are_one_line_errors(tmp_path: Path) -> None:
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     with pytest.raises(UserError, match="cannot open"):
         storage.location("nosuchscheme://bucket/x").exists()

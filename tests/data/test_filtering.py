@@ -19,7 +19,7 @@ from octoray.data import rules
 from octoray.errors import UserError
 from octoray.data.filtering import FUNNEL_KEYS, FilterConfig, _read_oasst, add_prompts
 from octoray.data.subjects import reference_normalise
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def col(*values: object) -> pa.Array:

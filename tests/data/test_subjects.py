@@ -159,7 +159,7 @@ def test_config_names_and_values() -> None:
 
 
 def test_the_paper_preset_keeps_and_the_demo_strips() -> None:
-    from tests.conftest import REPO_ROOT
+    from tests.helpers import REPO_ROOT
 
     paper = load_config(FilterConfig, REPO_ROOT / "jobs/octocoder.yaml", section="filter", values={"commits": "c", "out": "o"})
     demo = load_config(FilterConfig, REPO_ROOT / "jobs/demo.yaml", section="filter", values={"commits": "c", "out": "o"})

@@ -15,7 +15,7 @@ OPS = (("add", "+"), ("subtract", "-"), ("multiply", "*"))
 class WrittenBy:
     """What the manifest records as the config that produced these rows."""
 
-    generator: str = "tests/train_helpers.py"
+    generator: str = "tests/helpers/sft.py"
 
 
 def sft_rows(n: int, seed: int = 0, oasst: int = 0) -> list[dict[str, str]]:

@@ -25,7 +25,7 @@ import pytest
 
 from octoray.cluster import jobs_client as jobs
 from octoray.errors import UserError
-from tests.conftest import REPO_ROOT, run_cli
+from tests.helpers import REPO_ROOT, run_cli
 
 # Ray's own log-tail client passes ssl=None to aiohttp, which warns; nothing octoray can change.
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
@@ -194,7 +194,7 @@ def test_submit_real_stages_with_the_config(ray_head, tmp_path: Path) -> None:
     import yaml
 
     from octoray.storage.stage_dirs import read_manifest
-    from tests.gitrepo import MIT, GitRepo
+    from tests.helpers.gitrepo import MIT, GitRepo
 
     url, token = ray_head
     repo = GitRepo(tmp_path / "repo")

@@ -51,3 +51,35 @@ class GitRepo:
 
     def head(self) -> str:
         return self.git("rev-parse", "HEAD").strip()
+
+
+KEPT_SUBJECTS = {"Fix off-by-one error in parser loop", "Tweak e on the branch side", "Fix rust main output"}
+
+
+def build_rules_repo(path: Path) -> GitRepo:
+    """One commit per CommitPack rule (tests/data/test_mining.py: EXPECTED_DROPS); KEPT_SUBJECTS survive."""
+    repo = GitRepo(path)
+    repo.commit("Initial import of everything", {
+        "LICENSE": MIT, "a.py": "x = 1\n", "b.js": "let b = 1;\n", "notes.xyz123": "n\n", "img.py": "i = 1\n",
+        "latin.py": "l = 1\n", "big.py": "b = 1\n", "e.py": "e = 1\n", "main.rs": "fn main() {}\n"})
+    repo.commit("Fix off-by-one error in parser loop\n\nThe loop ran one step too far.", {"a.py": "x = 2\n"})
+    repo.commit("Refactor two files together", {"a.py": "x = 3\n", "b.js": "let b = 2;\n"})
+    repo.commit("Add module c for helpers", {"c.py": "c = 1\n"})
+    repo.commit("Remove module c entirely", delete=("c.py",))
+    repo.git("mv", "b.js", "d.js")
+    repo.commit("Rename b to d for clarity")
+    repo.commit("Change the notes file text", {"notes.xyz123": "m\n"})
+    repo.commit("Fix", {"a.py": "x = 4\n"})
+    repo.commit("initial commit", {"a.py": "x = 5\n"})
+    repo.commit("Merge upstream changes into a", {"a.py": "x = 6\n"})
+    repo.commit("Update a.py", {"a.py": "x = 7\n"})
+    repo.commit("Change image bytes in img", {"img.py": b"\x89PNG\x00\x00binary"})
+    repo.commit("Change latin encoded module", {"latin.py": b"s = '\xe9t\xe9'\n"})
+    repo.commit("Grow big module beyond the cap", {"big.py": "b = 2\n" * 400})
+    repo.commit("Empty commit for testing", allow_empty=True)
+    repo.git("checkout", "-q", "-b", "side")
+    repo.commit("Tweak e on the branch side", {"e.py": "e = 2\n"})
+    repo.git("checkout", "-q", "main")
+    repo.git("merge", "-q", "--no-ff", "-m", "Merge branch side", "side")
+    repo.commit("Fix rust main output", {"main.rs": 'fn main() { println!("hi"); }\n'})
+    return repo
