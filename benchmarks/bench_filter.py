@@ -2,7 +2,7 @@
 
 Compares, on the same synthetic CommitPack rows:
 
-* **baseline: per-row Python** -- ``commitpackft_rules.reference_decision`` on each row dict,
+* **baseline: per-row Python** -- ``octoray.data.rules.reference_decision`` on each row dict,
   the way the original ``datasets.filter`` lambdas run (one Python call per row and rule), once
   on ready-made dicts and once including the Arrow -> dict conversion a per-row Ray Data UDF
   (``ds.filter(fn)``) pays;

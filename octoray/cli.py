@@ -1,6 +1,6 @@
 """``octoray <verb>``: one subcommand per pipeline stage.
 
-The verb table below is all this module knows about the stages; a stage module is imported
+The verb table (:data:`octoray.stage_cli.VERBS`) is all this module knows about the stages; a stage module is imported
 only when its verb runs, and stage modules import torch and ray only inside functions, so
 ``octoray VERB --help`` stays instant. The command line of the stage verbs is generated from
 each stage's config dataclass by :mod:`octoray.stage_cli`; the client verbs (submit, status,
@@ -19,23 +19,7 @@ from typing import Sequence
 
 from octoray import __version__
 from octoray.errors import user_error_in
-
-#: verb -> (module, one-line help)
-VERBS: dict[str, tuple[str, str]] = {
-    "mine": ("octoray.data.mining", "mine git repositories into CommitPack rows (Ray Data)"),
-    "filter": ("octoray.data.filtering", "filter CommitPack rows into CommitPackFT instruction data (Ray Data)"),
-    "train": ("octoray.training.driver", "fine-tune a causal LM with Ray Train + DeepSpeed"),
-    "tune": ("octoray.training.tuning", "search training hyperparameters with Ray Tune"),
-    "serve": ("octoray.serving.app", "serve a model on Ray Serve behind an OpenAI-compatible API"),
-    "eval": ("octoray.evaluation.stage", "run HumanEvalPack: generate, execute in the sandbox, pass@k"),
-    "pipeline": ("octoray.pipeline.run", "run mine -> filter -> train -> serve -> eval -> report, resuming"),
-    "submit": ("octoray.cluster.jobs_client", "submit the pipeline or a stage to a Ray cluster as a Ray Job"),
-    "status": ("octoray.cluster.jobs_client", "show the status of a submitted Ray Job"),
-    "logs": ("octoray.cluster.jobs_client", "print the logs of a submitted Ray Job"),
-    "stop": ("octoray.cluster.jobs_client", "stop a submitted Ray Job"),
-}
-#: Verbs whose command line comes from their config dataclass (see octoray.stage_cli).
-STAGE_VERBS = ("mine", "filter", "train", "tune", "serve", "eval", "pipeline")
+from octoray.stage_cli import STAGE_VERBS, VERBS
 
 
 def _top_parser() -> argparse.ArgumentParser:

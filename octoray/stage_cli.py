@@ -35,6 +35,23 @@ from typing import Any, Callable, Sequence
 from octoray.config import is_override, key_aliases, load_config
 from octoray.errors import UserError
 
+#: verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "mine": ("octoray.data.mining", "mine git repositories into CommitPack rows (Ray Data)"),
+    "filter": ("octoray.data.filtering", "filter CommitPack rows into CommitPackFT instruction data (Ray Data)"),
+    "train": ("octoray.training.driver", "fine-tune a causal LM with Ray Train + DeepSpeed"),
+    "tune": ("octoray.training.tuning", "search training hyperparameters with Ray Tune"),
+    "serve": ("octoray.serving.app", "serve a model on Ray Serve behind an OpenAI-compatible API"),
+    "eval": ("octoray.evaluation.stage", "run HumanEvalPack: generate, execute in the sandbox, pass@k"),
+    "pipeline": ("octoray.pipeline.run", "run mine -> filter -> train -> serve -> eval -> report, resuming"),
+    "submit": ("octoray.cluster.jobs_client", "submit the pipeline or a stage to a Ray cluster as a Ray Job"),
+    "status": ("octoray.cluster.jobs_client", "show the status of a submitted Ray Job"),
+    "logs": ("octoray.cluster.jobs_client", "print the logs of a submitted Ray Job"),
+    "stop": ("octoray.cluster.jobs_client", "stop a submitted Ray Job"),
+}
+#: Verbs whose command line comes from their config dataclass (see octoray.stage_cli).
+STAGE_VERBS = ("mine", "filter", "train", "tune", "serve", "eval", "pipeline")
+
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
 

@@ -19,9 +19,8 @@ import pytest
 import yaml
 
 from octoray import stage_cli
-
-from octoray.cluster import jobs_client as jobs
 from octoray.cli import STAGE_VERBS, VERBS, main
+from octoray.cluster import jobs_client as jobs
 from tests.helpers import REPO_ROOT
 
 HEAVY = ("torch", "transformers", "deepspeed", "ray")

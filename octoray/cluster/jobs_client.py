@@ -180,7 +180,7 @@ def entrypoint(args: list[str], stage: str | None, command: str | None, working_
 
 
 def _check_verb(verb: str) -> None:
-    from octoray.cli import VERBS  # the verb table only; no stage module is imported
+    from octoray.stage_cli import VERBS  # the verb table only; no stage module is imported
 
     if verb not in VERBS or verb in CLIENT_VERBS:
         choices = ", ".join(v for v in VERBS if v not in CLIENT_VERBS)

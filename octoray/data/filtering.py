@@ -26,19 +26,18 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from octoray.data import rules
-from octoray.data import dataset_card
-from octoray.storage import layout
-from octoray.storage.layout import MANIFEST
-from octoray.data import subjects
 from octoray.config import to_dict
-from octoray.errors import UserError
+from octoray.data import dataset_card, rules, subjects
 from octoray.data.filter_config import FilterConfig
-from octoray.storage.stage_dirs import (RESOLVED_CONFIG, STATS, atomic_write_json, atomic_write_text, iter_jsonl,
-                             parquet_file, require_stage_output, stage_listing, write_parquet_atomic, write_resolved_config)
+from octoray.errors import UserError
 from octoray.progress import progress_bar
 from octoray.resumable import StageRun
+from octoray.storage import layout
+from octoray.storage.layout import MANIFEST
 from octoray.storage.locations import Location, display, fs_path, location, rmtree
+from octoray.storage.stage_dirs import (RESOLVED_CONFIG, STATS, atomic_write_json, atomic_write_text, iter_jsonl,
+                                        parquet_file, require_stage_output, stage_listing, write_parquet_atomic,
+                                        write_resolved_config)
 
 STAGE = "filter"
 FUNNEL_DIR = "_funnel"  # resume sidecars, outside data/ (and "_": Parquet dataset readers skip it)

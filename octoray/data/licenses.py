@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 
-
 #: Root-level file names that hold a repository's license, most specific first.
 LICENSE_FILE_NAMES = (
     "LICENSE", "LICENSE.md", "LICENSE.txt", "LICENSE.rst", "LICENCE", "LICENCE.md", "LICENCE.txt",

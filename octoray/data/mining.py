@@ -35,21 +35,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from octoray.data import dataset_card
-
-from octoray.data import gitio
-
-from octoray.storage import layout
-from octoray.errors import UserError
+from octoray.cluster.connection import unreserved_ray_data
+from octoray.cluster.resources import cluster_capacity, require_feasible
+from octoray.data import dataset_card, gitio
 from octoray.data.languages import LanguageTable, language_table
 from octoray.data.licenses import LICENSE_FILE_NAMES, classify_license
 from octoray.data.mine_config import MineConfig
-from octoray.cluster.connection import unreserved_ray_data
-from octoray.cluster.resources import cluster_capacity, require_feasible
-from octoray.storage.stage_dirs import (STATS, atomic_write_json, atomic_write_text, read_parquet, stage_listing, write_parquet_atomic)
+from octoray.errors import UserError
 from octoray.progress import progress_bar
 from octoray.resumable import StageRun
+from octoray.storage import layout
 from octoray.storage.locations import Location, ObjectPath, copy_file, location, rmtree, scratch_dir
+from octoray.storage.stage_dirs import (STATS, atomic_write_json, atomic_write_text, read_parquet, stage_listing,
+                                        write_parquet_atomic)
 
 STAGE = "mine"
 

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from octoray.errors import UserError
-from octoray.evaluation.config import ORACLES, EvalConfig, parse_generator
 from octoray.evaluation import humanevalpack as hep
+from octoray.evaluation.config import ORACLES, EvalConfig, parse_generator
 from octoray.storage.stage_dirs import iter_jsonl
-
 
 #: One sample row, as written to samples.parquet.
 Sample = dict[str, Any]

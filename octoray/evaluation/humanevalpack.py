@@ -11,8 +11,9 @@ from typing import Any
 
 from octoray.errors import UserError
 from octoray.evaluation.config import LANGUAGES, TASKS  # noqa: F401 - the benchmark's names, for its readers
+from octoray.evaluation.sandbox.programs import RUST_MAIN
+from octoray.modeling import EOS
 from octoray.storage.stage_dirs import iter_jsonl
-
 
 HUB_DATASET = "bigcode/humanevalpack"
 _REQUIRED = ("task_id", "prompt", "declaration", "canonical_solution", "buggy_solution", "test",
@@ -85,7 +86,6 @@ LANGUAGE_NAMES = {"python": "Python", "js": "JavaScript", "java": "Java", "go": 
 TASK_ID_PREFIXES = {"python": "Python", "js": "JavaScript", "java": "Java", "go": "Go", "cpp": "CPP",
                     "rust": "Rust"}
 
-EOS = "<|endoftext|>"
 #: Stop sequences per language, from the reference harness (which took them from CodeGeeX /
 #: MultiPL-E), plus the end-of-text token. Brace languages have none: generation stops when the
 #: function's braces close (see :func:`is_complete`).
@@ -100,8 +100,6 @@ STOP_SEQUENCES: dict[str, tuple[str, ...]] = {
 
 #: Braces already open when the model starts writing: Java's function sits inside ``class Solution {``.
 _OPEN_BRACES = {"java": 2, "js": 1, "go": 1, "cpp": 1, "rust": 1}
-#: Rust programs need a main; the reference harness prepends it to the bare declaration.
-_RUST_MAIN = "fn main(){}\n"
 
 
 def language_of_task_id(task_id: str) -> str:
@@ -119,7 +117,7 @@ def function_start(problem: dict[str, Any], language: str, task: str) -> str:
     if task == "synthesize":
         return problem["prompt"]  # already holds `fn main(){}` for Rust
     if language == "rust":
-        return _RUST_MAIN + problem["declaration"]
+        return RUST_MAIN + problem["declaration"]
     return problem["declaration"]
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from octoray.evaluation.passk import cell_metrics
-from octoray.storage.stage_dirs import write_parquet_atomic
 from octoray.storage.layout import RESULTS_FILE
+from octoray.storage.stage_dirs import write_parquet_atomic
 
 PARTS = "results.parts"
 KEY = ("task_id", "language", "task", "sample_idx")

@@ -31,7 +31,6 @@ from octoray.storage.layout import LATENCY_FILE, MODEL_DIR, STAGES, stage_dirs
 from octoray.storage.locations import Location, location
 from octoray.storage.stage_dirs import atomic_write_json, is_complete
 
-
 #: The command line (octoray.stage_cli): ``octoray pipeline CONFIG.yaml [key=value | stage.key=value ...]``.
 CONFIG = PipelineConfig
 INPUT = None

@@ -30,11 +30,10 @@ import urllib.request
 from dataclasses import replace
 from typing import Any, Optional
 
+from octoray.cluster.resources import require_feasible
 from octoray.config import from_mapping, to_dict
 from octoray.errors import UserError
-from octoray.cluster.resources import require_feasible
 from octoray.serving.config import FALLBACK_MAX_MODEL_LEN, ServeConfig
-
 
 # --- starting and stopping ---------------------------------------------------------------------
 

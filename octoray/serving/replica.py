@@ -16,10 +16,10 @@ import time
 from typing import Any
 
 from octoray.config import from_mapping
-from octoray.serving.decoding import BatchDecoder, Sequence
-from octoray.serving.protocol import (SSE_DONE, APIError, completion_chunk, completion_response, error_body, models_response,
-                               new_request_id, parse_completion_request, sse, usage_chunk)
 from octoray.serving.config import FALLBACK_MAX_MODEL_LEN, ServeConfig
+from octoray.serving.decoding import BatchDecoder, Sequence
+from octoray.serving.protocol import (SSE_DONE, APIError, completion_chunk, completion_response, error_body,
+                                      models_response, new_request_id, parse_completion_request, sse, usage_chunk)
 from octoray.serving.scheduler import BatchScheduler
 
 logger = logging.getLogger("octoray.serve")

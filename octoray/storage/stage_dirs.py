@@ -22,9 +22,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 from octoray import __version__
 from octoray.config import dump_yaml, to_dict
 from octoray.errors import UserError
-from octoray.storage.locations import Location, ObjectPath, fs_path, is_uri, location, upload_file
 from octoray.storage.layout import MANIFEST, RESOLVED_CONFIG, STATS  # noqa: F401 - STATS: for the data stages
-
+from octoray.storage.locations import Location, ObjectPath, fs_path, is_uri, location, upload_file
 
 
 def atomic_write_bytes(path: Location, data: bytes) -> None:

@@ -20,11 +20,10 @@ from typing import Any
 
 from octoray.config import from_mapping, to_dict
 from octoray.errors import UserError
-from octoray.storage.stage_dirs import read_json, require_stage_output
-from octoray.storage.locations import Location, location
 from octoray.storage.layout import BEST_FILE, MANIFEST
+from octoray.storage.locations import Location, location
+from octoray.storage.stage_dirs import read_json, require_stage_output
 from octoray.training.train_config import TrainConfig
-
 
 #: What a DeepSpeed checkpoint fixes: continuing from one needs these equal in trial and run.
 #: (The data split, checkpoint cadence and validation fraction may differ.)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+
 def build_deepspeed_config(
     *,
     zero_stage: int,

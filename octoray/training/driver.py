@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from octoray.cluster.resources import require_feasible
 from octoray.config import to_dict
 from octoray.errors import UserError
-from octoray.storage.locations import Location, ObjectPath, display, location, scratch_dir, upload_dir
 from octoray.resumable import StageRun
 from octoray.storage.layout import MODEL_DIR, RESOLVED_CONFIG
+from octoray.storage.locations import Location, ObjectPath, display, location, scratch_dir, upload_dir
 from octoray.storage.stage_dirs import require_stage_output, write_resolved_config
 from octoray.training.metrics import LOSS_PNG, METRICS_FILE, plot_loss
 from octoray.training.sft_data import prepare_datasets, sft_texts

@@ -118,8 +118,8 @@ def plot_loss(metrics_path: Any, png_path: Any) -> bool:
     fig.tight_layout()
     import io
 
-    from octoray.storage.stage_dirs import atomic_write_bytes
     from octoray.storage.locations import location
+    from octoray.storage.stage_dirs import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

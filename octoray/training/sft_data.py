@@ -44,9 +44,9 @@ def prepare_datasets(cfg: TrainConfig, data_dir: Location, model_path: str) -> t
     """Ray Data: read ``sft/``, mix in OASST at ``oasst_ratio``, shuffle, pack, split off validation."""
     import ray.data
 
+    from octoray.storage.locations import fs_path
     from octoray.storage.stage_dirs import parquet_file
     from octoray.training.packing import pack_batch
-    from octoray.storage.locations import fs_path
 
     files = sft_files(data_dir)
     schema = parquet_file(location(files[0])).schema_arrow

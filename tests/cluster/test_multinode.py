@@ -1,4 +1,4 @@
-"""Two Ray nodes on one machine that share no scratch directory (tests/raycluster.py), with the
+"""Two Ray nodes on one machine that share no scratch directory (tests/helpers/raycluster.py), with the
 stage outputs on a real S3-compatible server (moto_server on 127.0.0.1).
 
 * a node-private output path stops ``octoray pipeline`` up front with one line;
@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import raycluster
-from tests.helpers import OCTORAY, REPO_ROOT
+from tests.helpers import OCTORAY, REPO_ROOT, raycluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cluster]
 
@@ -121,8 +120,8 @@ def _wait_for(what: str, predicate, proc: subprocess.Popen, log: Path, timeout: 
 
 
 def test_worker_node_lost_while_mining_and_while_training(cluster, s3_server, shared_dir: Path, tmp_path: Path) -> None:
-    from octoray.storage.stage_dirs import read_parquet
     from octoray.storage.locations import location
+    from octoray.storage.stage_dirs import read_parquet
 
     bucket = s3_server.bucket()
     cluster.ensure_workers(1)

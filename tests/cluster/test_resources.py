@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from octoray.cluster.resources import NodeShape, require_feasible, resource_problems
 from octoray.config import ConfigError, load_config
 from octoray.errors import UserError
-from octoray.cluster.resources import NodeShape, require_feasible, resource_problems
 
 
 def test_node_shape_holds_and_describes() -> None:

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from octoray.data import rules
-from octoray.errors import UserError
 from octoray.data.filtering import FUNNEL_KEYS, FilterConfig, _read_oasst, add_prompts
 from octoray.data.subjects import reference_normalise
+from octoray.errors import UserError
 from tests.helpers import run_cli
 
 
@@ -387,8 +387,8 @@ class _GatedHub(http.server.BaseHTTPRequestHandler):
 def test_gated_default_tokenizer_says_what_to_do(tmp_path: Path) -> None:
     """The real loader (transformers -> huggingface_hub) against a local endpoint that answers like the Hub."""
     commits = tmp_path / "commits"
-    from octoray.storage.layout import shard_name
     from octoray.data.mining import _schema
+    from octoray.storage.layout import shard_name
     from octoray.storage.stage_dirs import write_manifest, write_parquet_atomic
 
     write_parquet_atomic(pa.Table.from_pylist([{"commit": "0" * 40, "subject": "Fix it"}], schema=_schema()),
@@ -485,9 +485,8 @@ def _build_repo(repo: Path, shared_dir: Path) -> dict[str, str]:
 
 @pytest.mark.ray
 def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_local) -> None:
-    from octoray.data import filtering
-    from octoray.data import mining
     from octoray.config import load_config
+    from octoray.data import filtering, mining
     from octoray.modeling import load_tokenizer, train_bpe_tokenizer
 
     expected = _build_repo(tmp_path / "repo", shared_dir)

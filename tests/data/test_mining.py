@@ -10,14 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from octoray.data import mining
 from octoray.config import load_config
-from octoray.errors import UserError
+from octoray.data import mining
 from octoray.data.languages import LINGUIST, load_languages_file
 from octoray.data.licenses import classify_license
+from octoray.errors import UserError
 from tests.helpers import REPO_ROOT, run_cli
 from tests.helpers.gitrepo import GPL3, KEPT_SUBJECTS, MIT, GitRepo, build_rules_repo
-
 
 EXPECTED_DROPS = {
     "merge": 1, "no_diff": 2, "not_single_file": 2, "not_modified_in_place": 2, "unknown_language": 1,

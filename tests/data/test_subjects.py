@@ -7,9 +7,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from octoray.data import rules
-from octoray.data import subjects
 from octoray.config import ConfigError, load_config
+from octoray.data import rules, subjects
 from octoray.data.filtering import _RESCUED, FilterConfig, _first_rules, _LaterRules
 
 PR_SUFFIXES = {  # subject -> normalised subject

@@ -7,7 +7,10 @@ import json
 import pytest
 
 from octoray.errors import UserError
-from octoray.evaluation import humanevalpack as hep  # Text a model typically writes after the function: another function / a main.
+from octoray.evaluation import (
+    humanevalpack as hep,  # Text a model typically writes after the function: another function / a main.
+)
+
 TRAILERS = {
     "python": "\n\n\ndef check(candidate):\n    assert candidate(1)\n",
     "js": "\n\nconsole.log(f(1))\nconst g = () => { return 2 }\n",

@@ -97,7 +97,7 @@ def start(port: int | None = None) -> S3Server:
     return S3Server(proc, endpoint, env)
 
 
-if __name__ == "__main__":  # manual use: python tests/s3server.py -> prints the env to export
+if __name__ == "__main__":  # manual use: python tests/helpers/s3server.py -> prints the env to export
     server = start()
     for key, value in server.env.items():
         print(f"export {key}={value}")

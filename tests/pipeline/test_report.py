@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 
 from octoray import stage_cli
-
-from octoray.pipeline import run as pipeline
-
-from octoray.pipeline import report
 from octoray.errors import UserError
+from octoray.pipeline import report
+from octoray.pipeline import run as pipeline
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -96,9 +96,8 @@ def test_pipeline_tune_then_train_with_best_trial_after_a_crashed_trial(tmp_path
     import yaml
 
     from octoray import stage_cli
-
-    from octoray.pipeline import run as pipeline
     from octoray.cluster.resources import live_placement_groups, placement_groups
+    from octoray.pipeline import run as pipeline
 
     before = set(placement_groups())
     out = tmp_path / "run"

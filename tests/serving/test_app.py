@@ -24,10 +24,9 @@ from typing import Any
 import pytest
 
 from octoray.config import ConfigError, load_config
-from octoray.serving.protocol import APIError, parse_completion_request
 from octoray.serving.app import ServeConfig
+from octoray.serving.protocol import APIError, parse_completion_request
 from tests.helpers import OCTORAY, REPO_ROOT, run_cli
-
 
 # ------------------------------------------------------------------ request validation (fast)
 

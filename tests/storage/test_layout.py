@@ -12,9 +12,8 @@ import pytest
 import yaml
 
 from octoray.data import dataset_card
-
-from octoray.storage import layout
 from octoray.data.mining import MineConfig
+from octoray.storage import layout
 from octoray.storage.stage_dirs import stage_listing, write_manifest, write_parquet_atomic
 from tests.helpers.sft import write_sft
 

@@ -14,10 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from octoray.storage import stage_dirs as outputs
-
-from octoray.storage import locations as storage
 from octoray.errors import UserError
+from octoray.storage import locations as storage
+from octoray.storage import stage_dirs as outputs
 from octoray.storage.locations import ObjectPath
 
 

@@ -116,8 +116,8 @@ def test_pipeline_on_s3_killed_resumes_and_rerun_skips(s3_server, tmp_path: Path
 @pytest.mark.ray
 def test_mine_to_s3_equals_mine_to_disk(s3_server, tmp_path: Path) -> None:
     """Many chunks, a URL source (cloned into the node cache, not the bucket), a rerun that skips."""
-    from octoray.storage.stage_dirs import read_parquet
     from octoray.storage.locations import location
+    from octoray.storage.stage_dirs import read_parquet
     from tests.helpers.gitrepo import KEPT_SUBJECTS, build_rules_repo
 
     repo = build_rules_repo(tmp_path / "rules")

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from octoray import stage_cli
 from octoray.config import ConfigError, from_mapping, to_dict
 from octoray.errors import UserError
-from octoray.training.train_config import TrainConfig
-from octoray import stage_cli
 from octoray.training import tuning
+from octoray.training.train_config import TrainConfig
 from octoray.training.tuning import TuneConfig, check_search_space, trial_base
 from tests.helpers import REPO_ROOT, run_cli
 from tests.helpers.sft import write_sft
@@ -213,7 +213,8 @@ def test_bounded_wait_names_the_holder_and_leftovers_are_released(ray_local) -> 
     needs them fails within its bound, naming it; the cleanup removes it; then the wait succeeds."""
     from ray.util.placement_group import placement_group
 
-    from octoray.cluster.resources import live_placement_groups, placement_groups, release_placement_groups, wait_for_resources
+    from octoray.cluster.resources import (live_placement_groups, placement_groups, release_placement_groups,
+                                           wait_for_resources)
 
     before = set(placement_groups())
     leftover = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK", name="left-by-a-trial")
@@ -280,8 +281,8 @@ def _tiny_train() -> TrainConfig:
 @pytest.mark.slow
 def test_optuna_search_with_asha_names_best_trial_and_leaves_nothing(tmp_path: Path, ray_local) -> None:
     """Optuna's TPE (seeded, concurrency-limited) with ASHA on the local Ray, end to end."""
-    from octoray.training import tuning
     from octoray.cluster.resources import live_placement_groups, placement_groups
+    from octoray.training import tuning
 
     before = set(placement_groups())
     sft = write_sft(tmp_path / "sft", n=120)

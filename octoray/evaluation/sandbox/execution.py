@@ -45,13 +45,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from octoray.evaluation.sandbox import go_direct
-
-from octoray.evaluation.sandbox import java_compiler
 from octoray.evaluation.humanevalpack import LANGUAGES
-from octoray.evaluation.sandbox.programs import build_program
+from octoray.evaluation.sandbox import go_direct, java_compiler
 from octoray.evaluation.sandbox.isolation import (READY, SANDBOX_ROOT, SETUP_SH, UID_BASE, UID_SPAN, isolation_mode,
                                                   kill_group, mount_table, tasks_of_uid, unshare_argv, wait_for_exit)
+from octoray.evaluation.sandbox.programs import build_program
 from octoray.evaluation.sandbox.toolchains import (CPP_STD, GO_WARM, GOPATH, JAVA_WARM, NODE_MODULES, TOOLS,
                                                    cpp_precompiled_header, go_env, go_template, java_version,
                                                    javac_archive, jvm_flags, remove_path, rust_deps, sample_path,

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from octoray.evaluation.sandbox.execution import (LANGUAGES, TIMEOUTS_S, ExecutionResult, Sandbox,
-                                         wait_for_exit)
+from octoray.evaluation.sandbox.execution import LANGUAGES, TIMEOUTS_S, ExecutionResult, Sandbox, wait_for_exit
 from octoray.evaluation.sandbox.programs import build_program
 from tests.helpers import REPO_ROOT
 from tests.helpers.toolchains import registry_without
