@@ -66,17 +66,23 @@ class StageRun:
 
     def start(self, *, flag: str = "--out", write_config: bool = True, **ray_options: Any) -> Any:
         """Join the Ray cluster (RAY_ADDRESS or ``address``) or start a local one, check that every
-        node sees ``out`` (one line naming ``flag`` if not), create it and write ``config.yaml``;
-        returns the ``ray`` module."""
+        node sees ``out`` (one line naming ``flag`` if not) and, with ``write_config``, create it
+        and write ``config.yaml``; returns the ``ray`` module. A stage with checks of its own to
+        make before it writes anything passes ``write_config=False`` and calls
+        :meth:`write_config` after them."""
         from octoray.cluster.connection import ensure_ray
         from octoray.cluster.shared_storage import require_shared_storage
 
         ray = ensure_ray(**ray_options)
         require_shared_storage(ray, self.out, f"{self.stage} {flag}")
-        self.out.mkdir(parents=True, exist_ok=True)
         if write_config:
-            write_resolved_config(self.out, self.cfg)
+            self.write_config()
         return ray
+
+    def write_config(self) -> None:
+        """Create ``out`` and write the resolved config there (``config.yaml``)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(self.out, self.cfg)
 
     def finish(self, *, rows: int, files: list[str], extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """Write ``manifest.json`` last (stage, config, inputs, rows, files, timings); returns it."""

@@ -24,6 +24,8 @@ import yaml
 
 from octoray import __version__
 from octoray.config import dump_yaml
+from octoray.data.filter_config import FilterConfig
+from octoray.data.mine_config import MineConfig
 from octoray.storage.layout import DATA_DIR, DATA_FILES_PATTERN, DATA_GLOB, SPLIT
 
 #: The Hub's size categories: (upper bound, label), the first bound above the row count wins.
@@ -128,7 +130,7 @@ def command_line(argv: list[str] | None = None) -> str:
 # The two cards
 
 
-def mine_card(cfg: Any, stats: Mapping[str, Any], summary: DataSummary, *, columns: Iterable[str],
+def mine_card(cfg: MineConfig, stats: Mapping[str, Any], summary: DataSummary, *, columns: Iterable[str],
               failed: Mapping[str, str]) -> str:
     """The card of a ``commits/`` directory written by ``octoray mine``."""
     funnel = [("commits seen", stats["commits_seen"], None)]
@@ -154,7 +156,7 @@ def mine_card(cfg: Any, stats: Mapping[str, Any], summary: DataSummary, *, colum
     return _render("CommitPack-style commits (octoray mine)", ["code"], summary, columns, body, cfg)
 
 
-def filter_card(cfg: Any, stats: Mapping[str, Any], summary: DataSummary, *, columns: Iterable[str],
+def filter_card(cfg: FilterConfig, stats: Mapping[str, Any], summary: DataSummary, *, columns: Iterable[str],
                 source: Mapping[str, Any]) -> str:
     """The card of an ``sft/`` directory written by ``octoray filter``."""
     off = {"token_length": not cfg.tokenizer_rule, "decontam": not cfg.decontam}  # rules switched off keep all
@@ -186,7 +188,7 @@ def filter_card(cfg: Any, stats: Mapping[str, Any], summary: DataSummary, *, col
 
 
 def _render(title: str, language: list[str], summary: DataSummary, columns: Iterable[str], body: list[str],
-            cfg: Any) -> str:
+            cfg: MineConfig | FilterConfig) -> str:
     meta = {
         "pretty_name": title,
         "license": hub_license(summary.licenses) if summary.licenses else "unknown",

@@ -53,8 +53,9 @@ def run(cfg: EvalConfig) -> Location:
         preflight_model(cfg.generator.removeprefix("hf:"))  # one line, before any Ray work
     all_problems = {lang: load_problems(lang, cfg.humanevalpack_dir) for lang in cfg.languages}
     problems = {lang: items[: cfg.limit] if cfg.limit else items for lang, items in all_problems.items()}
-    stage.start(address=cfg.ray_address)
+    stage.start(write_config=False, address=cfg.ray_address)
     runner.probe_toolchains(cfg.languages)  # a missing toolchain is one line, not a table of zeros
+    stage.write_config()
     samples = _load_or_generate_samples(cfg, stage, fingerprint, problems, all_problems)
 
     by_id = {p["task_id"]: p for items in problems.values() for p in items}

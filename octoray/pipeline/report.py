@@ -15,6 +15,7 @@ from typing import Any
 from octoray.evaluation.humanevalpack import LANGUAGES
 from octoray.storage.layout import (BEST_FILE, EVAL_METRICS_FILE, LATENCY_FILE, LOSS_PNG, MANIFEST, METRICS_FILE,
                                     REPORT_FILE, STATS, stage_dirs)
+from octoray.storage.locations import Location
 from octoray.storage.stage_dirs import atomic_write_text
 
 #: OctoCoder pass@1 (%) from the OctoPack paper (COMMITPACKFT.md), task -> language -> value.
@@ -25,7 +26,7 @@ OCTOCODER_PASS1 = {
 }
 
 
-def write_report(root: Any, out: Any) -> Any:
+def write_report(root: Location, out: Location) -> Location:
     """Write ``out/report.md`` (+ PNGs) from the stage directories under ``root``; returns its path.
 
     ``root`` and ``out`` may be paths or object-store locations (:mod:`octoray.storage.locations`); for the
