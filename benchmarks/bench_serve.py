@@ -1,7 +1,7 @@
 """Load test of ``octoray serve`` on loopback: dynamic batching on vs off (the baseline).
 
     .venv/bin/python benchmarks/bench_serve.py                      # tiny demo model, CPU
-    .venv/bin/python benchmarks/bench_serve.py --model runs/demo/model --num-gpus 1   # on a GPU
+    .venv/bin/python benchmarks/bench_serve.py --model runs/demo/train/model --num-gpus 1   # on a GPU
 
 For each mode -- ``batched`` (``max_batch_size=32``) and the baseline ``unbatched``
 (``max_batch_size=1``: one sequence at a time, everything else identical) -- the script starts

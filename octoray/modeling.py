@@ -9,6 +9,8 @@ very same ``from_pretrained`` path a hub model uses.
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -73,9 +75,16 @@ def load_tokenizer(name_or_path: str) -> Any:
 
     from octoray.storage.locations import local_copy
 
+    source = local_copy(name_or_path)
+    # A hub id with no network: the cache or one line at once, not the client's ~25 s of retries.
+    offline = _hub_name(str(source)) and hub_unreachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(local_copy(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(source, **({"local_files_only": True} if offline else {}))
     except (OSError, ValueError) as exc:
+        if offline:
+            raise UserError(f"cannot load tokenizer '{name_or_path}': the Hugging Face Hub is unreachable ({offline}) "
+                            "and it is not in the local cache: give a local model directory "
+                            "(model=./runs/demo/train/model)") from None
         raise load_error("tokenizer", name_or_path, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; EOS is what StarCoder uses
@@ -141,7 +150,7 @@ def preflight_model(name_or_path: str) -> tuple[str, Any]:
         model = str(local.resolve())
     elif not _is_hub_id(name_or_path):
         raise UserError(f"model '{name_or_path}': no such model directory, and not a hub id "
-                        "(hub ids look like 'bigcode/starcoder')")
+                        f"(hub ids look like 'bigcode/starcoder'); {_model_dirs_hint()}")
     else:
         model = name_or_path
     load_tokenizer(model)
@@ -150,6 +159,49 @@ def preflight_model(name_or_path: str) -> tuple[str, Any]:
     except (OSError, ValueError) as exc:
         raise load_error("model config", name_or_path, exc) from None
     return model, config
+
+
+def _model_dirs_hint(root: Path = Path("runs")) -> str:
+    """Which model directories exist under ``runs/`` (what ``octoray train`` and the demo write),
+    so a mistyped path is answered with the one that exists."""
+    found = sorted(str(config.parent) for pattern in ("*/model/config.json", "*/*/model/config.json")
+                   for config in root.glob(pattern))
+    if found:
+        return f"model directories under {root}/: {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}"
+    return "octoray train writes RUN_DIR/model (make demo: runs/demo/train/model)"
+
+
+@functools.lru_cache(maxsize=1)  # once per process: every language and tokenizer asks, one answer does
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached, or None when it can (or cannot be told).
+
+    The hub clients retry a missing network for tens of seconds before they fail; a DNS lookup
+    and a TCP connect say the same in milliseconds. ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``
+    count as unreachable only for downloads, so they are left to the clients (they read their
+    caches); behind a proxy the direct connect proves nothing, so the check is skipped.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except socket.gaierror:
+        return f"{host} does not resolve (no network?)"
+    except OSError as exc:
+        return f"{host}:{port} cannot be reached ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def _hub_name(name: str) -> bool:
+    """A name ``from_pretrained`` would look up on the hub: no such local path, not a URI, and the
+    clients not already told to stay offline."""
+    offline = any(os.environ.get(key, "").lower() in ("1", "true", "yes", "on")
+                  for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return not offline and "://" not in name and not Path(name).expanduser().exists() and _is_hub_id(name)
 
 
 def _is_hub_id(name: str) -> bool:

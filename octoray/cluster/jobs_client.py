@@ -74,8 +74,9 @@ class SubmitConfig:
 
     address: str = option("", "Ray dashboard address, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, "
                               f"$RAY_ADDRESS, else {DEFAULT_ADDRESS})")
-    working_dir: str = option("", "directory uploaded as the job's working_dir (default: the octoray checkout); "
-                                  "'none' uploads nothing and runs the octoray installed on the cluster")
+    working_dir: str = option("", "directory uploaded as the job's working_dir (default: the checkout "
+                                  "octoray is installed from, which submit prints); 'none' uploads nothing "
+                                  "and runs the octoray installed on the cluster")
     excludes: tuple[str, ...] = option(DEFAULT_EXCLUDES, "gitignore-style patterns left out of the upload "
                                                          "(.gitignore files are honoured too)")
     pip: tuple[str, ...] = option(("auto",), "pip packages for the job: 'auto' = the runtime dependencies in "
@@ -222,6 +223,24 @@ def resolve_address(address: str | None) -> str:
     return address
 
 
+def address_origin(address: str | None) -> str:
+    """How :func:`resolve_address` chose its answer, for the first line a command prints."""
+    if address:
+        return "--address"
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        if os.environ.get(name):
+            return f"${name}"
+    return "the default: no --address, $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS"
+
+
+def announce_address(verb: str, address: str | None) -> None:
+    """Without ``--address``, say on stderr which dashboard the command talks to and why, first:
+    the local default reaches whatever Ray listens on 127.0.0.1:8265."""
+    if not address:
+        print(f"octoray {verb}: Ray dashboard {resolve_address(address)} ({address_origin(address)})",
+              file=sys.stderr, flush=True)
+
+
 def resolve_token(token: str | None) -> str | None:
     """The cluster token: ``--token``, ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``."""
     if token:
@@ -318,8 +337,10 @@ def submit(cfg: SubmitConfig, command: str, token: str | None = None) -> str:
         "entrypoint_num_gpus": cfg.entrypoint_num_gpus or None,
     }
     deadline = time.monotonic() + AGENT_WAIT_S
-    what = f"uploading {working_dir}" if working_dir else "running the octoray installed on"
-    print(f"octoray submit: {what} to {client._address}", file=sys.stderr, flush=True)  # noqa: SLF001
+    what = (f"uploading {working_dir} (the checkout octoray runs from; --working-dir to change)" if working_dir
+            else "running the octoray installed on")
+    print(f"octoray submit: {what} to {client._address} ({address_origin(cfg.address)})",  # noqa: SLF001
+          file=sys.stderr, flush=True)
     with _translate_errors(client._address):  # noqa: SLF001 - the resolved URL, for messages
         while True:
             try:
@@ -397,7 +418,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          (FlagAlias("--num-cpus", "entrypoint_num_cpus"), FlagAlias("--num-gpus", "entrypoint_num_gpus")))
         parser.epilog = "exit status: 0 job succeeded, 1 job failed, 130 job stopped, 2 usage error"
         return
-    parser.add_argument("--address", help=f"Ray dashboard URL (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    parser.add_argument("--address", help="Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, "
+                                          f"else {DEFAULT_ADDRESS})")
     if verb == "status":
         parser.add_argument("job_id", nargs="?", help="the job (default: list every job on the cluster)")
     else:
@@ -455,6 +477,7 @@ def _submit_config(args: argparse.Namespace) -> SubmitConfig:
 
 
 def _main_status(args: argparse.Namespace) -> int:
+    announce_address("status", args.address)
     client = connect(args.address, args.token)
     with _translate_errors(client._address, args.job_id):  # noqa: SLF001
         if args.job_id is None:
@@ -473,15 +496,19 @@ def _main_status(args: argparse.Namespace) -> int:
 
 
 def _main_logs(args: argparse.Namespace) -> int:
+    announce_address("logs", args.address)
     client = connect(args.address, args.token)
     if args.follow:
-        return EXIT_CODES[follow(client, args.job_id)]
+        status = follow(client, args.job_id)
+        print(f"octoray logs: job {args.job_id} {status}", file=sys.stderr)
+        return EXIT_CODES[status]
     with _translate_errors(client._address, args.job_id):  # noqa: SLF001
         sys.stdout.write(client.get_job_logs(args.job_id))
     return 0
 
 
 def _main_stop(args: argparse.Namespace) -> int:
+    announce_address("stop", args.address)
     client = connect(args.address, args.token)
     with _translate_errors(client._address, args.job_id):  # noqa: SLF001
         requested = client.stop_job(args.job_id)

@@ -52,19 +52,33 @@ def load_problems(language: str, data_dir: str | Path | None = None) -> list[dic
     return problems
 
 
+#: What to do instead of the hub, in every hub error: the flag (and key) filter, eval and pipeline share.
+LOCAL_HINT = ("pass --humanevalpack-dir DIR (humanevalpack_dir=DIR) with <language>.jsonl files, "
+              "e.g. --humanevalpack-dir ../shared/humanevalpack")
+
+
 def _load_from_hub(language: str) -> list[dict[str, Any]]:
+    import os
+
     try:
         import datasets
     except ImportError:
-        raise UserError("loading HumanEvalPack from the hub needs `pip install datasets` "
-                        "(or pass --data-dir DIR with <language>.jsonl files)") from None
+        raise UserError(f"loading HumanEvalPack from the hub needs `pip install datasets`; or {LOCAL_HINT}") from None
+    offline = any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+                  for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline:  # offline mode reads the cache at once; otherwise a dead network costs ~25 s of retries
+        from octoray.modeling import hub_unreachable
+
+        reason = hub_unreachable()
+        if reason:
+            raise UserError(f"cannot load {HUB_DATASET} from the hub: {reason}; {LOCAL_HINT}")
     try:
         ds = datasets.load_dataset(HUB_DATASET, language, split="test")
     except Exception as exc:  # noqa: BLE001 - offline / hub errors come in many types
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot load {HUB_DATASET} ({language}) from the hub: {first}; "
-                        "pass --data-dir DIR with <language>.jsonl files when offline") from None
+        raise UserError(f"cannot load {HUB_DATASET} ({language}) from the hub: {first}; {LOCAL_HINT}") from None
     return [dict(row) for row in ds]
+
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """``octoray eval``: HumanEvalPack generation, sandboxed execution on Ray actors, pass@k.
 
-    octoray eval --generator hf:runs/demo/model --tasks fix,synthesize --languages python,go \\
+    octoray eval --generator hf:runs/demo/train/model --tasks fix,synthesize --languages python,go \\
         --humanevalpack-dir ../shared/humanevalpack --allow-code-execution --out eval [--limit N] [key=value ...]
 
 Every field of :class:`EvalConfig` is a flag and a key (:mod:`octoray.stage_cli`); reads the

@@ -1,6 +1,6 @@
 """``octoray serve``: host a causal LM on Ray Serve behind an OpenAI-compatible ``/v1`` API.
 
-    octoray serve runs/demo/model --host 127.0.0.1 --port 8000 max_batch_size=32
+    octoray serve runs/demo/train/model --host 127.0.0.1 --port 8000 max_batch_size=32
 
 This module holds the config, the command line and the Ray lifecycle: it checks the model once,
 joins or starts Ray (:func:`octoray.cluster.connection.ensure_ray`) and deploys one Ray Serve deployment
@@ -23,6 +23,7 @@ Python callers (tests, the pipeline) use ``url = start(cfg)`` ... ``shutdown()``
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import urllib.error
@@ -62,6 +63,7 @@ def start(cfg: ServeConfig) -> str:
         ensure_ray(address=cfg.ray_address)
         _started_ray = True
     app = _app(cfg)
+    _quiet_serve()
     if not redeploy:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         _serving_at = (cfg.host, cfg.port)
@@ -74,6 +76,22 @@ def start(cfg: ServeConfig) -> str:
     url = f"http://{host}:{cfg.port}/v1"
     _wait_until_up(f"{url}/models", timeout_s=60.0)
     return url
+
+
+class _NotActionable(logging.Filter):
+    """Drops Serve's note that ``serve.run`` found the Serve instance ``start`` had just begun
+    ("Connecting to existing Serve app ... New http_options ... will not be applied"): the
+    options it means are the ones already applied, so the line only looks like a failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Connecting to existing Serve app" not in record.getMessage()
+
+
+def _quiet_serve() -> None:
+    for name in ("ray.serve", "ray.serve._private.api"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NotActionable) for f in logger.filters):
+            logger.addFilter(_NotActionable())
 
 
 def shutdown() -> None:

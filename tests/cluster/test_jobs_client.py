@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -124,6 +126,16 @@ def test_unreachable_cluster_is_one_line_exit_2(capsys) -> None:
     assert code == 2 and "cannot reach the Ray dashboard" in err
 
 
+def test_commands_without_address_name_the_one_they_use_first() -> None:
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    result = run_cli("status", env={"RAY_ADDRESS": address, "RAY_API_SERVER_ADDRESS": ""})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 2, result.stderr
+    assert lines[0] == f"octoray status: Ray dashboard http://{address} ($RAY_ADDRESS)"
+    assert lines[1].startswith("octoray status: error: cannot reach the Ray dashboard")
+    assert "RAY_API_SERVER_ADDRESS" in run_cli("logs", "--help").stdout
+
+
 # --- a real Ray head -----------------------------------------------------------------------------
 
 
@@ -154,8 +166,10 @@ def _start_head(token: str) -> tuple[subprocess.Popen, str, str]:
         "port", "dashboard-port", "node-manager-port", "object-manager-port", "ray-client-server-port",
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")}
     ray_bin = Path(sys.executable).parent / "ray"
-    command = [str(ray_bin), "start", "--head", "--block", "--num-cpus=1", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    # docs/cluster.md's `ray start --head` line, with private ports and temp dir (no clash with any
+    # other Ray here), --block (its own process group to kill) and a small object store.
+    recipe = [w for w in shlex.split(_tryout()[0], comments=True)[2:] if not w.startswith("--dashboard-port")]
+    command = [str(ray_bin), "start", *recipe, "--block", f"--temp-dir={temp_dir}",
                "--include-log-monitor=false", "--object-store-memory=100000000",
                *(f"--{name}={port}" for name, port in ports.items())]
     env = {**_env_without_ray(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
@@ -262,6 +276,35 @@ def test_no_wait_then_status_logs_stop(ray_head, capsys) -> None:
     assert code == 0 and job_id in out and "STOPPED" in out
     code, out, err = _octoray(capsys, "status", "raysubmit_nosuchjob", "--address", url, "--token", token)
     assert code == 2 and "no job 'raysubmit_nosuchjob'" in err
+
+
+def _tryout() -> list[str]:
+    """The lines of the block under docs/cluster.md's "Try it on one machine", `ray start` to `ray stop`."""
+    section = (REPO_ROOT / "docs" / "cluster.md").read_text(encoding="utf-8").split("## Try it on one machine", 1)[1]
+    lines = section.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert lines[0].startswith("ray start --head ") and lines[-1].startswith("ray stop"), lines
+    return lines
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_docs_local_tryout_runs_as_written(ray_head) -> None:
+    """docs/cluster.md's try-out between `ray start` and `ray stop`, as one bash script, against the
+    head started from its `ray start` line; only the dashboard URL is this head's private one."""
+    url, token = ray_head
+    script = "\n".join(_tryout()[1:-1]).replace("http://127.0.0.1:8265", url)
+    assert f"export RAY_API_SERVER_ADDRESS={url}" in script
+    env = {**_env_without_ray(), "RAY_AUTH_TOKEN": token,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run(["bash", "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 130, out[-3000:]  # the last line follows a stopped job
+    assert f"octoray status: Ray dashboard {url} ($RAY_API_SERVER_ADDRESS)" in result.stderr
+    assert f"(the checkout octoray runs from; --working-dir to change) to {url} ($RAY_API_SERVER_ADDRESS)" in out
+    assert "SUCCEEDED" in out and "tick" in result.stdout and "RUNNING" in result.stdout
+    assert re.search(r"octoray logs: job raysubmit_\w+ STOPPED", result.stderr), out[-3000:]
+    assert "Traceback" not in out
 
 
 @pytest.mark.ray

@@ -57,6 +57,38 @@ def test_missing_model_is_one_line_before_any_work(tmp_path) -> None:
     assert not (tmp_path / "eval").exists()
 
 
+def test_missing_model_names_the_model_directories_that_exist(tmp_path) -> None:
+    model = tmp_path / "runs" / "demo" / "train" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    result = run_cli("eval", "--generator", "hf:runs/demo/model", "--allow-code-execution", cwd=tmp_path)
+    _one_line_error(result, "model 'runs/demo/model': no such model directory",
+                    "model directories under runs/: runs/demo/train/model")
+    result = run_cli("eval", "--generator", "hf:runs/demo/model", "--allow-code-execution", cwd=tmp_path / "runs")
+    _one_line_error(result, "octoray train writes RUN_DIR/model (make demo: runs/demo/train/model)")
+
+
+def test_unreachable_hub_is_one_fast_line_naming_humanevalpack_dir(tmp_path) -> None:
+    """No network (here: an HF_ENDPOINT whose port nothing listens on, and one that does not
+    resolve): one line in seconds, not the hub client's ~25 s of retries."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    for endpoint, reason in ((f"http://127.0.0.1:{closed}", f"127.0.0.1:{closed} cannot be reached"),
+                             ("https://no-such-host.invalid", "no-such-host.invalid does not resolve")):
+        started = time.monotonic()
+        result = run_cli("eval", "--generator", "oracle:canonical", "--allow-code-execution", "--out", tmp_path / "o",
+                         env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+                              "HF_HOME": str(tmp_path / "hf")})
+        _one_line_error(result, "cannot load bigcode/humanevalpack from the hub", reason,
+                        "--humanevalpack-dir DIR", "../shared/humanevalpack")
+        assert "--data-dir" not in result.stderr
+        assert time.monotonic() - started < 20  # Python + imports; the retries alone took ~25 s
+
+
 def test_endpoint_alias_and_generator_last_one_wins() -> None:
     from octoray import stage_cli
     from octoray.evaluation import stage
