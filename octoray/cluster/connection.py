@@ -86,6 +86,8 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ... and its note that they are off (we turned them off).
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     # Ray Data warns when a stage has fewer inputs than its concurrency cap: expected for small runs.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
 

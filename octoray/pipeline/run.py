@@ -60,7 +60,9 @@ def run(cfg: PipelineConfig, stage_cfgs: dict[str, Any]) -> Location:
 
     from octoray.cluster.connection import ensure_ray
 
-    ray = ensure_ray(dashboard="tune" in wanted)  # tune needs the State API (octoray.training.tuning._require_state_api)
+    # Ray's State API lives in the dashboard: tune needs it, and Ray Train's PlacementGroupCleaner
+    # polls it while a run trains (see octoray.training.tuning and octoray.training.driver).
+    ray = ensure_ray(dashboard=bool({"tune", "train"} & set(wanted)))
     from octoray.cluster.shared_storage import require_shared_storage
 
     require_shared_storage(ray, root, "out")  # before any work: every node must see the outputs

@@ -104,7 +104,7 @@ def shutdown() -> None:
     from ray import serve
 
     if ray.is_initialized():
-        serve.shutdown()
+        _shutdown_serve(ray, serve)
         if _started_ray:
             ray.shutdown()
             _started_ray = False
@@ -117,6 +117,39 @@ def shutdown() -> None:
             except UserError:
                 time.sleep(0.5)
         _serving_at = None
+
+
+def _shutdown_serve(ray: Any, serve: Any) -> None:
+    """``serve.shutdown()``, without the raylet's "Task ServeController.graceful_shutdown failed ...
+    killed by ray.kill" line on a clean shutdown.
+
+    ``serve.shutdown()`` waits on a ``graceful_shutdown`` call that only ends when the controller
+    kills itself, and the raylet reports that killed call as a failure. Here the controller is
+    asked to shut down without waiting (``wait=False``) and its end is watched by its name, so no
+    call is pending when it goes. Ray Serve's internals move between releases: anything
+    unexpected falls back to ``serve.shutdown()``.
+    """
+    try:
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+        from ray.serve.context import _disconnect, _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        controller = client._controller if client is not None else None
+    except Exception:  # noqa: BLE001 - another Serve version: its own shutdown
+        controller = None
+    if controller is None:
+        serve.shutdown()
+        return
+    client.shutdown_cached_handles()
+    ray.get(controller.graceful_shutdown.remote(wait=False), timeout=30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:  # gone: every application and proxy went before it
+            break
+        time.sleep(0.2)
+    _disconnect()
 
 
 def resolve(cfg: ServeConfig) -> ServeConfig:

@@ -80,8 +80,9 @@ def _run(cfg: TrainConfig) -> Location:
         return run_dir
     if handoff is not None:
         stage.say(handoff.summary())
-    # Workers' logs (per-step progress) reach the driver.
-    stage.start(write_config=False, log_to_driver=True)
+    # Workers' logs (per-step progress) reach the driver. The dashboard carries the State API, which
+    # Ray Train's PlacementGroupCleaner polls all run long (without it: a warning every few seconds).
+    stage.start(write_config=False, log_to_driver=True, dashboard=True)
     _write_config(run_dir, cfg, handoff)
     if handoff is not None and handoff.checkpoint is not None:
         _seed_from_trial(handoff, run_dir)

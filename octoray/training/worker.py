@@ -49,6 +49,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from octoray.config import from_mapping
 
+    if not torch.cuda.is_available():
+        # A CPU worker: tell DeepSpeed, rather than have it warn that it found no GPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
     cfg = from_mapping(TrainConfig, config["cfg"])
     run_dir = location(config["run_dir"])
     model_path = local_copy(config["model_path"])  # a URI: downloaded once per node
