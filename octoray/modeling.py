@@ -21,6 +21,21 @@ PAD = "<fim_pad>"
 SPECIAL_TOKENS = (EOS, PAD)
 
 
+def name_deepspeed_accelerator() -> None:
+    """Tell DeepSpeed it runs on the CPU when this process sees no GPU.
+
+    transformers imports DeepSpeed whenever it is installed, and DeepSpeed then probes for an
+    accelerator and warns "unable to detect" one: a warning on every CPU run (the demo, CI) that
+    asks nothing of the user. ``DS_ACCELERATOR`` set by the user wins.
+    """
+    import os
+
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> Any:
     """A byte-level BPE tokenizer trained on ``texts`` (StarCoder's kind), as a fast HF tokenizer."""
     from tokenizers import ByteLevelBPETokenizer
@@ -48,6 +63,7 @@ def build_demo_model(
     Returns ``out_dir``, loadable with ``AutoModelForCausalLM.from_pretrained`` and
     ``AutoTokenizer.from_pretrained``.
     """
+    name_deepspeed_accelerator()  # before transformers imports DeepSpeed
     import torch
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
@@ -94,6 +110,7 @@ def load_tokenizer(name_or_path: str) -> Any:
 def load_model(name_or_path: str, **kwargs: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` with a one-line error when it cannot be found
     (a URI is downloaded once per node first)."""
+    name_deepspeed_accelerator()
     from transformers import AutoModelForCausalLM
 
     from octoray.storage.locations import local_copy

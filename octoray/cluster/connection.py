@@ -28,8 +28,10 @@ def ensure_ray(*, dashboard: bool = False, **init_kwargs: Any) -> Any:
         init_kwargs.setdefault("log_to_driver", False)
         init_kwargs.setdefault("include_dashboard", dashboard)
         init_kwargs.setdefault("logging_level", logging.WARNING)
-        if init_kwargs["include_dashboard"] and not _joins_a_cluster(init_kwargs):
-            _pin_state_api(init_kwargs)
+        if not _joins_a_cluster(init_kwargs):
+            _quiet_library_deprecations(init_kwargs)
+            if init_kwargs["include_dashboard"]:
+                _pin_state_api(init_kwargs)
         ray.init(**init_kwargs)
     quiet_ray_data()
     return ray
@@ -37,6 +39,20 @@ def ensure_ray(*, dashboard: bool = False, **init_kwargs: Any) -> Any:
 
 def _joins_a_cluster(init_kwargs: dict[str, Any]) -> bool:
     return bool(init_kwargs.get("address") or os.environ.get("RAY_ADDRESS"))
+
+
+def _quiet_library_deprecations(init_kwargs: dict[str, Any]) -> None:
+    """Workers of an embedded Ray ignore deprecation warnings (unless PYTHONWARNINGS says otherwise).
+
+    They come from one library calling another (DeepSpeed calling a deprecated torch collective,
+    Ray Train a deprecated Ray Data option), once per worker, and ask nothing of the user.
+    """
+    runtime_env = dict(init_kwargs.get("runtime_env") or {})
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    quiet = "ignore::DeprecationWarning,ignore::FutureWarning"
+    env_vars.setdefault("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", quiet))
+    runtime_env["env_vars"] = env_vars
+    init_kwargs["runtime_env"] = runtime_env
 
 
 def _pin_state_api(init_kwargs: dict[str, Any]) -> None:

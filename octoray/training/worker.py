@@ -48,10 +48,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from octoray.config import from_mapping
+    from octoray.modeling import name_deepspeed_accelerator
 
-    if not torch.cuda.is_available():
-        # A CPU worker: tell DeepSpeed, rather than have it warn that it found no GPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    name_deepspeed_accelerator()  # a CPU worker says so, rather than DeepSpeed warning it found no GPU
 
     cfg = from_mapping(TrainConfig, config["cfg"])
     run_dir = location(config["run_dir"])
