@@ -24,22 +24,11 @@ log = logging.getLogger(__name__)
 
 # Inside the namespaces the cache dir is bound here (a tmpfs over /mnt holds the mount point).
 SANDBOX_ROOT = "/mnt/sbx"
-
-
 HIDDEN_DIRS = ("/root", "/home")
-
-
 PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-
-
 UID_BASE = 1_100_000  # sandbox uids: UID_BASE + pid % UID_SPAN, no /etc/passwd entry needed
-
-
 UID_SPAN = 100_000
-
-
 READY = ".ready-"  # marker the namespace setup writes (as root) right before starting a sample
-
 
 # Runs as root (or as mapped root in a user namespace) in the new namespaces, then starts the
 # sample as a child -- not via exec: a credential change would clear the parent-death signal
@@ -64,15 +53,16 @@ fi
 
 def mount_table(sandbox_dir: str) -> str:
     """The fstab the setup mounts, in order: ``sandbox_dir`` at /mnt/sbx; each toolchain dir
-    under a hidden home dir set aside under /mnt/keep; empty tmpfs over the home dirs; the
-    set-aside toolchain dirs back in place; fresh tmpfs over the temporary dirs. Mount points
-    are created as needed (``X-mount.mkdir``)."""
+    under a hidden home dir or a temporary dir set aside under /mnt/keep; empty tmpfs over the
+    home dirs and fresh tmpfs over the temporary dirs; the set-aside toolchain dirs back in place
+    (a checkout in /home or /tmp keeps its virtualenv and node_modules). Mount points are created
+    as needed (``X-mount.mkdir``)."""
     keep = _keep_paths()
     rows = [(sandbox_dir, SANDBOX_ROOT, "none", "bind,X-mount.mkdir")]
     rows += [(path, f"/mnt/keep/{i}", "none", "bind,X-mount.mkdir") for i, path in enumerate(keep)]
     rows += [("octoray-sandbox", d, "tmpfs", "size=1m,mode=755") for d in HIDDEN_DIRS if os.path.isdir(d)]
-    rows += [(f"/mnt/keep/{i}", path, "none", "bind,X-mount.mkdir") for i, path in enumerate(keep)]
     rows += [("octoray-sandbox", d, "tmpfs", "size=64m,mode=1777") for d in PRIVATE_TMP if os.path.isdir(d)]
+    rows += [(f"/mnt/keep/{i}", path, "none", "bind,X-mount.mkdir") for i, path in enumerate(keep)]
     return "\n".join(f"{_fstab_field(source)} {_fstab_field(target)} {kind} {options} 0 0"
                      for source, target, kind, options in rows)
 
@@ -185,8 +175,9 @@ def isolation_mode(is_root: bool, allow_network: bool) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _keep_paths() -> tuple[str, ...]:
-    """Toolchain directories under hidden home dirs that samples still need (pyenv, rustup,
-    a virtualenv or node_modules in a home checkout); worked out once per process."""
+    """Toolchain directories under hidden home dirs or private temporary dirs that samples still
+    need (pyenv, rustup, a virtualenv or node_modules in a checkout under /home or /tmp); worked
+    out once per process."""
     wanted = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent,
               NODE_MODULES}
     sysroot = rust_sysroot()
@@ -195,7 +186,7 @@ def _keep_paths() -> tuple[str, ...]:
     out = set()
     for path in wanted:
         path = path.resolve()
-        if path.is_dir() and any(str(path).startswith(h + "/") for h in HIDDEN_DIRS):
+        if path.is_dir() and any(str(path).startswith(h + "/") for h in (*HIDDEN_DIRS, *PRIVATE_TMP)):
             out.add(str(path))
     # A directory inside another kept one comes along with it.
     return tuple(sorted(p for p in out if not any(p.startswith(q + "/") for q in out)))

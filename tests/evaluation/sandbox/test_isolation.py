@@ -214,3 +214,35 @@ def test_java_source_that_overflows_the_compiler_fails_and_the_warm_compiler_goe
         _run(sb, body, "java", JAVA_PROBLEM)
         assert sb.execute("java", JAVA_PROBLEM, JAVA_GOOD).status == "pass"
     assert warm._java_compiler is not None
+
+
+def test_an_interpreter_under_tmp_stays_visible_inside(sandbox: Sandbox, tmp_path: Path) -> None:
+    """A checkout under /tmp (CI runners' usual place) keeps its virtualenv inside the sandbox,
+    although the sandbox mounts a fresh /tmp: the sample runs, and sees nothing else of /tmp."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    if not str(tmp_path).startswith("/tmp/"):
+        pytest.skip(f"pytest's tmp_path is not under /tmp here ({tmp_path})")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    # This environment's packages (numpy: the harness imports it) through a .pth file, as in a
+    # virtualenv of its own; octoray itself through PYTHONPATH, for the driver below.
+    purelib = sysconfig.get_paths()["purelib"]
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "outer.pth").write_text(purelib + "\n")
+    canary = tmp_path / "canary.txt"
+    canary.write_text("outside")
+    blind = f"import os\ndef f():\n    return int(not os.path.exists({str(canary)!r}))\n"
+    code = (
+        "from octoray.evaluation.sandbox.execution import Limits, Sandbox\n"
+        f"sb = Sandbox(cache_dir={str(tmp_path / 'cache')!r}, limits=Limits(timeout_scale=0.5))\n"
+        f"print(sb.execute('python', {PROBLEM!r}, {GOOD!r}).status)\n"
+        f"print(sb.execute('python', {PROBLEM!r}, {blind!r}).status)\n")
+    # The venv's interpreter with this environment's packages: its sys.prefix is under /tmp.
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.stdout.split() == ["pass", "pass"], out.stdout + out.stderr[-2000:]
