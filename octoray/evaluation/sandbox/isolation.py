@@ -180,6 +180,8 @@ def _keep_paths() -> tuple[str, ...]:
     out once per process."""
     wanted = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent,
               NODE_MODULES}
+    # Library dirs a .pth file chains in from elsewhere (a virtualenv layered on another).
+    wanted |= {Path(entry) for entry in sys.path if entry.endswith(("site-packages", "dist-packages"))}
     sysroot = rust_sysroot()
     if sysroot:
         wanted.add(Path(sysroot))
