@@ -4,6 +4,7 @@ loss curve unchanged (same seed); the plan's activation estimate is checked agai
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -47,8 +48,11 @@ print(json.dumps({"losses": losses, "peak": rss("VmHWM:") - before}))
 
 
 def _measure(checkpointing: bool) -> dict:
+    # A fixed mmap threshold: glibc's adaptive one would keep freed activations in the heap, so
+    # RSS would no longer follow what is allocated (the measurement would depend on history).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-c", SCRIPT, "1" if checkpointing else "0"], capture_output=True,
-                         text=True, check=True, cwd=REPO_ROOT, timeout=300)
+                         text=True, check=True, cwd=REPO_ROOT, timeout=300, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
