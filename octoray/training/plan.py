@@ -127,7 +127,7 @@ def model_config(cfg: TrainConfig) -> Any:
         from transformers import GPTBigCodeConfig
 
         # As octoray.modeling.build_demo_model builds it (n_head 4, context max(seq_len, 2048)).
-        return GPTBigCodeConfig(vocab_size=cfg.demo_vocab + 2, n_positions=max(cfg.seq_len, 2048),
+        return GPTBigCodeConfig(vocab_size=cfg.demo_vocab, n_positions=max(cfg.seq_len, 2048), bos_token_id=0, eos_token_id=0,
                                 n_embd=cfg.demo_embd, n_layer=cfg.demo_layers, n_head=4, multi_query=True)
     from transformers import AutoConfig
 
