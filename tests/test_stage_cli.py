@@ -282,7 +282,7 @@ def _parse_command(verb: str, argv: list[str], where: str) -> None:
         assert dataclasses.is_dataclass(configs[0]), where
         return
     parser = argparse.ArgumentParser(prog=f"octoray {verb}", exit_on_error=False)
-    jobs.add_arguments(parser)
+    _module(verb).add_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     if verb != "submit":
         return

@@ -87,6 +87,7 @@ def _run(cfg: TrainConfig) -> Location:
     if handoff is not None and handoff.checkpoint is not None:
         _seed_from_trial(handoff, run_dir)
     model_path = resolve_model(cfg, data_dir, run_dir)
+    _plan_before_training(cfg, model_path, stage.say)
     datasets, counts = prepare_datasets(cfg, data_dir, model_path)
     wait_for_workers(cfg, "octoray train")
     fit(cfg, model_path=model_path, datasets=datasets, run_dir=run_dir,
@@ -97,6 +98,38 @@ def _run(cfg: TrainConfig) -> Location:
                  extra={"model_path": model_path, "counts": counts, "last_metrics": _last_metrics(run_dir),
                         "hparams_from": handoff.record() if handoff is not None else None})
     return run_dir
+
+
+def _plan_before_training(cfg: TrainConfig, model_path: str, say: Any) -> None:
+    """Log ``octoray plan``'s numbers for this run; refuse (one line) when they say it cannot fit."""
+    from dataclasses import replace
+
+    from octoray.training.plan import preflight
+
+    from octoray.storage.locations import local_copy
+
+    cuda = use_gpu(cfg)
+    model = str(local_copy(model_path)) if "://" in model_path else model_path  # config.json is all it reads
+    preflight(replace(cfg, model=model), say, cuda=cuda, gpu_memory=cluster_gpu_memory() if cuda else None)
+
+
+def cluster_gpu_memory() -> Optional[int]:
+    """The smallest memory per GPU the cluster's GPU nodes state (their ``octoray-gpu-memory``
+    label, as cluster/*.yaml set it), or None when no node says."""
+    import ray
+
+    from octoray.training.memory import parse_size
+    from octoray.training.plan import LABEL_GPU_MEMORY
+
+    sizes = []
+    for node in ray.nodes():
+        label = (node.get("Labels") or {}).get(LABEL_GPU_MEMORY)
+        if node.get("Alive") and node.get("Resources", {}).get("GPU") and label:
+            try:
+                sizes.append(parse_size(label))
+            except ValueError:
+                continue
+    return min(sizes) if sizes else None
 
 
 def _write_config(run_dir: Location, cfg: TrainConfig, handoff: Optional[Handoff]) -> None:

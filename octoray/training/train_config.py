@@ -42,6 +42,15 @@ class TrainConfig:
     offload_params: bool = option(False, "ZeRO-3 parameter offload to CPU memory")
     batch_size: int = option(4, "global batch in sequences = micro_batch x grad_accum x num_workers (OctoCoder: 32)")
     micro_batch: int = option(1, "sequences per worker per forward pass")
+    gradient_checkpointing: bool = option(
+        False, "recompute each transformer block's activations in the backward pass instead of keeping them "
+               "(the model's own gradient_checkpointing_enable; ~1/3 more compute, activations ~1/L as large)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = option(
+        "sdpa", "attention kernel: sdpa (PyTorch's scaled_dot_product_attention), eager (the model's own "
+                "matmuls; keeps the seq_len x seq_len scores), flash_attention_2 (needs the flash-attn package, "
+                "GPUs and bf16)")
+    check_fit: bool = option(True, "refuse to start when 'octoray plan' says the run does not fit in the GPUs' "
+                                   "memory (false: log the plan and start anyway)")
     lr: float = option(5e-4, "peak learning rate (AdamW)")
     warmup_steps: int = option(2, "linear warmup steps before the cosine decay")
     min_lr_ratio: float = option(0.1, "final learning rate as a fraction of lr")
@@ -95,6 +104,10 @@ class TrainConfig:
             out.append("offload_params needs zero_stage 3")
         if self.precision == "bf16" and self.device == "cpu":
             out.append("precision bf16 needs device gpu (CPU training runs in fp32)")
+        if self.attn_implementation == "flash_attention_2" and self.device == "cpu":
+            out.append("attn_implementation flash_attention_2 needs device gpu (use sdpa or eager on CPU)")
+        if self.attn_implementation == "flash_attention_2" and self.precision == "fp32":
+            out.append("attn_implementation flash_attention_2 needs precision bf16 (FlashAttention-2 has no fp32 kernels)")
         if self.lora and not self.lora_targets:
             out.append("lora_targets must name at least one module")
         if self.from_best_checkpoint and self.hparams is None:

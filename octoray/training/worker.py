@@ -26,18 +26,6 @@ STATE_FILE = "octoray_state.json"
 FAIL_MARKER = ".fail_at_step_done"
 
 
-#: DeepSpeed checkpoint tag inside every Ray checkpoint directory.
-CKPT_TAG = "ds"
-
-
-#: octoray's own resume state (step, tokens) next to the DeepSpeed shards.
-STATE_FILE = "octoray_state.json"
-
-
-#: Marker that makes the ``fail_at_step`` test hook fire only once per run directory.
-FAIL_MARKER = ".fail_at_step_done"
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: build the DeepSpeed engine, resume, train, checkpoint, export.
 
@@ -204,6 +192,8 @@ def _sync_metrics(run_dir: Location, local_dir: Path, *, down: bool = False, ten
 
 
 def _load_model(cfg: TrainConfig, model_path: str, ds_config: dict[str, Any], bf16: bool) -> tuple[Any, Any]:
+    """The model to train (attention kernel and gradient checkpointing as ``cfg`` asks, LoRA-wrapped
+    when asked) and transformers' handle on the DeepSpeed config (ZeRO-3: keep it alive)."""
     import torch
 
     hf_ds_config = None
@@ -215,8 +205,13 @@ def _load_model(cfg: TrainConfig, model_path: str, ds_config: dict[str, Any], bf
         hf_ds_config = HfDeepSpeedConfig(ds_config)
     from octoray.modeling import load_model
 
-    model = load_model(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = load_model(model_path, dtype=torch.bfloat16 if bf16 else torch.float32,
+                       attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing: works under ZeRO-3 (parameters gathered again in the
+        # recompute) and with LoRA's frozen base weights without enable_input_require_grads().
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return _with_lora(model, cfg), hf_ds_config
 
 
