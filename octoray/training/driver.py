@@ -104,9 +104,8 @@ def _plan_before_training(cfg: TrainConfig, model_path: str, say: Any) -> None:
     """Log ``octoray plan``'s numbers for this run; refuse (one line) when they say it cannot fit."""
     from dataclasses import replace
 
-    from octoray.training.plan import preflight
-
     from octoray.storage.locations import local_copy
+    from octoray.training.plan import preflight
 
     cuda = use_gpu(cfg)
     model = str(local_copy(model_path)) if "://" in model_path else model_path  # config.json is all it reads
