@@ -28,8 +28,6 @@ def name_deepspeed_accelerator() -> None:
     accelerator and warns "unable to detect" one: a warning on every CPU run (the demo, CI) that
     asks nothing of the user. ``DS_ACCELERATOR`` set by the user wins.
     """
-    import os
-
     import torch
 
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
@@ -65,21 +63,30 @@ def build_demo_model(
     """
     name_deepspeed_accelerator()  # before transformers imports DeepSpeed
     import torch
-    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+    from transformers import GPTBigCodeForCausalLM
 
     out_dir = Path(out_dir)
     tokenizer = train_bpe_tokenizer(texts, vocab_size)
     torch.manual_seed(seed)
-    config = GPTBigCodeConfig(
-        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-        n_head=n_head, multi_query=True, bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    config = demo_model_config(vocab_size=len(tokenizer), n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                               n_positions=n_positions, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
     model = GPTBigCodeForCausalLM(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def demo_model_config(*, vocab_size: int, n_layer: int, n_embd: int, n_positions: int, n_head: int = 4,
+                      eos_token_id: int = 0, pad_token_id: int | None = None) -> Any:
+    """The demo model's GPTBigCode config (multi-query attention, as StarCoder): what
+    :func:`build_demo_model` builds and what ``octoray plan`` sizes before it is built."""
+    from transformers import GPTBigCodeConfig
+
+    return GPTBigCodeConfig(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                            n_head=n_head, multi_query=True, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id)
 
 
 def load_tokenizer(name_or_path: str) -> Any:
@@ -213,12 +220,16 @@ def hub_unreachable(timeout_s: float = 3.0) -> str | None:
     return None
 
 
+def offline_mode(*variables: str) -> bool:
+    """Whether one of the Hugging Face clients' offline switches (``HF_HUB_OFFLINE`` ...) is on."""
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in variables)
+
+
 def _hub_name(name: str) -> bool:
     """A name ``from_pretrained`` would look up on the hub: no such local path, not a URI, and the
     clients not already told to stay offline."""
-    offline = any(os.environ.get(key, "").lower() in ("1", "true", "yes", "on")
-                  for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return not offline and "://" not in name and not Path(name).expanduser().exists() and _is_hub_id(name)
+    return (not offline_mode("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") and "://" not in name
+            and not Path(name).expanduser().exists() and _is_hub_id(name))
 
 
 def _is_hub_id(name: str) -> bool:

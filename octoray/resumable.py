@@ -15,6 +15,7 @@ Every message a stage prints goes through :meth:`StageRun.say`, so they all read
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,32 +35,27 @@ class StageRun:
     #: What the output is made from (directories, row counts, sources), recorded in the manifest.
     inputs: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
-    _previous: Optional[dict[str, Any]] = field(default=None, init=False, repr=False)
-    _read: bool = field(default=False, init=False, repr=False)
 
     def say(self, message: str, *, err: bool = False) -> None:
         """Print ``octoray <stage>: message`` (on stderr with ``err``)."""
         print(f"octoray {self.stage}: {message}", file=sys.stderr if err else sys.stdout, flush=True)
 
-    @property
+    @functools.cached_property
     def previous(self) -> Optional[dict[str, Any]]:
         """The manifest ``out`` holds (None when there is none), read once."""
-        if not self._read:
-            self._previous, self._read = read_manifest(self.out), True
-        return self._previous
+        return read_manifest(self.out)
 
     def complete(self) -> bool:
         """``out`` holds a complete output of this stage (whatever it was made from)."""
         return manifest_complete(self.previous, self.stage)
 
-    def reusable(self, same: Optional[Callable[[dict[str, Any]], bool]] = None) -> bool:
-        """True, saying so, when ``out`` is complete and was made from the same inputs: by default
-        the manifest's ``inputs`` equal :attr:`inputs`; ``same(manifest)`` replaces that test where a
-        stage knows better (which config keys change its output, say)."""
+    def reusable(self, same: Callable[[dict[str, Any]], bool]) -> bool:
+        """True, saying so, when ``out`` is complete and ``same(manifest)`` says it was made from the
+        same inputs and config (each stage knows which of its keys change its output)."""
         if not self.complete():
             return False
         previous = self.previous or {}
-        if not (same(previous) if same is not None else previous.get("inputs", {}) == self.inputs):
+        if not same(previous):
             return False
         self.say(f"{display(self.out)} is already complete ({previous.get('rows', 0)} rows); nothing to do")
         return True

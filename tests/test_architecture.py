@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "octoray"
+from tests.helpers import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "octoray"
 MAX_MODULE_LINES = 700
 MAX_FUNCTION_LINES = 80
 MAX_TOP_LEVEL_ENTRIES = 15

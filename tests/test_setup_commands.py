@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT as REPO
 
 
 def _dry_run(target: str, tmp_path: Path) -> list[str]:

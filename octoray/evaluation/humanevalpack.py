@@ -58,17 +58,14 @@ LOCAL_HINT = ("pass --humanevalpack-dir DIR (humanevalpack_dir=DIR) with <langua
 
 
 def _load_from_hub(language: str) -> list[dict[str, Any]]:
-    import os
+    from octoray.modeling import hub_unreachable, offline_mode
 
     try:
         import datasets
     except ImportError:
         raise UserError(f"loading HumanEvalPack from the hub needs `pip install datasets`; or {LOCAL_HINT}") from None
-    offline = any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
-                  for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if not offline:  # offline mode reads the cache at once; otherwise a dead network costs ~25 s of retries
-        from octoray.modeling import hub_unreachable
-
+    # Offline mode reads the cache at once; otherwise a dead network costs ~25 s of retries.
+    if not offline_mode("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         reason = hub_unreachable()
         if reason:
             raise UserError(f"cannot load {HUB_DATASET} from the hub: {reason}; {LOCAL_HINT}")
@@ -78,7 +75,6 @@ def _load_from_hub(language: str) -> list[dict[str, Any]]:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot load {HUB_DATASET} ({language}) from the hub: {first}; {LOCAL_HINT}") from None
     return [dict(row) for row in ds]
-
 
 
 # --------------------------------------------------------------------------------------------

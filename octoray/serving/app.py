@@ -2,7 +2,8 @@
 
     octoray serve runs/demo/train/model --host 127.0.0.1 --port 8000 max_batch_size=32
 
-This module holds the config, the command line and the Ray lifecycle: it checks the model once,
+This module holds the command line and the Ray lifecycle (the config is
+:class:`octoray.serving.config.ServeConfig`): it checks the model once,
 joins or starts Ray (:func:`octoray.cluster.connection.ensure_ray`) and deploys one Ray Serve deployment
 whose replicas answer ``POST /v1/completions`` (plain and streamed), ``GET /v1/models`` and
 ``GET /healthz``. Replicas autoscale on ongoing requests; each takes ``num_gpus`` when the

@@ -108,8 +108,8 @@ def _plan_before_training(cfg: TrainConfig, model_path: str, say: Any) -> None:
     from octoray.training.plan import preflight
 
     cuda = use_gpu(cfg)
-    model = str(local_copy(model_path)) if "://" in model_path else model_path  # config.json is all it reads
-    preflight(replace(cfg, model=model), say, cuda=cuda, gpu_memory=cluster_gpu_memory() if cuda else None)
+    # A URI is fetched once per node anyway (the workers load from the same cache); config.json is all it reads.
+    preflight(replace(cfg, model=local_copy(model_path)), say, cuda=cuda, gpu_memory=cluster_gpu_memory() if cuda else None)
 
 
 def cluster_gpu_memory() -> Optional[int]:

@@ -124,11 +124,11 @@ def _host_memory() -> int:
 def model_config(cfg: TrainConfig) -> Any:
     """The model's transformers config: the demo's from its keys, else ``AutoConfig`` (config.json only)."""
     if cfg.model == DEMO:
-        from transformers import GPTBigCodeConfig
+        from octoray.modeling import demo_model_config
 
-        # As octoray.modeling.build_demo_model builds it (n_head 4, context max(seq_len, 2048)).
-        return GPTBigCodeConfig(vocab_size=cfg.demo_vocab, n_positions=max(cfg.seq_len, 2048), bos_token_id=0, eos_token_id=0,
-                                n_embd=cfg.demo_embd, n_layer=cfg.demo_layers, n_head=4, multi_query=True)
+        # As octoray.training.driver.resolve_model has it built (context max(seq_len, 2048)).
+        return demo_model_config(vocab_size=cfg.demo_vocab, n_layer=cfg.demo_layers, n_embd=cfg.demo_embd,
+                                 n_positions=max(cfg.seq_len, 2048))
     from transformers import AutoConfig
 
     from octoray.modeling import load_error

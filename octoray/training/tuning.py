@@ -127,10 +127,10 @@ def run(tcfg: TuneConfig, train_cfg: TrainConfig) -> Location:
     sft_manifest = require_stage_output(data_dir, "filter", "SFT data")
     base = trial_base(train_cfg, tcfg)  # every problem of the space, before any work
     stage = StageRun(STAGE, out_dir, tcfg, inputs={"sft": {"path": display(data_dir), "rows": sft_manifest.get("rows")}})
-    if stage.reusable(same=lambda previous: not _changed_keys(previous, tcfg, base)):
+    changed = _changed_keys(stage.previous or {}, tcfg, base) if stage.complete() else []
+    if stage.reusable(same=lambda previous: not changed):
         return out_dir
-    if stage.complete():
-        changed = _changed_keys(stage.previous or {}, tcfg, base)
+    if changed:
         stage.say(f"the search changed since {out_dir} was written ({', '.join(changed)}); searching again")
         _clear(out_dir)
     # The State API needs the dashboard (see _require_state_api).
