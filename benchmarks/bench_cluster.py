@@ -84,7 +84,7 @@ def main() -> None:
         return _table(sizes, None, None, args.repeats)
 
     # The head helpers of the tests: private ports, temp dir and process group, token auth on.
-    from tests.test_submit import _kill_head, _start_head, _wait_for_head
+    from tests.cluster.test_jobs_client import _kill_head, _start_head, _wait_for_head
 
     token = os.urandom(16).hex()
     for attempt in range(3):

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests import s3server  # noqa: E402 - the same server the tests use
+from tests.helpers import s3server  # noqa: E402 - the same server the tests use
 
 STAGE = re.compile(r"^== (.+?) -> ")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.train_helpers import sft_rows, write_sft  # noqa: E402 - the same learnable rows the tests use
+from tests.helpers.sft import sft_rows, write_sft  # noqa: E402 - the same learnable rows the tests use
 
 
 def plain_pytorch_tokens_per_s(model_dir: str, packed: dict, micro_batch: int, steps: int, warmup: int,

@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.train_helpers import write_sft  # noqa: E402 - the same learnable rows the tests use
+from tests.helpers.sft import write_sft  # noqa: E402 - the same learnable rows the tests use
 
 DEMO_MODEL = {"model": "demo", "demo_layers": 2, "demo_embd": 64, "demo_vocab": 1024, "seq_len": 128,
               "device": "cpu", "precision": "fp32", "micro_batch": 1, "batch_size": 2, "zero_stage": 2}
