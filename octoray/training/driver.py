@@ -105,7 +105,7 @@ def _plan_before_training(cfg: TrainConfig, model_path: str, say: Any) -> None:
     from dataclasses import replace
 
     from octoray.storage.locations import local_copy
-    from octoray.training.plan import preflight
+    from octoray.training.planning import preflight
 
     cuda = use_gpu(cfg)
     # A URI is fetched once per node anyway (the workers load from the same cache); config.json is all it reads.
@@ -118,7 +118,7 @@ def cluster_gpu_memory() -> Optional[int]:
     import ray
 
     from octoray.training.memory import parse_size
-    from octoray.training.plan import LABEL_GPU_MEMORY
+    from octoray.training.planning import LABEL_GPU_MEMORY
 
     sizes = []
     for node in ray.nodes():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,51 @@ def mfu(n_params: int, tokens_per_s_per_device: float, peak: float | None) -> fl
     return 6.0 * n_params * tokens_per_s_per_device / peak
 
 
+class PeakMemory:
+    """The most memory this worker has held for training since it was created.
+
+    On a GPU: PyTorch's ``max_memory_allocated`` (what ``octoray plan`` predicts, without the CUDA
+    context). On CPU: the process's peak resident set (``VmHWM``, reset to the current size when
+    the tracker starts, so the imports and Ray's own memory are left out) minus the size then.
+    """
+
+    def __init__(self) -> None:
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = 0
+        else:
+            _reset_peak_rss()
+            self.baseline = _status_bytes("VmRSS:")
+
+    def peak_bytes(self) -> int:
+        """Peak bytes since the tracker started (this process only)."""
+        import torch
+
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated())
+        return max(0, _status_bytes("VmHWM:") - self.baseline)
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+    except OSError:  # not Linux, or not allowed: the peak then includes what came before
+        pass
+
+
+def _status_bytes(field: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class MetricsLog:
     """Append-only per-step log for rank 0; a no-op on other ranks."""
 
@@ -64,14 +110,17 @@ class MetricsLog:
             self._tb = None
 
     def log(self, row: dict[str, Any]) -> None:
-        """Record one step's metrics (``row["step"]`` is required)."""
+        """Record one step's metrics (``row["step"]`` is required) with the wall-clock ``time`` it was
+        logged at (Unix seconds): the gaps between rows show what the steps do not (checkpoint saves,
+        logging), which ``octoray plan --calibrate`` measures."""
         if not self.enabled:
             return
+        row = {**row, "time": round(time.time(), 3)}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and not math.isnan(float(value)):
+                if key not in ("step", "time") and isinstance(value, (int, float)) and not math.isnan(float(value)):
                     self._tb.add_scalar(f"train/{key}", value, row["step"])
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from octoray.progress import progress_bar
 from octoray.storage.locations import Location, ObjectPath, local_copy, location, scratch_dir, upload_dir
-from octoray.training.metrics import METRICS_FILE, MetricsLog, mfu, peak_flops
+from octoray.training.metrics import METRICS_FILE, MetricsLog, PeakMemory, mfu, peak_flops
 from octoray.training.train_config import TrainConfig
 
 #: DeepSpeed checkpoint tag inside every Ray checkpoint directory.
@@ -49,7 +49,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
-    engine, hf_ds_config = _engine(cfg, model_path, world)
+    engine, hf_ds_config, memory = _engine(cfg, model_path, world)
 
     checkpoint = ray.train.get_checkpoint()  # this run's own latest, after a restart or rerun
     if checkpoint is None and config.get("init_checkpoint"):
@@ -74,6 +74,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row.update(step=step, tokens=tokens_seen, start_step=start_step,
                    mfu=mfu(n_params, row["tokens_per_s"] / world, peak))
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            row["peak_memory_bytes"] = _largest_over_ranks(memory.peak_bytes(), engine.device)
             if val_shard is not None:
                 row["val_loss"] = _evaluate(engine, val_shard, cfg.micro_batch)
             log.log(row)
@@ -92,9 +93,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _export_model(engine, cfg, model_path, run_dir, local_dir, rank)
 
 
-def _engine(cfg: TrainConfig, model_path: str, world: int) -> tuple[Any, Any]:
-    """The DeepSpeed engine (model, AdamW, warmup-cosine schedule) and transformers' handle on the
-    DeepSpeed config, which must live as long as training does under ZeRO-3."""
+def _engine(cfg: TrainConfig, model_path: str, world: int) -> tuple[Any, Any, PeakMemory]:
+    """The DeepSpeed engine (model, AdamW, warmup-cosine schedule), transformers' handle on the
+    DeepSpeed config, which must live as long as training does under ZeRO-3, and the tracker of
+    the memory training holds (started once the libraries and the process group are up)."""
     import deepspeed
     import torch
 
@@ -109,13 +111,14 @@ def _engine(cfg: TrainConfig, model_path: str, world: int) -> tuple[Any, Any]:
     # Adopt the process group Ray Train set up, before anything reads the world size: under
     # ZeRO-3 from_pretrained already runs zero.Init, which checks the batch against it.
     deepspeed.init_distributed()
+    memory = PeakMemory()  # from here: the model, DeepSpeed's states and buffers, the activations
     model, hf_ds_config = _load_model(cfg, model_path, ds_config, bf16)
     schedule = functools.partial(warmup_cosine, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                  min_lr_ratio=cfg.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
-    return engine, hf_ds_config
+    return engine, hf_ds_config, memory
 
 
 def _train_step(engine: Any, batches: Any, cfg: TrainConfig, world: int) -> dict[str, Any]:
@@ -267,6 +270,16 @@ def _evaluate(engine: Any, shard: Any, micro_batch: int) -> float:
     dist.all_reduce(sums)
     engine.train()
     return float(sums[0] / sums[1].clamp(min=1))
+
+
+def _largest_over_ranks(value: int, device: Any) -> int:
+    """The largest ``value`` any rank holds (a collective: every rank calls it at the same step)."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def _save_and_report(engine: Any, metrics: dict[str, Any], step: int, tokens: int, rank: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from octoray.training.memory import ModelShape, Setup, cpu_model_states, model_states
-from octoray.training.plan import model_shape, plan
+from octoray.training.planning import model_shape, plan
 from octoray.training.train_config import TrainConfig
 from tests.helpers import run_cli
 
@@ -183,3 +183,60 @@ def test_bad_input_is_one_line_exit_2(args: list[str], message: str) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and message in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("octoray plan")]) == 1
+
+
+def test_step_times_separate_steps_gaps_and_saves() -> None:
+    """What a calibration run's rows say: step 1 (warm-up) left out, saves timed from the gap after them."""
+    from octoray.training.plan import step_times
+
+    rows, clock = [], 100.0
+    for step in range(1, 10):
+        seconds = 5.0 if step == 1 else 0.5
+        clock += seconds + 0.1 + (2.0 if step > 1 and (step - 1) % 3 == 0 else 0.0)  # a save after steps 3 and 6
+        rows.append({"step": step, "step_seconds": seconds, "time": clock})
+    measured = step_times(list(reversed(rows)), every=3, wall=60.0, step_tokens=1024, workers=2)
+    assert measured["steps"] == 9 and measured["step_seconds"] == pytest.approx(0.5)
+    assert measured["gap_seconds"] == pytest.approx(0.6) and measured["checkpoint_seconds"] == pytest.approx(2.0)
+    assert measured["tokens_per_s_per_worker"] == pytest.approx(1024 / 0.5 / 2)
+
+
+def test_calibrated_wall_time_adds_the_missing_steps_and_saves() -> None:
+    from octoray.training.planning import checkpoints, timing
+
+    cfg = TrainConfig(model="x", max_steps=100, checkpoint_every=10, num_workers=2, batch_size=4, seq_len=256)
+    measured = {"steps": 10, "checkpoint_every": 3, "step_seconds": 0.5, "gap_seconds": 0.6, "checkpoint_seconds": 2.0,
+                "wall_seconds": 60.0, "tokens_per_s_per_worker": 1024.0, "run_dir": None}
+    out = timing(cfg, flops=1.0, tokens=100 * 4 * 256, gpus=2, gpu_type=None, mfu=None, measured=measured)
+    assert checkpoints(100, 10) == 10 and checkpoints(10, 3) == 4
+    assert out["wall_seconds"] == pytest.approx(60.0 + 90 * 0.6 + (10 - 4) * 2.0)
+    assert out["seconds"] == pytest.approx(100 * 4 * 256 / (1024.0 * 2))
+
+
+def test_calibrate_needs_data() -> None:
+    result = run_cli("plan", "jobs/demo.yaml", "--calibrate", "4", "--json")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "data=SFT_DIR" in result.stderr and result.stdout == ""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_calibrate_runs_octoray_train_and_prints_one_json_object(tmp_path: Path) -> None:
+    """--calibrate trains for real (Ray Train + DeepSpeed, 2 workers) and times the plan from its rows;
+    the rows also carry what each worker's memory peaked at."""
+    from tests.helpers.sft import write_sft
+
+    sft = write_sft(tmp_path / "sft", n=40)
+    keep = tmp_path / "calibration"
+    result = run_cli("plan", "jobs/demo.yaml", f"data={sft}", "max_steps=50", "--calibrate", "4",
+                     "--calibrate-dir", keep, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout)  # nothing else on stdout: the training's lines went to stderr
+    calibration = out["calibration"]
+    assert calibration["steps"] == 4 and calibration["step_seconds"] > 0 and calibration["wall_seconds"] > 0
+    assert out["throughput_source"].startswith("calibrated") and out["steps"] == 50
+    assert out["wall_seconds"] > calibration["wall_seconds"]  # 46 more steps and their saves
+    rows = [json.loads(line) for line in (keep / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4] and all("time" in row for row in rows)
+    peaks = [row["peak_memory_bytes"] for row in rows if "peak_memory_bytes" in row]
+    assert peaks and min(peaks) > out["per_gpu_parts"]["model_params"]  # at least the weights were held
+    assert [row["step"] for row in rows if "peak_memory_bytes" in row] == [1, 2, 3, 4]  # saved every step (4 // 3 = 1)
