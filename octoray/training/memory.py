@@ -44,6 +44,10 @@ class ModelShape:
     ffn: int  # the MLP's inner width
     vocab: int
     positions: int
+    attention_dropout: bool = False  # the config's attn_pdrop / attention_dropout > 0
+    lora_inputs: int = 0  # LoRA: the input features of the modules it adapts, summed over one block
+    lora_ranks: int = 0  # LoRA: their ranks, summed over one block (lora_A's outputs)
+    lora_dropout: bool = False  # LoRA's own dropout (> 0: each adapted input is kept twice)
 
 
 @dataclass(frozen=True)
@@ -111,12 +115,22 @@ def block_activations(shape: ModelShape, setup: Setup) -> int:
     # copy (c_proj's input), ln_2, c_fc, the GELU's input and c_proj's input (4h each).
     saved = e * tokens * (7 * h + (h + kv) + 2 * shape.ffn)
     masks = 2 * tokens * h if setup.dropout else 0  # residual dropouts: bool masks
+    scores = setup.micro_batch * shape.heads * setup.seq_len ** 2
     if setup.attn_implementation == "eager":
         # The seq x seq scores: the softmax output, its dropout mask and the dropped copy.
-        scores = setup.micro_batch * shape.heads * setup.seq_len ** 2
         saved += scores * (2 * e + (1 if setup.dropout else 0))
+    elif not setup.cuda and shape.attention_dropout and setup.dropout:
+        # PyTorch's CPU sdpa has no fused kernel with dropout: its math path keeps the softmax
+        # output, the dropped copy, the batched-matmul input and a bool mask, plus the keys and
+        # values expanded to every head (measured per block with saved-tensor hooks: within 10 %).
+        saved += scores * (3 * e + 1) + 2 * tokens * h * e
     else:
-        saved += 4 * tokens * shape.heads  # the kernels' log-sum-exp, fp32
+        saved += 4 * tokens * shape.heads  # the fused kernels' log-sum-exp, fp32
+    if shape.lora_inputs:
+        # Frozen weights need no inputs kept (c_attn, c_proj, c_fc, mlp.c_proj); the adapters keep
+        # theirs, twice with LoRA dropout (the input and its dropped copy), and lora_A's outputs.
+        saved -= e * tokens * (3 * h + shape.ffn)
+        saved += e * tokens * (shape.lora_inputs * (2 if shape.lora_dropout else 1) + shape.lora_ranks)
     return saved + masks
 
 

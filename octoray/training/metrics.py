@@ -60,6 +60,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.baseline = 0
         else:
+            _return_freed_memory()
             _reset_peak_rss()
             self.baseline = _status_bytes("VmRSS:")
 
@@ -70,6 +71,25 @@ class PeakMemory:
         if self.cuda:
             return int(torch.cuda.max_memory_allocated())
         return max(0, _status_bytes("VmHWM:") - self.baseline)
+
+
+def _return_freed_memory() -> None:
+    """Have glibc hand freed tensors back to the OS (a fixed 128 KiB mmap threshold).
+
+    Its adaptive threshold raises itself to 32 MiB once a large block is freed, so later tensors
+    come from the heap, which keeps what they leave behind: the resident set then grows with the
+    allocator's history (measured on the demo model: 793 MiB against 628 MiB here), not with what
+    training holds. Step times are unchanged within this machine's noise.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: the peak then includes the heap's slack
+        pass
 
 
 def _reset_peak_rss() -> None:

@@ -51,6 +51,11 @@ def main(args: argparse.Namespace) -> int:
     hardware = hardware_from(args, cfg)
     measured = calibrate(cfg, args.calibrate, args.calibrate_dir) if args.calibrate is not None else None
     result = plan(cfg, **hardware, mfu=args.mfu, measured=measured)
+    if cfg.data:
+        from octoray.training.data_volume import data_volume
+
+        result["data"] = data_volume(cfg)
+        result["epochs"] = result["tokens"] / max(1, result["data"]["tokens"])
     print(json.dumps(result, indent=1) if args.json else describe(result))
     return 0
 

@@ -74,12 +74,18 @@ def model_shape(hf_config: Any, cfg: TrainConfig) -> ModelShape:
         kv_heads = 1 if hf_config.multi_query else heads
     else:
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    adapters = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "in_features")]
     return ModelShape(params=sum(p.numel() for p in params),
                       trainable=sum(p.numel() for p in params if p.requires_grad), largest_layer=largest,
                       layers=get("n_layer", "num_hidden_layers"), hidden=hidden, heads=heads, kv_heads=kv_heads,
                       ffn=getattr(hf_config, "n_inner", None) or getattr(hf_config, "intermediate_size", None) or 4 * hidden,
                       vocab=hf_config.vocab_size,
-                      positions=get("n_positions", "max_position_embeddings"))
+                      positions=get("n_positions", "max_position_embeddings"),
+                      attention_dropout=(getattr(hf_config, "attn_pdrop", None)
+                                         or getattr(hf_config, "attention_dropout", None) or 0) > 0,
+                      lora_inputs=sum(m.in_features for m in adapters) // get("n_layer", "num_hidden_layers"),
+                      lora_ranks=sum(cfg.lora_r for _ in adapters) // get("n_layer", "num_hidden_layers"),
+                      lora_dropout=cfg.lora and cfg.lora_dropout > 0)
 
 
 def setup_for(cfg: TrainConfig, gpus: int, gpus_per_node: int) -> Setup:
@@ -224,6 +230,10 @@ def describe(result: dict[str, Any]) -> str:
     cost = f", ${result['usd']:.2f}" if result.get("usd") is not None else ""
     lines.append(f"octoray plan: {result['steps']} steps, {result['tokens']:,} tokens: {time_text}{cost} "
                  f"({result['throughput_source']})")
+    if result.get("data"):
+        data = result["data"]
+        lines.append(f"octoray plan: the data: {data['rows']:,} rows, {data['tokens']:,} tokens ({data['tokens_source']}): "
+                     f"{result['steps']} steps cover {result['epochs']:.2f} epochs of it")
     return "\n".join(lines)
 
 
