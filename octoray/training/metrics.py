@@ -49,7 +49,9 @@ class PeakMemory:
 
     On a GPU: PyTorch's ``max_memory_allocated`` (what ``octoray plan`` predicts, without the CUDA
     context). On CPU: the process's peak resident set (``VmHWM``, reset to the current size when
-    the tracker starts, so the imports and Ray's own memory are left out) minus the size then.
+    the tracker starts, so the imports and Ray's own memory are left out) minus the size then,
+    with glibc told to hand freed memory back at once (:func:`_return_freed_memory`), so the
+    resident set follows what is live rather than what the heap once grew to.
     """
 
     def __init__(self) -> None:

@@ -240,3 +240,48 @@ def test_calibrate_runs_octoray_train_and_prints_one_json_object(tmp_path: Path)
     peaks = [row["peak_memory_bytes"] for row in rows if "peak_memory_bytes" in row]
     assert peaks and min(peaks) > out["per_gpu_parts"]["model_params"]  # at least the weights were held
     assert [row["step"] for row in rows if "peak_memory_bytes" in row] == [1, 2, 3, 4]  # saved every step (4 // 3 = 1)
+
+
+def test_data_volume_counts_tokens_as_training_packs_them(tmp_path: Path) -> None:
+    """A local model with a tokenizer: the plan's token count is what training's packing produces."""
+    from octoray.modeling import build_demo_model
+    from octoray.storage.stage_dirs import read_parquet
+    from octoray.training.data_volume import data_volume
+    from octoray.training.packing import IGNORE_INDEX, pack_examples
+    from tests.helpers.sft import write_sft
+
+    sft = write_sft(tmp_path / "sft", n=60, oasst=5)
+    table = read_parquet(next((sft / "data").glob("*.parquet")), columns=["prompt", "completion"])
+    prompts, completions = table["prompt"].to_pylist(), table["completion"].to_pylist()
+    model = build_demo_model(tmp_path / "model", prompts + completions, vocab_size=400)
+    volume = data_volume(TrainConfig(model=str(model), data=str(sft)))
+    from transformers import AutoTokenizer
+
+    packed = pack_examples(prompts, completions, AutoTokenizer.from_pretrained(model), seq_len=128)
+    assert volume["rows"] == 65 and volume["tokens"] == int((packed["labels"] != IGNORE_INDEX).sum())
+    assert volume["chars"] == sum(len(p) + len(c) for p, c in zip(prompts, completions))
+    assert volume["tokens_source"].startswith("counted")
+
+
+def test_plan_reports_the_datas_tokens_and_epochs(tmp_path: Path) -> None:
+    """The demo model's tokenizer is trained at the start of training: the tokens are an estimate, said so."""
+    from octoray.training.data_volume import CHARS_PER_TOKEN
+    from tests.helpers.sft import write_sft
+
+    sft = write_sft(tmp_path / "sft", n=50)
+    result = run_cli("plan", "jobs/demo.yaml", f"data={sft}", "max_steps=20", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    data = out["data"]
+    assert data["rows"] == 50 and data["tokens"] == round(data["chars"] / CHARS_PER_TOKEN)
+    assert "estimated" in data["tokens_source"]
+    assert out["epochs"] == pytest.approx(out["tokens"] / data["tokens"])
+    text = run_cli("plan", "jobs/demo.yaml", f"data={sft}", "max_steps=20")
+    assert text.returncode == 0 and "epochs of it" in text.stdout
+
+
+def test_plan_refuses_data_that_is_not_a_complete_filter_output(tmp_path: Path) -> None:
+    (tmp_path / "sft").mkdir()
+    result = run_cli("plan", "jobs/demo.yaml", f"data={tmp_path / 'sft'}", "--json")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "not a complete 'octoray filter' output" in result.stderr and result.stdout == ""
