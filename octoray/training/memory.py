@@ -28,6 +28,11 @@ REDUCE_BUCKET = 500_000_000
 PREFETCH_BUCKET = 50_000_000
 #: Memory a GPU process holds outside PyTorch's allocator (CUDA context, NCCL's buffers).
 CUDA_RUNTIME_BYTES = 1536 * 2**20
+#: What a CPU training worker's resident set grows by whatever the model: PyTorch's thread pools
+#: and kernels' scratch, gloo's buffers, the data iterator's prefetch — measured as the peak of a
+#: 1-layer, 32-wide demo model (`benchmarks/bench_memory.py --layers 1 --embd 32`: 216 MiB, of
+#: which the model's own parts are 22 MiB; 2026-12-03).
+CPU_RUNTIME_BYTES = 192 * 2**20
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,7 @@ def per_gpu(shape: ModelShape, setup: Setup) -> dict[str, int]:
     parts = {**{f"model_{k}": v for k, v in model_states(shape, setup).items()},
              **{f"activations_{k}": v for k, v in activations(shape, setup).items()},
              "deepspeed_buffers": buffers(shape, setup),
-             "runtime": CUDA_RUNTIME_BYTES if setup.cuda else 0}
+             "runtime": CUDA_RUNTIME_BYTES if setup.cuda else CPU_RUNTIME_BYTES}
     parts["total"] = sum(parts.values())
     return parts
 
