@@ -37,7 +37,7 @@ from typing import Any, Iterable
 
 from octoray.cluster.connection import unreserved_ray_data
 from octoray.cluster.resources import cluster_capacity, require_feasible
-from octoray.data import dataset_card, gitio
+from octoray.data import dataset_card, gitio, repo_identity
 from octoray.data.languages import LanguageTable, language_table
 from octoray.data.licenses import LICENSE_FILE_NAMES, classify_license
 from octoray.data.mine_config import MineConfig
@@ -84,8 +84,8 @@ INPUT = "sources"
 class Source:
     """One repository to mine."""
 
-    spec: str      # as the user gave it
-    name: str      # owner/name for URLs, directory name for local repositories
+    spec: str      # as the user gave it (a local path resolved)
+    name: str      # its identity within the run (octoray.data.repo_identity): owner/name or a path suffix
     key: str       # unique, file-system safe
     is_url: bool
 
@@ -172,10 +172,11 @@ def resolve_sources(specs: Iterable[str]) -> list[Source]:
             expanded.extend(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
         else:
             expanded.append(spec)
-    sources: list[Source] = []
-    seen: set[str] = set()
+    specs: list[str] = []
+    origins: list[str | None] = []
     for spec in expanded:
         is_url = bool(_URL.match(spec))
+        origin = None
         if not is_url:
             path = Path(spec)
             if not path.exists():
@@ -185,26 +186,22 @@ def resolve_sources(specs: Iterable[str]) -> list[Source]:
                 problems.append(f"{spec}: not a git repository")
                 continue
             spec = str(path.resolve())
-        if spec in seen:
+            origin = gitio.git(path, "config", "--get", "remote.origin.url", check=False).decode().strip() or None
+        if spec in specs:
             continue
-        seen.add(spec)
-        name = _repo_name(spec, is_url)
-        digest = hashlib.sha1(spec.encode()).hexdigest()[:10]
-        sources.append(Source(spec, name, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{digest}", is_url))
+        specs.append(spec)
+        origins.append(origin)
     if problems:
         raise UserError("; ".join(problems))
-    if not sources:
+    if not specs:
         raise UserError("no repositories to mine")
+    names = repo_identity.assign([repo_identity.candidates(s, o) for s, o in zip(specs, origins)])
+    sources: list[Source] = []
+    for spec, name in zip(specs, names):
+        # The key names the work directory: the identity (readable) and the source (unique).
+        digest = hashlib.sha1(f"{spec}\0{name}".encode()).hexdigest()[:10]
+        sources.append(Source(spec, name, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{digest}", bool(_URL.match(spec))))
     return sources
-
-
-def _repo_name(spec: str, is_url: bool) -> str:
-    if is_url:
-        path = re.sub(r"^[a-z][a-z0-9+.-]*://[^/]*/|^[\w.-]+@[\w.-]+:", "", spec.rstrip("/"), flags=re.I)
-        parts = [p for p in path.removesuffix(".git").split("/") if p]
-        return "/".join(parts[-2:]) or spec
-    path = Path(spec)
-    return path.name.removesuffix(".git") or path.parent.name
 
 
 # ---------------------------------------------------------------------------------------------
