@@ -101,8 +101,7 @@ def run(cfg: MineConfig) -> Location:
     language_table(cfg.languages_file)  # fail fast on a bad languages file, before Ray starts
     specs = [s.spec for s in sources]
     stage = StageRun(STAGE, out, cfg, inputs={"sources": specs})
-    # Repositories that failed are retried by a rerun.
-    if stage.reusable(same=lambda previous: previous.get("sources") == specs and not previous.get("failed_repos")):
+    if stage.reusable(same=lambda previous: _same_sources(previous, sources, cfg)):
         return out
     ray = stage.start()  # before any work: every node must see out
     work = out / ".work"
@@ -150,10 +149,42 @@ def run(cfg: MineConfig) -> Location:
     atomic_write_text(out / layout.CARD, card)
     # Chunk shards and clones are resume state, as big as the data or bigger: not for the Hub.
     atomic_write_text(out / layout.UPLOAD_IGNORE, ".work/\n.repos/\n")
+    # Each repository's identity, source and mined head: where lineage (octoray lineage) ends.
+    repos = {name: {k: repo.get(k) for k in ("source", "head", "license", "commits_seen", "kept")}
+             for name, repo in stats["repos"].items() if not repo.get("error")}
     manifest = stage.finish(rows=rows, files=files,
-                            extra={"sources": specs, "failed_repos": failed, "languages": table_source(cfg)})
+                            extra={"sources": specs, "repos": repos, "failed_repos": failed,
+                                   "languages": table_source(cfg)})
     _print_summary(stage, stats, failed, manifest["seconds"])
     return out
+
+
+def _same_sources(previous: dict[str, Any], sources: list[Source], cfg: MineConfig) -> "bool | str":
+    """True when a finished output was mined from these sources at their current heads, else why not.
+
+    Local repositories' heads are read here (one ``git rev-parse`` each); a URL's clone is not
+    fetched again by a rerun, so its recorded head stands.
+    """
+    if previous.get("sources") != [s.spec for s in sources]:
+        return "the sources changed"
+    if previous.get("failed_repos"):
+        return "retrying the repositories that failed"
+    recorded = previous.get("repos") or {}
+    for source in sources:
+        if source.is_url:
+            continue
+        head = _range_id(Path(source.spec), cfg.ref)
+        before = (recorded.get(source.name) or {}).get("head")
+        if before != head:
+            return f"{source.name} is at {(head or 'no commit')[:12]}, mined at {(before or 'none')[:12]}"
+    return True
+
+
+def _range_id(repo: Path, ref: str) -> str | None:
+    """The commit mining starts from: ``ref``'s commit (None in an empty repository)."""
+    if ref == "HEAD":
+        return gitio.head_commit(repo, ref)
+    return gitio.git(repo, "rev-parse", "--verify", "--quiet", ref, check=False).decode().strip() or None
 
 
 def table_source(cfg: MineConfig) -> str:
@@ -222,7 +253,7 @@ def _plan_repo(source: Source, cfg: MineConfig, work: Location, clone_root: Path
     try:
         repo = _clone(source, clone_root or _clone_root(cfg, work)) if source.is_url else Path(source.spec)
         head = gitio.head_commit(repo, cfg.ref) if cfg.ref == "HEAD" else None
-        range_id = head or gitio.git(repo, "rev-parse", "--verify", "--quiet", cfg.ref, check=False).decode().strip()
+        range_id = head or _range_id(repo, cfg.ref) or ""
         done = work / source.key / "done.json"
         if done.is_file() and json.loads(done.read_text()).get("head") == range_id:
             return {**plan, "done": True}
