@@ -95,7 +95,7 @@ def model_input(cfg: EvalConfig) -> Optional[dict[str, Any]]:
     """The model the samples come from, as the manifest records it: its directory, the train run
     it was exported by, and its fingerprint (the run's; else the directory's own). None for
     generators without a model (oracles, sample files) and endpoints nobody named."""
-    from octoray.lineage import model_run_dir
+    from octoray.storage.lineage import model_run_dir
     from octoray.storage.fingerprint import fingerprint
     from octoray.storage.locations import display, is_uri
     from octoray.storage.stage_dirs import read_manifest

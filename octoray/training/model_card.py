@@ -35,7 +35,7 @@ HUMANEVALPACK = "bigcode/humanevalpack"
 
 def write(run_dir: str | Location, eval_dir: Optional[str | Location] = None, *, name: Optional[str] = None) -> Location:
     """Write ``run_dir/model/README.md`` from the run's manifest (and ``eval_dir``'s results); returns it."""
-    from octoray.lineage import chain, render
+    from octoray.storage.lineage import chain, render
 
     run_dir = location(run_dir)
     manifest = read_manifest(run_dir) or {}

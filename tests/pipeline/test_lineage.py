@@ -32,7 +32,7 @@ def _project(path: Path, name: str, n: int) -> Path:
 def _pipeline(out: Path, sources: list[Path], shared_dir: Path) -> str:
     result = run_cli("pipeline", "jobs/demo.yaml", "--out", out, "--humanevalpack-dir", shared_dir / "humanevalpack",
                      f"sources=[{','.join(map(str, sources))}]", "stages=[mine,filter,train,serve,eval]",
-                     "filter.decontam=false", "train.max_steps=2", "train.checkpoint_every=2",
+                     "filter.decontam=false", "train.max_steps=3", "train.warmup_steps=1", "train.checkpoint_every=3",
                      "eval.tasks=[synthesize]", "eval.languages=[python]", "eval.limit=1", "eval.n_samples=1",
                      "eval.max_new_tokens=8", "latency_requests=2", "latency_concurrency=1", timeout=1500)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -63,7 +63,7 @@ def test_stale_inputs_are_redone_and_lineage_follows(tmp_path: Path, shared_dir:
     assert chain[1]["data"]["fingerprint"] == chain[2]["fingerprint"]             # model <- the sft data
     assert chain[2]["inputs"]["commits"]["fingerprint"] == chain[3]["fingerprint"]  # sft <- the commits
     assert list(chain[3]["repos"]) == ["alpha"] and len(chain[3]["repos"]["alpha"]["head"]) == 40
-    assert chain[1]["checkpoint_step"] == 2 and chain[1]["seed"] == 0
+    assert chain[1]["checkpoint_step"] == 3 and chain[1]["seed"] == 0
 
     # The model card: loads with huggingface_hub, its model-index holds the eval's results.
     card = ModelCard.load(out / "train" / "model" / "README.md")
@@ -88,7 +88,7 @@ def test_stale_inputs_are_redone_and_lineage_follows(tmp_path: Path, shared_dir:
     for old, new in zip(chain, again):
         assert old["fingerprint"] != new["fingerprint"], old["stage"]
     assert again[0]["model"]["fingerprint"] == again[1]["fingerprint"]
-    assert [json.loads(line)["step"] for line in (out / "train" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["step"] for line in (out / "train" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
     # Nothing changed: every stage is reused, and says so.
     log = _pipeline(out, [first, second], shared_dir)
