@@ -21,11 +21,11 @@ OPS = ["+", "-", "*", "%", "//", "**", "&", "|"]
 def _project(path: Path, name: str, n: int) -> Path:
     """A repository whose commits pass CommitPackFT's rules (imperative subjects, one file each)."""
     repo = GitRepo(path)
-    repo.commit(f"Add the {name} helpers module", {"LICENSE": MIT, f"{name}.py": "def f(a, b):\n    return a\n"})
+    repo.commit(f"Add the {name} helpers module", {"LICENSE": MIT, "calc.py": "def f(a, b):\n    return a\n"})
     for i in range(n):
         op = OPS[i % len(OPS)]
         repo.commit(f"Make {name} combine its arguments with {op} in step {i}",
-                    {f"{name}.py": f"def f(a, b):\n    # step {i}\n    return a {op} b\n"})
+                    {"calc.py": f"def f(a, b):\n    # step {i}\n    return a {op} b\n"})
     return repo.path
 
 
