@@ -73,7 +73,7 @@ def run(cfg: FilterConfig) -> Location:
         raise UserError(f"{in_dir} holds no commits: nothing to filter")
     # The input is its content fingerprint (octoray.storage.fingerprint): a re-mined input with
     # other rows makes a finished output stale; one mined again to the same bytes does not.
-    source = {"dir": display(in_dir), "rows": in_manifest.get("rows"), "fingerprint": in_manifest.get("fingerprint")}
+    source = {"dir": display(in_dir.resolve()), "rows": in_manifest.get("rows"), "fingerprint": in_manifest.get("fingerprint")}
     stage = StageRun(STAGE, out, cfg, inputs={"commits": source})
     if stage.reusable(same=lambda previous: _result_config(previous.get("config", {})) == _result_config(to_dict(cfg))
                       or "the filter config changed"):
