@@ -75,8 +75,7 @@ def run(cfg: FilterConfig) -> Location:
     # other rows makes a finished output stale; one mined again to the same bytes does not.
     source = {"dir": display(in_dir.resolve()), "rows": in_manifest.get("rows"), "fingerprint": in_manifest.get("fingerprint")}
     stage = StageRun(STAGE, out, cfg, inputs={"commits": source})
-    if stage.reusable(same=lambda previous: _result_config(previous.get("config", {})) == _result_config(to_dict(cfg))
-                      or "the filter config changed"):
+    if stage.reusable(same=lambda previous: _config_change(previous.get("config", {}), to_dict(cfg))):
         return out
 
     # Everything a worker would choke on is checked here first, as one-line errors.
@@ -117,6 +116,13 @@ def run(cfg: FilterConfig) -> Location:
                             extra={"tables": tables.source, "languages": cfg.languages_file or "linguist (go-enry)"})
     _print_summary(stage, stats, manifest["seconds"])
     return out
+
+
+def _config_change(before: dict[str, Any], now: dict[str, Any]) -> "bool | str":
+    """True when the keys that decide the rows are the same, else which changed (the stale reason)."""
+    before, now = _result_config(before), _result_config(now)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return f"the filter config changed: {', '.join(changed)}" if changed else True
 
 
 def _input_shards(in_dir: Location, manifest: dict[str, Any]) -> list[Location]:
