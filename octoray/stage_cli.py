@@ -44,6 +44,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("octoray.serving.app", "serve a model on Ray Serve behind an OpenAI-compatible API"),
     "eval": ("octoray.evaluation.stage", "run HumanEvalPack: generate, execute in the sandbox, pass@k"),
     "plan": ("octoray.training.plan", "memory per GPU, fit, time and cost of a training config, before launch"),
+    "lineage": ("octoray.storage.lineage", "the chain from a stage's output back to its source repositories: configs, fingerprints"),
     "pipeline": ("octoray.pipeline.run", "run mine -> filter -> train -> serve -> eval -> report, resuming"),
     "submit": ("octoray.cluster.jobs_client", "submit the pipeline or a stage to a Ray cluster as a Ray Job"),
     "status": ("octoray.cluster.jobs_client", "show the status of a submitted Ray Job"),

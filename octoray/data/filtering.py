@@ -71,10 +71,11 @@ def run(cfg: FilterConfig) -> Location:
     expected = {path.name: _num_rows(path) for path in shards}
     if sum(expected.values()) == 0:
         raise UserError(f"{in_dir} holds no commits: nothing to filter")
-    source = {"dir": display(in_dir), "rows": in_manifest.get("rows"), "started_at": in_manifest.get("started_at")}
+    # The input is its content fingerprint (octoray.storage.fingerprint): a re-mined input with
+    # other rows makes a finished output stale; one mined again to the same bytes does not.
+    source = {"dir": display(in_dir.resolve()), "rows": in_manifest.get("rows"), "fingerprint": in_manifest.get("fingerprint")}
     stage = StageRun(STAGE, out, cfg, inputs={"commits": source})
-    if stage.reusable(same=lambda previous: _result_config(previous.get("config", {})) == _result_config(to_dict(cfg))
-                      and previous.get("inputs", {}).get("commits") == source):
+    if stage.reusable(same=lambda previous: _config_change(previous.get("config", {}), to_dict(cfg))):
         return out
 
     # Everything a worker would choke on is checked here first, as one-line errors.
@@ -115,6 +116,13 @@ def run(cfg: FilterConfig) -> Location:
                             extra={"tables": tables.source, "languages": cfg.languages_file or "linguist (go-enry)"})
     _print_summary(stage, stats, manifest["seconds"])
     return out
+
+
+def _config_change(before: dict[str, Any], now: dict[str, Any]) -> "bool | str":
+    """True when the keys that decide the rows are the same, else which changed (the stale reason)."""
+    before, now = _result_config(before), _result_config(now)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return f"the filter config changed: {', '.join(changed)}" if changed else True
 
 
 def _input_shards(in_dir: Location, manifest: dict[str, Any]) -> list[Location]:

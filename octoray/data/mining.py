@@ -37,7 +37,7 @@ from typing import Any, Iterable
 
 from octoray.cluster.connection import unreserved_ray_data
 from octoray.cluster.resources import cluster_capacity, require_feasible
-from octoray.data import dataset_card, gitio
+from octoray.data import dataset_card, gitio, repo_identity
 from octoray.data.languages import LanguageTable, language_table
 from octoray.data.licenses import LICENSE_FILE_NAMES, classify_license
 from octoray.data.mine_config import MineConfig
@@ -84,8 +84,8 @@ INPUT = "sources"
 class Source:
     """One repository to mine."""
 
-    spec: str      # as the user gave it
-    name: str      # owner/name for URLs, directory name for local repositories
+    spec: str      # as the user gave it (a local path resolved)
+    name: str      # its identity within the run (octoray.data.repo_identity): owner/name or a path suffix
     key: str       # unique, file-system safe
     is_url: bool
 
@@ -101,8 +101,7 @@ def run(cfg: MineConfig) -> Location:
     language_table(cfg.languages_file)  # fail fast on a bad languages file, before Ray starts
     specs = [s.spec for s in sources]
     stage = StageRun(STAGE, out, cfg, inputs={"sources": specs})
-    # Repositories that failed are retried by a rerun.
-    if stage.reusable(same=lambda previous: previous.get("sources") == specs and not previous.get("failed_repos")):
+    if stage.reusable(same=lambda previous: _same_sources(previous, sources, cfg)):
         return out
     ray = stage.start()  # before any work: every node must see out
     work = out / ".work"
@@ -150,10 +149,42 @@ def run(cfg: MineConfig) -> Location:
     atomic_write_text(out / layout.CARD, card)
     # Chunk shards and clones are resume state, as big as the data or bigger: not for the Hub.
     atomic_write_text(out / layout.UPLOAD_IGNORE, ".work/\n.repos/\n")
+    # Each repository's identity, source and mined head: where lineage (octoray lineage) ends.
+    repos = {name: {k: repo.get(k) for k in ("source", "head", "license", "commits_seen", "kept")}
+             for name, repo in stats["repos"].items() if not repo.get("error")}
     manifest = stage.finish(rows=rows, files=files,
-                            extra={"sources": specs, "failed_repos": failed, "languages": table_source(cfg)})
+                            extra={"sources": specs, "repos": repos, "failed_repos": failed,
+                                   "languages": table_source(cfg)})
     _print_summary(stage, stats, failed, manifest["seconds"])
     return out
+
+
+def _same_sources(previous: dict[str, Any], sources: list[Source], cfg: MineConfig) -> "bool | str":
+    """True when a finished output was mined from these sources at their current heads, else why not.
+
+    Local repositories' heads are read here (one ``git rev-parse`` each); a URL's clone is not
+    fetched again by a rerun, so its recorded head stands.
+    """
+    if previous.get("sources") != [s.spec for s in sources]:
+        return "the sources changed"
+    if previous.get("failed_repos"):
+        return "retrying the repositories that failed"
+    recorded = previous.get("repos") or {}
+    for source in sources:
+        if source.is_url:
+            continue
+        head = _range_id(Path(source.spec), cfg.ref)
+        before = (recorded.get(source.name) or {}).get("head")
+        if before != head:
+            return f"{source.name} is at {(head or 'no commit')[:12]}, mined at {(before or 'none')[:12]}"
+    return True
+
+
+def _range_id(repo: Path, ref: str) -> str | None:
+    """The commit mining starts from: ``ref``'s commit (None in an empty repository)."""
+    if ref == "HEAD":
+        return gitio.head_commit(repo, ref)
+    return gitio.git(repo, "rev-parse", "--verify", "--quiet", ref, check=False).decode().strip() or None
 
 
 def table_source(cfg: MineConfig) -> str:
@@ -172,10 +203,11 @@ def resolve_sources(specs: Iterable[str]) -> list[Source]:
             expanded.extend(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
         else:
             expanded.append(spec)
-    sources: list[Source] = []
-    seen: set[str] = set()
+    specs: list[str] = []
+    origins: list[str | None] = []
     for spec in expanded:
         is_url = bool(_URL.match(spec))
+        origin = None
         if not is_url:
             path = Path(spec)
             if not path.exists():
@@ -185,26 +217,22 @@ def resolve_sources(specs: Iterable[str]) -> list[Source]:
                 problems.append(f"{spec}: not a git repository")
                 continue
             spec = str(path.resolve())
-        if spec in seen:
+            origin = gitio.git(path, "config", "--get", "remote.origin.url", check=False).decode().strip() or None
+        if spec in specs:
             continue
-        seen.add(spec)
-        name = _repo_name(spec, is_url)
-        digest = hashlib.sha1(spec.encode()).hexdigest()[:10]
-        sources.append(Source(spec, name, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{digest}", is_url))
+        specs.append(spec)
+        origins.append(origin)
     if problems:
         raise UserError("; ".join(problems))
-    if not sources:
+    if not specs:
         raise UserError("no repositories to mine")
+    names = repo_identity.assign([repo_identity.candidates(s, o) for s, o in zip(specs, origins)])
+    sources: list[Source] = []
+    for spec, name in zip(specs, names):
+        # The key names the work directory: the identity (readable) and the source (unique).
+        digest = hashlib.sha1(f"{spec}\0{name}".encode()).hexdigest()[:10]
+        sources.append(Source(spec, name, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{digest}", bool(_URL.match(spec))))
     return sources
-
-
-def _repo_name(spec: str, is_url: bool) -> str:
-    if is_url:
-        path = re.sub(r"^[a-z][a-z0-9+.-]*://[^/]*/|^[\w.-]+@[\w.-]+:", "", spec.rstrip("/"), flags=re.I)
-        parts = [p for p in path.removesuffix(".git").split("/") if p]
-        return "/".join(parts[-2:]) or spec
-    path = Path(spec)
-    return path.name.removesuffix(".git") or path.parent.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +253,7 @@ def _plan_repo(source: Source, cfg: MineConfig, work: Location, clone_root: Path
     try:
         repo = _clone(source, clone_root or _clone_root(cfg, work)) if source.is_url else Path(source.spec)
         head = gitio.head_commit(repo, cfg.ref) if cfg.ref == "HEAD" else None
-        range_id = head or gitio.git(repo, "rev-parse", "--verify", "--quiet", cfg.ref, check=False).decode().strip()
+        range_id = head or _range_id(repo, cfg.ref) or ""
         done = work / source.key / "done.json"
         if done.is_file() and json.loads(done.read_text()).get("head") == range_id:
             return {**plan, "done": True}

@@ -76,6 +76,8 @@ class EvalConfig:
                                            "no precompiled C++ header, go test): the same verdicts, ~2x slower; "
                                            "for checking a verdict (docs/execution.md)")
     ray_address: Optional[str] = option(None, "Ray cluster to connect to, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else a new local Ray)")
+    model_dir: Optional[str] = option(None, "the model directory behind the generator, recorded in the manifest with its "
+                                            "fingerprint (the pipeline sets it for its endpoint; hf:PATH names it itself)")
 
     def problems(self) -> list[str]:
         """Every problem with this config, for one ConfigError."""

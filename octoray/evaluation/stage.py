@@ -11,7 +11,7 @@ Every field of :class:`EvalConfig` is a flag and a key (:mod:`octoray.stage_cli`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from octoray.config import to_dict
 from octoray.errors import UserError
@@ -41,11 +41,16 @@ def run(cfg: EvalConfig) -> Location:
         raise UserError("refusing to execute model-generated code: pass --allow-code-execution "
                         "(programs run in octoray's sandbox, not a VM; use a disposable machine or container)")
     out = location(cfg.out)
-    fingerprint = _fingerprint(cfg)
-    stage = StageRun(STAGE, out, cfg, inputs={"humanevalpack_dir": cfg.humanevalpack_dir or "hub"})
-    if stage.reusable(same=lambda previous: _samples_match(out, fingerprint)):
+    model = model_input(cfg)
+    fingerprint = sample_settings(cfg, model)
+    inputs: dict[str, Any] = {"humanevalpack_dir": cfg.humanevalpack_dir or "hub", **({"model": model} if model else {})}
+    stage = StageRun(STAGE, out, cfg, inputs=inputs)
+    if stage.reusable(same=lambda previous: _samples_match(out, fingerprint) or "other generation settings"):
         print(format_table(read_json(out / EVAL_METRICS_FILE)))
         return out
+    if stage.stale and stage.changed_inputs(stage.previous or {}):
+        stage.say("the model changed: its samples and results are dropped and generated again")
+        clear(out)
 
     if cfg.generator.startswith("hf:") and not (out / SAMPLES_FILE).is_file():
         from octoray.modeling import preflight_model
@@ -69,16 +74,56 @@ def run(cfg: EvalConfig) -> Location:
     for row in results:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
     stage.finish(rows=len(results), files=[SAMPLES_FILE, RESULTS_FILE, EVAL_METRICS_FILE],
-                 extra={"executed_this_run": executed, "statuses": statuses})
+                 extra={"executed_this_run": executed, "statuses": statuses, "model": model,
+                        "generation": {k: v for k, v in fingerprint.items() if k != "model_fingerprint"}})
     print(format_table(metrics))
     stage.say(f"{len(results)} samples ({executed} executed this run) -> {out}")
     return out
 
 
-def _fingerprint(cfg: EvalConfig) -> dict[str, Any]:
-    """The settings that decide the samples; ``humanevalpack_dir`` keeps its old name ``data_dir`` here
-    so samples written before the rename are still reused."""
-    return {("data_dir" if k == "humanevalpack_dir" else k): v for k, v in to_dict(cfg).items() if k in _SAMPLE_FIELDS}
+def sample_settings(cfg: EvalConfig, model: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The settings that decide the samples (and the model's fingerprint, when known);
+    ``humanevalpack_dir`` keeps its old name ``data_dir`` here so samples written before the rename
+    are still reused."""
+    found = {("data_dir" if k == "humanevalpack_dir" else k): v for k, v in to_dict(cfg).items() if k in _SAMPLE_FIELDS}
+    if model and model.get("fingerprint"):
+        found["model_fingerprint"] = model["fingerprint"]
+    return found
+
+
+def model_input(cfg: EvalConfig) -> Optional[dict[str, Any]]:
+    """The model the samples come from, as the manifest records it: its directory, the train run
+    it was exported by, and its fingerprint (the run's; else the directory's own). None for
+    generators without a model (oracles, sample files) and endpoints nobody named."""
+    from octoray.storage.lineage import model_run_dir
+    from octoray.storage.fingerprint import fingerprint
+    from octoray.storage.locations import display, is_uri
+    from octoray.storage.stage_dirs import read_manifest
+
+    path = cfg.model_dir
+    if path is None and cfg.generator.startswith(("hf:", "vllm:")):
+        path = cfg.generator.split(":", 1)[1]
+    if not path:
+        return None
+    where = location(path)
+    if not is_uri(path) and not where.is_dir():
+        return {"path": path, "fingerprint": None}  # a hub id: the id is all there is to record
+    where = where.resolve()
+    run_dir = model_run_dir(str(where))
+    if run_dir is not None:
+        return {"path": display(where), "run_dir": display(run_dir), "fingerprint": read_manifest(run_dir)["fingerprint"]}
+    return {"path": display(where), "fingerprint": fingerprint(where, ["."])}
+
+
+def clear(out: Location) -> None:
+    """Remove an evaluation's outputs (manifest first: an interrupted clear is just incomplete)."""
+    from octoray.storage.layout import MANIFEST
+    from octoray.storage.locations import rmtree
+
+    (out / MANIFEST).unlink(missing_ok=True)
+    for name in (EVAL_METRICS_FILE, SAMPLES_FILE, SAMPLES_KEY, RESULTS_FILE):
+        (out / name).unlink(missing_ok=True)
+    rmtree(out / "results.parts")
 
 
 def _samples_match(out: Location, fingerprint: dict[str, Any]) -> bool:

@@ -29,7 +29,7 @@ from octoray.pipeline.config import PipelineConfig
 from octoray.stage_cli import FlagAlias
 from octoray.storage.layout import LATENCY_FILE, MODEL_DIR, STAGES, stage_dirs
 from octoray.storage.locations import Location, location
-from octoray.storage.stage_dirs import atomic_write_json, is_complete
+from octoray.storage.stage_dirs import atomic_write_json, is_complete, read_manifest
 
 #: The command line (octoray.stage_cli): ``octoray pipeline CONFIG.yaml [key=value | stage.key=value ...]``.
 CONFIG = PipelineConfig
@@ -66,13 +66,28 @@ def run(cfg: PipelineConfig, stage_cfgs: dict[str, Any]) -> Location:
     from octoray.cluster.shared_storage import require_shared_storage
 
     require_shared_storage(ray, root, "out")  # before any work: every node must see the outputs
+    verdicts: dict[str, str] = {}
     for stage in ("mine", "filter", "tune", "train"):
         if stage in wanted:
             _banner(stage, dirs[stage])
+            before = read_manifest(dirs[stage])
             _run_stage(stage, stage_cfgs)
+            verdicts[stage] = _verdict(stage, before, read_manifest(dirs[stage]))
     if "serve" in wanted:
         _banner("serve + eval", dirs["eval"])
+        before = read_manifest(dirs["eval"])
         _serve_and_evaluate(cfg, stage_cfgs, dirs, evaluate="eval" in wanted)
+        if "eval" in wanted:
+            verdicts["eval"] = _verdict("eval", before, read_manifest(dirs["eval"]))
+        if "train" in wanted and is_complete(dirs["train"], "train") and stage_cfgs["train"].export:
+            from octoray.training import model_card
+
+            # The card gets the results in its model-index: what the Hub shows for the model.
+            path = model_card.write(dirs["train"], dirs["eval"] if is_complete(dirs["eval"], "eval") else None,
+                                    name=cfg.name)
+            print(f"model card: {path}")
+    if verdicts:
+        print("\noctoray pipeline: " + ", ".join(f"{stage} {verdict}" for stage, verdict in verdicts.items()), flush=True)
     if "report" in wanted:
         from octoray.pipeline import report
 
@@ -81,6 +96,17 @@ def run(cfg: PipelineConfig, stage_cfgs: dict[str, Any]) -> Location:
         print(f"report: {path}")
     print(f"\noctoray pipeline: done in {time.time() - started:.0f} s -> {root}")
     return root
+
+
+def _verdict(stage: str, before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
+    """``reused`` when a stage left its complete manifest as it was, else ``redone`` (or ``done``,
+    the first time); printed per stage and at the end."""
+    same = bool(before and before.get("complete") and after and before.get("started_at") == after.get("started_at")
+                and before.get("fingerprint") == after.get("fingerprint"))
+    verdict = "reused" if same else "redone" if before and before.get("complete") else "done"
+    fingerprint = (after or {}).get("fingerprint") or ""
+    print(f"== {stage}: {verdict} (fingerprint {fingerprint.split(':', 1)[-1][:12] or 'none'})", flush=True)
+    return verdict
 
 
 def _root(cfg: PipelineConfig) -> Location:
@@ -142,7 +168,8 @@ def stage_configs(config_path: str | Path, by_stage: dict[str, list[str]], cfg: 
 
         load("eval", EvalConfig, {"generator": "endpoint:http://placeholder/v1", "out": str(dirs["eval"]),
                                   "humanevalpack_dir": cfg.humanevalpack_dir,
-                                  "allow_code_execution": cfg.allow_code_execution})
+                                  "allow_code_execution": cfg.allow_code_execution,
+                                  "model_dir": str((dirs["train"] / MODEL_DIR).resolve())})
     if problems:
         raise UserError("; ".join(problems))
     return configs
@@ -168,9 +195,18 @@ def _serve_and_evaluate(cfg: PipelineConfig, stage_cfgs: dict[str, Any], dirs: d
                         evaluate: bool) -> None:
     """Serve the trained model, evaluate through the endpoint, probe latency, stop the server."""
     latency_file = dirs["serve"] / LATENCY_FILE
-    if (not evaluate or is_complete(dirs["eval"], "eval")) and latency_file.is_file():
+    stale = _stale_eval(stage_cfgs["eval"], dirs) if evaluate else None
+    if (not evaluate or is_complete(dirs["eval"], "eval")) and latency_file.is_file() and not stale:
         print("serve + eval: already complete; nothing to do")
         return
+    if stale:
+        from octoray.evaluation.stage import clear
+
+        # The endpoint's URL differs run to run, so the eval stage cannot tell its own samples
+        # from another model's: the pipeline, which knows the model, starts the eval over.
+        print(f"serve + eval: {dirs['eval']} is complete but stale ({stale}); evaluating again")
+        clear(dirs["eval"])
+        latency_file.unlink(missing_ok=True)
     from octoray.serving import app as serving
 
     url = serving.start(stage_cfgs["serve"])
@@ -185,6 +221,28 @@ def _serve_and_evaluate(cfg: PipelineConfig, stage_cfgs: dict[str, Any], dirs: d
               f"{latency['requests']} requests at concurrency {latency['concurrency']}")
     finally:
         serving.shutdown()
+
+
+def _stale_eval(eval_cfg: Any, dirs: dict[str, Location]) -> str | None:
+    """Why a complete eval of the pipeline must be redone (another model, other generation
+    settings), or None when it stands (or there is none yet)."""
+    from octoray.evaluation.stage import model_input, sample_settings
+    from octoray.storage.fingerprint import short
+
+    previous = read_manifest(dirs["eval"])
+    if not (previous and previous.get("complete")):
+        return None
+    model = model_input(eval_cfg) or {}
+    before = (previous.get("inputs") or {}).get("model") or {}
+    if before.get("fingerprint") != model.get("fingerprint"):
+        return f"the model changed: fingerprint {short(before.get('fingerprint'))} -> {short(model.get('fingerprint'))}"
+    wanted = {k: v for k, v in sample_settings(eval_cfg, model).items() if k != "generator"}
+    recorded = {k: v for k, v in (previous.get("generation") or {}).items() if k != "generator"}
+    wanted.pop("model_fingerprint", None)
+    if wanted != recorded:
+        changed = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
+        return f"generation settings changed: {', '.join(changed)}"
+    return None
 
 
 def measure_latency(url: str, model: str, requests: int, concurrency: int, max_tokens: int = 32) -> dict[str, Any]:

@@ -161,6 +161,14 @@ def require_stage_output(in_dir: Location, stage: str, what: str) -> dict[str, A
     return manifest
 
 
+def input_record(in_dir: Location, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """How a stage records an input stage directory in its manifest's ``inputs``: where it is, its
+    rows, and its content fingerprint (copied from its manifest, never recomputed)."""
+    from octoray.storage.locations import display
+
+    return {"path": display(location(in_dir)), "rows": manifest.get("rows"), "fingerprint": manifest.get("fingerprint")}
+
+
 def write_resolved_config(out_dir: Location, cfg: Any) -> None:
     """Write the fully resolved config beside the outputs, for reproducibility."""
     atomic_write_text(location(out_dir) / RESOLVED_CONFIG, dump_yaml(cfg))

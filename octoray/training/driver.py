@@ -30,7 +30,8 @@ from octoray.errors import UserError
 from octoray.resumable import StageRun
 from octoray.storage.layout import MODEL_DIR, RESOLVED_CONFIG
 from octoray.storage.locations import Location, ObjectPath, display, location, scratch_dir, upload_dir
-from octoray.storage.stage_dirs import require_stage_output, write_resolved_config
+from octoray.storage.stage_dirs import input_record, require_stage_output, write_resolved_config
+from octoray.training import model_card
 from octoray.training.metrics import LOSS_PNG, METRICS_FILE, plot_loss
 from octoray.training.sft_data import prepare_datasets, sft_texts
 from octoray.training.train_config import DEMO, STAGE, TrainConfig
@@ -72,12 +73,17 @@ def _run(cfg: TrainConfig) -> Location:
         from octoray.training.best_trial import apply_best
 
         cfg, handoff = apply_best(cfg)
-    stage = StageRun(STAGE, run_dir, cfg,
-                     inputs={"sft": {"path": display(data_dir), "rows": sft_manifest.get("rows")}})
-    # A finished run is kept whatever it was trained on (issue 26 brings the input checks).
-    if stage.reusable(same=lambda previous: True):
+    stage = StageRun(STAGE, run_dir, cfg, inputs={"sft": input_record(data_dir, sft_manifest)})
+    # A finished run is reused only when trained on the same data (its fingerprint) with the same
+    # settings; otherwise it is trained again from the start, never resumed from the old checkpoints.
+    if stage.reusable(same=lambda previous: _same_training(previous, cfg)):
         _warn_if_stale(stage, handoff)
+        if cfg.export and not (run_dir / MODEL_DIR / model_card.CARD).is_file():
+            model_card.write(run_dir)  # a run finished before its card was written
         return run_dir
+    if stage.stale:
+        stage.say("training again from step 0 (the old run's checkpoints and model are removed)")
+        clear_run_dir(run_dir)
     if handoff is not None:
         stage.say(handoff.summary())
     # Workers' logs (per-step progress) reach the driver. The dashboard carries the State API, which
@@ -94,10 +100,62 @@ def _run(cfg: TrainConfig) -> Location:
         init_checkpoint=handoff.checkpoint if handoff is not None else None)
     plot_loss(run_dir / METRICS_FILE, run_dir / LOSS_PNG)
     files = [METRICS_FILE, LOSS_PNG, RESOLVED_CONFIG] + ([MODEL_DIR] if cfg.export else [])
-    stage.finish(rows=counts["train_sequences"], files=files,
-                 extra={"model_path": model_path, "counts": counts, "last_metrics": _last_metrics(run_dir),
-                        "hparams_from": handoff.record() if handoff is not None else None})
+    last = _last_metrics(run_dir)
+    # The run's content is its model (README.md, the card, left out: eval rewrites it).
+    stage.finish(rows=counts["train_sequences"], files=files, content=[MODEL_DIR] if cfg.export else [METRICS_FILE],
+                 extra={"model_path": model_path, "counts": counts, "last_metrics": last,
+                        "hparams_from": handoff.record() if handoff is not None else None,
+                        **training_record(cfg, sft_manifest, model_path, last)})
+    if cfg.export:
+        model_card.write(run_dir)
     return run_dir
+
+
+#: Train config keys that do not change the trained model: where things are, resources, retries.
+_NOT_RESULT_KEYS = frozenset({"data", "out", "hparams", "cpus_per_worker", "worker_resources", "check_fit",
+                              "max_failures", "fail_at_step", "keep_checkpoints", "resource_wait_s"})
+
+
+def _result_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in _NOT_RESULT_KEYS}
+
+
+def _same_training(previous: dict[str, Any], cfg: TrainConfig) -> "bool | str":
+    """True when a finished run was trained with the same settings, else which ones changed."""
+    before, now = _result_config(previous.get("config") or {}), _result_config(to_dict(cfg))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return f"training settings changed: {', '.join(changed)}" if changed else True
+
+
+def training_record(cfg: TrainConfig, sft_manifest: dict[str, Any], model_path: str,
+                    last: dict[str, Any]) -> dict[str, Any]:
+    """What the model was made from, for the manifest and the model card: the data (fingerprint,
+    rows, the filter's config), the base model, the hyperparameters actually used, the seed and the
+    step exported."""
+    return {
+        "data": {"fingerprint": sft_manifest.get("fingerprint"), "rows": sft_manifest.get("rows"),
+                 "sft_config": sft_manifest.get("config")},
+        "base_model": cfg.model,
+        "hyperparameters": _result_config(to_dict(cfg)),
+        "seed": cfg.seed,
+        "checkpoint_step": last.get("step"),
+        "hardware": {"device": "gpu" if use_gpu(cfg) else "cpu", "num_workers": cfg.num_workers,
+                     "precision": cfg.precision, "zero_stage": cfg.zero_stage},
+    }
+
+
+def clear_run_dir(run_dir: Location) -> None:
+    """Remove a finished run's outputs (manifest first: an interrupted clear is just incomplete),
+    so the next training starts from step 0 with a fresh base model."""
+    from octoray.storage.layout import MANIFEST
+    from octoray.storage.locations import rmtree
+
+    (run_dir / MANIFEST).unlink(missing_ok=True)
+    for child in list(run_dir.iterdir()) if run_dir.is_dir() else []:
+        if child.is_dir():
+            rmtree(child)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _plan_before_training(cfg: TrainConfig, model_path: str, say: Any) -> None:

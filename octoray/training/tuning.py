@@ -31,7 +31,7 @@ from octoray.errors import UserError
 from octoray.resumable import StageRun
 from octoray.storage.layout import BEST_FILE, MANIFEST, METRICS_FILE, RESOLVED_CONFIG
 from octoray.storage.locations import Location, display, location
-from octoray.storage.stage_dirs import atomic_write_json, require_stage_output
+from octoray.storage.stage_dirs import atomic_write_json, input_record, require_stage_output
 from octoray.training.train_config import TrainConfig
 from octoray.training.tune_config import METRIC, STAGE, TuneConfig
 
@@ -126,12 +126,11 @@ def run(tcfg: TuneConfig, train_cfg: TrainConfig) -> Location:
     data_dir, out_dir = location(tcfg.data).resolve(), location(tcfg.out).resolve()
     sft_manifest = require_stage_output(data_dir, "filter", "SFT data")
     base = trial_base(train_cfg, tcfg)  # every problem of the space, before any work
-    stage = StageRun(STAGE, out_dir, tcfg, inputs={"sft": {"path": display(data_dir), "rows": sft_manifest.get("rows")}})
+    stage = StageRun(STAGE, out_dir, tcfg, inputs={"sft": input_record(data_dir, sft_manifest)})
     changed = _changed_keys(stage.previous or {}, tcfg, base) if stage.complete() else []
-    if stage.reusable(same=lambda previous: not changed):
+    if stage.reusable(same=lambda previous: f"the search changed: {', '.join(changed)}" if changed else True):
         return out_dir
-    if changed:
-        stage.say(f"the search changed since {out_dir} was written ({', '.join(changed)}); searching again")
+    if stage.stale:  # other data or another search: the old trials must not be resumed
         _clear(out_dir)
     # The State API needs the dashboard (see _require_state_api).
     stage.start(log_to_driver=True, dashboard=True)

@@ -81,6 +81,25 @@ def test_pipeline_killed_during_training_reruns_to_completion(tmp_path: Path, sh
     assert all(row["start_step"] == (0 if row["step"] <= resume_step else resume_step) for row in rows)
     assert (out / "train" / "model" / "config.json").is_file()
     assert (out / "eval" / "metrics.json").is_file() and (out / "report" / "report.md").is_file()
+    _assert_model_card_holds_the_results(out)
+
+
+def _assert_model_card_holds_the_results(out: Path) -> None:
+    """The demo's model/README.md: a Hub model card whose model-index holds its eval results."""
+    import json
+
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    card = ModelCard.load(out / "train" / "model" / "README.md")
+    _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    expected = {(lang, key): round(value, 4) for per_lang in metrics.values() for lang, cell in per_lang.items()
+                for key, value in cell.items() if key.startswith("pass@") and value is not None}
+    got = {(r.dataset_config, r.metric_type): r.metric_value for r in results}
+    assert len(results) == sum(1 for per_lang in metrics.values() for cell in per_lang.values()
+                               for k, v in cell.items() if k.startswith("pass@") and v is not None)
+    assert set(got) <= set(expected) and all(r.dataset_type == "bigcode/humanevalpack" for r in results)
 
 
 @pytest.mark.ray
