@@ -36,8 +36,8 @@ AWS_NOTICE_URL = "http://169.254.169.254/latest/meta-data/spot/instance-action"
 GCP_NOTICE_URL = "http://metadata.google.internal/computeMetadata/v1/instance/preempted"
 #: What GCP gives a preempted VM (documented: 30 s of ACPI soft-off before the hard stop).
 GCP_NOTICE_S = 30.0
-#: ``preemption_notice_url`` values that are not URLs.
-NOTICE_URL_AUTO, NOTICE_URL_OFF = "auto", "off"
+#: The ``preemption_notice_url`` value that picks the URL from the machine's cloud.
+NOTICE_URL_AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,11 @@ class Notice:
         return asdict(self)
 
 
-def notice_url(setting: str) -> Optional[str]:
+def notice_url(setting: Optional[str]) -> Optional[str]:
     """The metadata URL to poll for ``preemption_notice_url``: ``auto`` is AWS's on EC2, GCP's on
-    GCE and nothing elsewhere (polling 169.254.169.254 off AWS would only time out); ``off`` is
+    GCE and nothing elsewhere (polling 169.254.169.254 off AWS would only time out); None is
     nothing; anything else is a URL answering AWS's document or GCP's TRUE/FALSE."""
-    if setting == NOTICE_URL_OFF:
+    if setting is None:
         return None
     if setting != NOTICE_URL_AUTO:
         return setting

@@ -88,7 +88,7 @@ def test_parse_notice_formats() -> None:
 
 
 def test_notice_url_settings() -> None:
-    assert notice_url("off") is None
+    assert notice_url(None) is None
     assert notice_url("http://127.0.0.1:1/x") == "http://127.0.0.1:1/x"
     expected = {"aws": preemption.AWS_NOTICE_URL, "gcp": preemption.GCP_NOTICE_URL}.get(preemption.detect_cloud() or "")
     assert notice_url("auto") == expected
@@ -168,5 +168,8 @@ def test_config_checks_the_preemption_options() -> None:
         from_mapping(TrainConfig, {"preemption_notice_url": "169.254.169.254", "preemption_poll_s": 0,
                                    "preemption_sigterm_grace_s": -1})
     text = str(err.value)
-    assert "preemption_notice_url must be auto, off or an http(s) URL" in text
+    assert "preemption_notice_url must be auto, null or an http(s) URL" in text
+    with pytest.raises(ConfigError, match="write null to poll no URL"):
+        from_mapping(TrainConfig, {"preemption_notice_url": False})  # YAML's `off`
+    assert from_mapping(TrainConfig, {"preemption_notice_url": None}).preemption_notice_url is None
     assert "preemption_poll_s must be > 0" in text and "preemption_sigterm_grace_s must be > 0" in text
