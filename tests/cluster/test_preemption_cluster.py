@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cluster]
 
 MAX_STEPS = 40
 TRAIN = ["demo_embd=64", "demo_vocab=512", "seq_len=64", "batch_size=4", "micro_batch=1", "warmup_steps=1",
-         f"max_steps={MAX_STEPS}", "export=false", "preemption_poll_s=0.5", "max_failures=3", "keep_checkpoints=3"]
+         "export=false", "preemption_poll_s=0.5", "max_failures=3", "keep_checkpoints=3"]
 
 
 @pytest.fixture(scope="module")
@@ -96,18 +96,20 @@ def _worker_logs(cluster) -> str:
                    for path in Path(cluster.temp_dir).rglob(pattern))
 
 
-def _train(cluster, sft: Path, run: Path, extra: list[str], act: Callable[[subprocess.Popen, Path], None]) -> str:
+def _train(cluster, sft: Path, run: Path, extra: list[str], act: Callable[[subprocess.Popen, Path], None],
+           max_steps: int = MAX_STEPS) -> str:
     """``octoray train`` on the cluster; ``act(proc, log)`` once 3 steps are logged; the run's log
     and the workers' logs."""
     cluster.ensure_workers(1)
     log = run.parent / f"{run.name}.log"
-    args = [*OCTORAY, "train", str(REPO_ROOT / "jobs/demo.yaml"), "--data", str(sft), "--out", str(run), *TRAIN, *extra]
+    args = [*OCTORAY, "train", str(REPO_ROOT / "jobs/demo.yaml"), "--data", str(sft), "--out", str(run), *TRAIN,
+            f"max_steps={max_steps}", *extra]
     with log.open("w") as handle:
         proc = subprocess.Popen(args, cwd=REPO_ROOT, env=_env(cluster), stdout=handle, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         _wait_for("3 logged steps", lambda: len(_rows(run)) >= 3, proc, log)
-        assert len(_rows(run)) < MAX_STEPS - 10, "training was almost over before the notice"
+        assert len(_rows(run)) < max_steps - 10, "training was almost over before the notice"
         act(proc, log)
         proc.wait(timeout=1200)
     finally:
@@ -119,9 +121,9 @@ def _train(cluster, sft: Path, run: Path, extra: list[str], act: Callable[[subpr
     return text + _worker_logs(cluster)
 
 
-def _check_resumed_at_notice(run: Path, log: str, source: str) -> dict:
+def _check_resumed_at_notice(run: Path, log: str, source: str, max_steps: int = MAX_STEPS) -> dict:
     rows = _rows(run)
-    assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))  # no step lost or counted twice
+    assert [r["step"] for r in rows] == list(range(1, max_steps + 1))  # no step lost or counted twice
     per_step = 4 * 64
     assert all(r["tokens"] == r["step"] * per_step for r in rows)  # the token count continued
     records = _preemptions(run)
@@ -192,12 +194,13 @@ def _worker_node_id(cluster) -> str:
 
 def test_ray_drain_of_the_worker_node_then_node_lost(cluster, sft: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    notice_s = 25
+    notice_s, max_steps = 25, 150  # more steps: the `ray drain-node` command alone takes seconds here
+    cluster.ensure_workers(1)
+    node_id = _worker_node_id(cluster)
 
     def drain(proc, log) -> None:
         node = cluster.workers[-1]
-        out = subprocess.run([raycluster.RAY, "drain-node", f"--address={cluster.address}",
-                              f"--node-id={_worker_node_id(cluster)}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+        out = subprocess.run([raycluster.RAY, "drain-node", f"--address={cluster.address}", f"--node-id={node_id}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
                               "--reason-message=spot reclaim (test)", f"--deadline-remaining-seconds={notice_s}"],
                              env=_env(cluster), capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
@@ -207,8 +210,8 @@ def test_ray_drain_of_the_worker_node_then_node_lost(cluster, sft: Path, tmp_pat
         cluster.kill_worker(node)  # the cloud takes the node at the deadline
         cluster.add_worker()       # the autoscaler's replacement
 
-    log = _train(cluster, sft, run, ["checkpoint_every=100", "preemption_notice_url=null"], drain)
-    record = _check_resumed_at_notice(run, log, "drain")
+    log = _train(cluster, sft, run, ["checkpoint_every=1000", "preemption_notice_url=null"], drain, max_steps)
+    record = _check_resumed_at_notice(run, log, "drain", max_steps)
     assert notice_s - 10 < record["seconds_left"] <= notice_s
     assert record["seconds_left_after_save"] < record["seconds_left"]
 
