@@ -67,6 +67,14 @@ class TrainConfig:
     max_failures: int = option(3, "worker-group restarts from the last checkpoint before giving up (-1 = forever)")
     export: bool = option(True, "write the final model in Hugging Face format to RUN_DIR/model")
     seed: int = option(0, "seed for shuffling, OASST sampling and init")
+    preemption_watch: bool = option(True, "watch for a preemption of each worker's node (Ray drain, SIGTERM, the cloud's "
+                                          "notice) and checkpoint at the next step when one comes (docs/training.md)")
+    preemption_notice_url: Optional[str] = option(
+        "auto", "metadata URL polled for a spot/preemption notice: auto (AWS's spot/instance-action on EC2, "
+                "GCP's instance/preempted on GCE, none elsewhere), null (none), or a URL answering either's format")
+    preemption_poll_s: float = option(5.0, "seconds between polls of Ray's drain state and the notice URL")
+    preemption_sigterm_grace_s: float = option(30.0, "the deadline a SIGTERM implies, in seconds (Kubernetes' "
+                                                     "terminationGracePeriodSeconds)")
     fail_at_step: int = option(0, "testing hook: the last worker exits abruptly once before this step (0 = never)")
     hparams: Optional[str] = option(None, "tune directory written by 'octoray tune': its best trial's hyperparameters "
                                            "override this section's (the pipeline sets it when 'tune' runs)", metavar="TUNE_DIR")
@@ -112,6 +120,14 @@ class TrainConfig:
             out.append("lora_targets must name at least one module")
         if self.from_best_checkpoint and self.hparams is None:
             out.append("from_best_checkpoint needs hparams (a tune directory)")
+        if self.preemption_poll_s <= 0:
+            out.append(f"preemption_poll_s must be > 0, got {self.preemption_poll_s}")
+        if self.preemption_sigterm_grace_s <= 0:
+            out.append(f"preemption_sigterm_grace_s must be > 0, got {self.preemption_sigterm_grace_s}")
+        url = self.preemption_notice_url
+        if url is not None and url != "auto" and not url.startswith(("http://", "https://")):
+            hint = " (YAML reads off/no/false as a boolean: write null to poll no URL)" if url in ("False", "false") else ""
+            out.append(f"preemption_notice_url must be auto, null or an http(s) URL, got {url!r}{hint}")
         if self.resource_wait_s <= 0:
             out.append(f"resource_wait_s must be > 0, got {self.resource_wait_s}")
         out += resource_problems("worker_resources", self.worker_resources)

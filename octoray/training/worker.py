@@ -24,6 +24,14 @@ CKPT_TAG = "ds"
 STATE_FILE = "octoray_state.json"
 #: Marker that makes the ``fail_at_step`` test hook fire only once per run directory.
 FAIL_MARKER = ".fail_at_step_done"
+#: Every preemption notice a run has had, one JSON line each (metrics.jsonl drops the rows of
+#: steps that are redone, this file keeps the notices whose save fell back to an older checkpoint).
+PREEMPTIONS_FILE = "preemptions.jsonl"
+
+
+class PreemptedError(RuntimeError):
+    """The worker group stops after a preemption notice (with or without a fresh checkpoint):
+    Ray Train restarts it from the latest checkpoint on the nodes that remain or replace it."""
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -65,14 +73,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = _endless_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch)
     progress = progress_bar(cfg.max_steps, desc="train", unit="step", enabled=rank == 0, initial=step,
                             mininterval=1.0)
+    watcher = _start_watcher(cfg)
+    # The last checkpoint: its step and how long saving it took (what a notice's deadline must allow).
+    saved = {"step": step if checkpoint is not None else None, "seconds": None}
 
     while step < cfg.max_steps:
         _maybe_fail(cfg, run_dir, step + 1, rank, world)
-        row = _train_step(engine, batches, cfg, world)
+        row = _train_step(engine, batches, cfg, world, watcher)
+        noticed = row.pop("noticed_ranks")
         step += 1
         tokens_seen += row["tokens"]
         row.update(step=step, tokens=tokens_seen, start_step=start_step,
                    mfu=mfu(n_params, row["tokens_per_s"] / world, peak))
+        if noticed:  # every rank sees the same sum: all of them stop at this step
+            if val_shard is not None:
+                row["val_loss"] = _evaluate(engine, val_shard, cfg.micro_batch)
+            _on_preemption(engine, row, step, tokens_seen, rank, watcher, saved, run_dir, local_dir, log)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             row["peak_memory_bytes"] = _largest_over_ranks(memory.peak_bytes(), engine.device)
             if val_shard is not None:
@@ -80,13 +96,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.log(row)
             if rank == 0:
                 _sync_metrics(run_dir, local_dir)
+            started = time.perf_counter()
             _save_and_report(engine, row, step, tokens_seen, rank)
+            saved.update(step=step, seconds=time.perf_counter() - started)
         else:
             log.log(row)
         progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         progress.update(1)
     progress.close()
     log.close()
+    if watcher is not None:
+        from octoray.training.preemption import unwatch
+
+        unwatch(watcher)
     if rank == 0:
         _sync_metrics(run_dir, local_dir, tensorboard=True)
     del hf_ds_config  # training is over (see _export_model)
@@ -121,15 +143,19 @@ def _engine(cfg: TrainConfig, model_path: str, world: int) -> tuple[Any, Any, Pe
     return engine, hf_ds_config, memory
 
 
-def _train_step(engine: Any, batches: Any, cfg: TrainConfig, world: int) -> dict[str, Any]:
-    """One optimizer step (``grad_accum`` micro-batches); its metrics row, loss averaged over ranks."""
+def _train_step(engine: Any, batches: Any, cfg: TrainConfig, world: int, watcher: Any = None) -> dict[str, Any]:
+    """One optimizer step (``grad_accum`` micro-batches); its metrics row, loss averaged over ranks.
+
+    ``noticed_ranks``: how many ranks hold a preemption notice. The flag rides in the all-reduce
+    the step makes anyway (a third number beside loss and tokens), so agreeing costs no collective.
+    """
     import torch
     import torch.distributed as dist
 
     engine.train()
     lr = engine.get_lr()[0]
     started = time.perf_counter()
-    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, tokens
+    sums = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss sum, tokens, notices
     data_seconds = 0.0  # time spent waiting on the input pipeline: a stall shows up here
     for _ in range(cfg.grad_accum):
         fetch_started = time.perf_counter()
@@ -140,12 +166,129 @@ def _train_step(engine: Any, batches: Any, cfg: TrainConfig, world: int) -> dict
         engine.step()
         sums[0] += loss.detach().double()
         sums[1] += batch["input_ids"].numel()
+    if watcher is not None and watcher.notice is not None:
+        sums[2] = 1.0
     dist.all_reduce(sums)  # one small collective: the logged loss is the global mean
     seconds = time.perf_counter() - started
     step_tokens = int(sums[1].item())
     return {"loss": float(sums[0].item()) / (cfg.grad_accum * world), "lr": lr,
             "tokens_per_s": step_tokens / seconds, "step_seconds": seconds, "data_seconds": data_seconds,
-            "tokens": step_tokens}
+            "tokens": step_tokens, "noticed_ranks": int(sums[2].item())}
+
+
+def _start_watcher(cfg: TrainConfig) -> Any:
+    """This worker's preemption watcher (None when ``preemption_watch`` is off): Ray's drain state of
+    its node, SIGTERM to this process, and the cloud's notice URL, polled in a background thread."""
+    if not cfg.preemption_watch:
+        return None
+    import ray
+
+    from octoray.training.preemption import PreemptionWatcher, draining_deadline, notice_url, watch_sigterm
+
+    node_id = ray.get_runtime_context().get_node_id()
+    watcher = PreemptionWatcher(poll_s=cfg.preemption_poll_s, drain=functools.partial(draining_deadline, node_id),
+                                url=notice_url(cfg.preemption_notice_url),
+                                sigterm_grace_s=cfg.preemption_sigterm_grace_s)
+    watch_sigterm(watcher)
+    return watcher.start()
+
+
+def _on_preemption(engine: Any, row: dict[str, Any], step: int, tokens: int, rank: int, watcher: Any,
+                   saved: dict[str, Any], run_dir: Location, local_dir: Path, log: MetricsLog) -> None:
+    """A rank holds a preemption notice and every rank is at ``step``: save a checkpoint of this
+    step and report it (or, when the deadline is shorter than the last save took, keep the last
+    periodic one), record the notice, and stop the worker group (raises PreemptedError).
+
+    Rank 0 decides for everyone (one clock, one measured save time), so no rank saves a different
+    step or takes a different branch.
+    """
+    import torch.distributed as dist
+
+    local = watcher.notice.record() if watcher is not None and watcher.notice is not None else None
+    notices: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(notices, local)
+    decision: list[Any] = [None]
+    if rank == 0:
+        decision[0] = _preemption_decision([n for n in notices if n], [r for r, n in enumerate(notices) if n],
+                                           step, saved)
+    dist.broadcast_object_list(decision, src=0)
+    record = decision[0]
+    if record["saved"]:
+        started = time.perf_counter()
+        _save_and_report(engine, {**row, "preemption_step": step}, step, tokens, rank)
+        record["save_seconds"] = round(time.perf_counter() - started, 3)
+        if record["deadline"] is not None:
+            record["seconds_left_after_save"] = round(record["deadline"] - time.time(), 3)
+    row["preemption"] = record
+    log.log(row)
+    if rank == 0:
+        _sync_metrics(run_dir, local_dir)
+        _append_preemption(run_dir, record)
+        print(f"octoray train: {_preemption_line(record)}", flush=True)
+    if record["saved"]:
+        # Stop only once Ray Train has registered the checkpoint, or the restart could resume from
+        # an older one (bounded by the deadline: past it the node is gone anyway).
+        left = record["deadline"] - time.time() if record["deadline"] is not None else 60.0
+        _wait_registered(run_dir, f"checkpoint_{step:06d}", timeout=max(1.0, min(60.0, left)))
+    raise PreemptedError(_preemption_line(record))
+
+
+def _preemption_decision(notices: list[dict[str, Any]], ranks: list[int], step: int,
+                         saved: dict[str, Any]) -> dict[str, Any]:
+    """What the worker group does about ``notices`` (rank 0's view): save this step, or fall back
+    to the last checkpoint when the earliest deadline leaves less time than the last save took."""
+    now = time.time()
+    deadlines = [n["deadline"] for n in notices if n.get("deadline")]
+    deadline = min(deadlines) if deadlines else None
+    left = deadline - now if deadline is not None else None
+    first = min(notices, key=lambda n: n["received"])
+    last_save = saved["seconds"]
+    fallback = left is not None and last_save is not None and left < last_save
+    return {"step": step, "source": first["source"], "sources": sorted({n["source"] for n in notices}),
+            "ranks": ranks, "detail": first.get("detail", ""), "received": first["received"],
+            "noticed_seconds_ago": round(now - first["received"], 3), "deadline": deadline,
+            "seconds_left": round(left, 3) if left is not None else None,
+            "last_save_seconds": round(last_save, 3) if last_save is not None else None,
+            "saved": not fallback, "resumes_from": saved["step"] if fallback else step}
+
+
+def _preemption_line(record: dict[str, Any]) -> str:
+    """The log line for a preemption record."""
+    left = record["seconds_left"]
+    head = (f"preemption notice ({record['source']}, ranks {record['ranks']}) at step {record['step']}, "
+            + (f"{left:.1f} s before the deadline" if left is not None else "no deadline given"))
+    if record["saved"]:
+        tail = f"saved checkpoint_{record['step']:06d}"
+        if record.get("save_seconds") is not None:
+            tail += f" in {record['save_seconds']:.1f} s"
+            if record.get("seconds_left_after_save") is not None:
+                tail += f" ({record['seconds_left_after_save']:.1f} s to spare)"
+        return f"{head}: {tail}; the run resumes from it"
+    since = (f"checkpoint_{record['resumes_from']:06d}" if record["resumes_from"] else "the start")
+    return (f"{head}: too short for a save (the last one took {record['last_save_seconds']:.1f} s); not saving, "
+            f"the run resumes from {since} (lower checkpoint_every to lose less)")
+
+
+def _append_preemption(run_dir: Location, record: dict[str, Any]) -> None:
+    """Add ``record`` to RUN_DIR/preemptions.jsonl (read and rewritten: one small object in a bucket)."""
+    path = run_dir / PREEMPTIONS_FILE
+    before = path.read_text(encoding="utf-8") if path.is_file() else ""
+    path.write_text(before + json.dumps(record) + "\n", encoding="utf-8")
+
+
+def _wait_registered(run_dir: Location, name: str, timeout: float) -> bool:
+    """Wait (at most ``timeout`` s) until Ray Train's checkpoint snapshot names checkpoint ``name``.
+
+    Ray's controller registers a reported checkpoint when it next polls the workers (every 2 s);
+    a worker that stops right after the report could beat that and lose the checkpoint.
+    """
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if snapshot.is_file() and name in snapshot.read_text(errors="replace"):
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def _export_model(engine: Any, cfg: TrainConfig, model_path: str, run_dir: Location, local_dir: Path,
@@ -303,16 +446,11 @@ def _maybe_fail(cfg: TrainConfig, run_dir: Location, next_step: int, rank: int, 
     if marker.exists():
         return
     marker.write_text(f"worker {rank} exited before step {next_step}\n")
-    # Ray's controller registers a reported checkpoint when it next polls the workers (every 2 s);
-    # a death right after the report could beat that and lose the checkpoint, which a real crash
-    # hours into a run would not. Wait (bounded) until Ray's snapshot names the last checkpoint.
+    # A death right after the report could beat Ray's registration of the checkpoint, which a
+    # real crash hours into a run would not: wait (bounded) until Ray's snapshot names it.
     last = (next_step - 1) // cfg.checkpoint_every * cfg.checkpoint_every
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + 120
-    while last and time.time() < deadline:
-        if snapshot.is_file() and f"checkpoint_{last:06d}" in snapshot.read_text(errors="replace"):
-            break
-        time.sleep(0.5)
+    if last:
+        _wait_registered(run_dir, f"checkpoint_{last:06d}", timeout=120)
     os._exit(1)
 
 

@@ -501,3 +501,28 @@ def test_local_autoscaling_check_rejects_broken_copies() -> None:
     no_accelerator = copy.deepcopy(good)
     no_accelerator["available_node_types"]["gpu_worker"]["resources"].pop("fake_gpu")
     assert "no worker type advertising an accelerator custom resource" in local_autoscaling_problems(no_accelerator)
+
+
+def test_spot_worker_groups_drain_before_the_grace_period_ends() -> None:
+    """Every KubeRay manifest has a spot twin of its GPU group whose preStop hook drains the pod's
+    Ray node (octoray's training workers then checkpoint) with a deadline inside the pod's grace
+    period; the launcher files' spot node types are on the spot market."""
+    for name in ("raycluster.yaml", "rayjob.yaml", "rayservice.yaml"):
+        groups = {g["groupName"]: g for g in cluster_spec(_manifest(name))["workerGroupSpecs"]}
+        spot = groups["gpu-a100x8-spot"]["template"]["spec"]
+        regular = groups["gpu-a100x8"]["template"]["spec"]
+        assert spot["containers"][0]["resources"] == regular["containers"][0]["resources"], name
+        assert spot["nodeSelector"] == {"cloud.google.com/gke-spot": "true"}
+        assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
+                "effect": "NoSchedule"} in spot["tolerations"]
+        command = spot["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1]
+        assert "ray drain-node" in command and "--reason=DRAIN_NODE_REASON_PREEMPTION" in command
+        deadline = int(re.search(r"--deadline-remaining-seconds=(\d+)", command).group(1))
+        sleep = int(re.search(r"sleep (\d+)", command).group(1))
+        assert sleep < deadline < spot["terminationGracePeriodSeconds"], name
+        assert "terminationGracePeriodSeconds" not in regular
+    aws, gcp = _launcher("aws.yaml"), _launcher("gcp.yaml")
+    market = aws["available_node_types"]["gpu_a100_spot"]["node_config"]["InstanceMarketOptions"]
+    assert market == {"MarketType": "spot", "SpotOptions": {"InstanceInterruptionBehavior": "terminate"}}
+    assert aws["available_node_types"]["gpu_a100_spot"]["node_config"]["MetadataOptions"]["HttpTokens"] == "required"
+    assert gcp["available_node_types"]["gpu_a100_spot"]["node_config"]["scheduling"]["provisioningModel"] == "SPOT"

@@ -1,6 +1,6 @@
 """What the tests share: paths, the octoray command line, and (in the submodules) git repositories
 built commit by commit (``gitrepo``), ``sft/`` directories (``sft``), a moto S3 server
-(``s3server``), multi-node Ray clusters on this machine (``raycluster``) and toolchain doubles
+(``s3server``), an instance-metadata server (``metadata``), multi-node Ray clusters on this machine (``raycluster``) and toolchain doubles
 (``toolchains``). Fixtures are in ``tests/conftest.py``; test modules import helpers only from here.
 """
 
