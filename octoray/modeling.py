@@ -18,7 +18,15 @@ from octoray.errors import UserError
 
 EOS = "<|endoftext|>"
 PAD = "<fim_pad>"
-SPECIAL_TOKENS = (EOS, PAD)
+#: Fill-in-the-middle sentinels, StarCoder's (its prefix-suffix-middle order is
+#: ``<fim_prefix>PREFIX<fim_suffix>SUFFIX<fim_middle>`` and the model writes the middle).
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<fim_prefix>", "<fim_middle>", "<fim_suffix>"
+#: StarCoder's special tokens, in its vocabulary's order (ids 0-18 there): the demo tokenizer has
+#: them too, each one token, so FIM and the commit-tag template work on the demo model as on StarCoder.
+SPECIAL_TOKENS = (EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, PAD, "<filename>", "<gh_stars>", "<issue_start>",
+                  "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>",
+                  "<jupyter_output>", "<empty_output>", "<commit_before>", "<commit_msg>", "<commit_after>",
+                  "<reponame>")
 
 
 def name_deepspeed_accelerator() -> None:
@@ -42,7 +50,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> Any:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS))
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
-                                   unk_token=EOS, pad_token=PAD)
+                                   unk_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOS, PAD)])
 
 
 def build_demo_model(

@@ -232,6 +232,17 @@ def resolve_model(cfg: TrainConfig, data_dir: Location, run_dir: Location) -> st
     return cfg.model
 
 
+def trained_template(cfg: TrainConfig) -> str:
+    """The Jinja ``chat_template`` the exported model gets: the format its SFT prompts were written
+    in (octoray.templates), so ``apply_chat_template``, vLLM and Hub tools prompt it as trained."""
+    from octoray import templates
+
+    name = templates.DEFAULT_TEMPLATE
+    if cfg.data is not None:
+        name = templates.detect(sft_texts(location(cfg.data).resolve(), limit=1000))
+    return templates.chat_template(name)
+
+
 def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir: Location,
         callbacks: Sequence[Any] = (), init_checkpoint: Optional[Path] = None) -> Any:
     """Run :func:`train_loop_per_worker` on ``cfg.num_workers`` Ray Train workers; return the Result.
@@ -252,7 +263,8 @@ def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir), "model_path": model_path,
-                           "init_checkpoint": str(init_checkpoint) if init_checkpoint else None},
+                           "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
+                           "chat_template": trained_template(cfg)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu(cfg),
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

@@ -90,7 +90,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         _sync_metrics(run_dir, local_dir, tensorboard=True)
     del hf_ds_config  # training is over (see _export_model)
-    _export_model(engine, cfg, model_path, run_dir, local_dir, rank)
+    _export_model(engine, cfg, model_path, run_dir, local_dir, rank, config.get("chat_template"))
 
 
 def _engine(cfg: TrainConfig, model_path: str, world: int) -> tuple[Any, Any, PeakMemory]:
@@ -149,7 +149,7 @@ def _train_step(engine: Any, batches: Any, cfg: TrainConfig, world: int) -> dict
 
 
 def _export_model(engine: Any, cfg: TrainConfig, model_path: str, run_dir: Location, local_dir: Path,
-                  rank: int) -> None:
+                  rank: int, chat_template: str | None = None) -> None:
     """RUN_DIR/model in Hugging Face format (uploaded when RUN_DIR is a URI), when ``cfg.export``."""
     # Stop transformers from building models under zero.Init, or rank 0's fresh export model would
     # start ZeRO-3 collectives the other ranks never join (a deadlock).
@@ -159,7 +159,7 @@ def _export_model(engine: Any, cfg: TrainConfig, model_path: str, run_dir: Locat
         unset_hf_deepspeed_config()
     if not cfg.export:
         return
-    _export(engine, cfg, model_path, local_dir / "model", rank)
+    _export(engine, cfg, model_path, local_dir / "model", rank, chat_template)
     if rank == 0 and isinstance(run_dir, ObjectPath):
         from octoray.storage.locations import rmtree
 
@@ -316,7 +316,8 @@ def _maybe_fail(cfg: TrainConfig, run_dir: Location, next_step: int, rank: int, 
     os._exit(1)
 
 
-def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank: int) -> None:
+def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank: int,
+            chat_template: str | None = None) -> None:
     """Write the trained model (LoRA merged) + tokenizer in Hugging Face format on rank 0.
 
     Parameters are gathered one at a time (whole under ZeRO-3, a no-op otherwise), so no rank
@@ -348,7 +349,10 @@ def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank:
         model.config.use_cache = True
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         model.save_pretrained(tmp)
-        load_tokenizer(model_path).save_pretrained(tmp)
+        tokenizer = load_tokenizer(model_path)
+        if chat_template:  # the format it was trained on (tokenizer_config.json's chat_template)
+            tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(tmp)
         if out_dir.exists():
             import shutil
 

@@ -64,8 +64,8 @@ def test_packing_eos_separators_padding_and_target_mask(tmp_path: Path) -> None:
     from octoray.modeling import train_bpe_tokenizer
     from octoray.training.packing import IGNORE_INDEX, pack_examples
 
-    tok = train_bpe_tokenizer(["Question: fix it\nAnswer: \ndef f(): pass\n"] * 20, vocab_size=300)
-    prompts, completions = ["Question: fix it\nAnswer: \n"] * 3, ["def f(): pass\n"] * 3
+    tok = train_bpe_tokenizer(["Question: fix it\nAnswer:\ndef f(): pass\n"] * 20, vocab_size=300)
+    prompts, completions = ["Question: fix it\nAnswer:\n"] * 3, ["def f(): pass\n"] * 3
     whole = pack_examples(prompts, completions, tok, 16)
     masked = pack_examples(prompts, completions, tok, 16, target_only=True)
     ids = whole["input_ids"].ravel().tolist()
