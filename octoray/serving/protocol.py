@@ -261,8 +261,9 @@ def _prompts(value: Any) -> tuple[str | tuple[int, ...], ...]:
     if isinstance(value, list) and value and all(_is_token_id(t) for t in value):
         value = [value]  # one prompt given as token ids
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(p, str) or (isinstance(p, list) and all(map(_is_token_id, p)))
-                                              for p in items):
+    # all strings, or all lists of token ids: the API has no mixed form
+    if not isinstance(items, list) or not (all(isinstance(p, str) for p in items) or all(
+            isinstance(p, list) and all(map(_is_token_id, p)) for p in items)):
         raise _type_error("prompt", "a string, a list of strings, a list of token ids or a list of such lists",
                           value)
     if not items:
