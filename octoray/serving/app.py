@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -63,6 +64,8 @@ def start(cfg: ServeConfig) -> str:
     if not redeploy:
         _check_port_free(cfg.host, cfg.port)
     cfg = resolve(cfg)  # a bad model fails here, in one line, before any Ray process starts
+    # Ray records a driver's command line as its job's entrypoint (ray list jobs, the dashboard)
+    sys.argv = redact_keys(sys.argv)
     if not ray.is_initialized():
         ensure_ray(address=cfg.ray_address)
         _started_ray = True
@@ -210,6 +213,21 @@ INPUT = "model"
 #: Read for the API keys when neither ``--api-key`` nor the config gives one (a Kubernetes Secret
 #: lands here: docs/cluster.md).
 API_KEY_ENV = "OCTORAY_API_KEY"
+
+
+def redact_keys(argv: list[str]) -> list[str]:
+    """``argv`` with the values of ``--api-key KEY``, ``--api-key=KEY`` and ``api_key=KEY`` masked."""
+    out, hide = [], False
+    for word in argv:
+        flag, eq, _ = word.partition("=")
+        if hide:
+            out.append("***")
+        elif eq and flag in ("--api-key", "--api_key", "api_key"):
+            out.append(f"{flag}=***")
+        else:
+            out.append(word)
+        hide = word in ("--api-key", "--api_key")
+    return out
 
 
 def load(path: Optional[str], overrides: list[str], nested: dict[str, list[str]], *, values: dict[str, Any],

@@ -187,6 +187,9 @@ def test_api_key_flags_repeat_and_key_values_still_work(monkeypatch: pytest.Monk
     monkeypatch.setattr(app, "_preflight", lambda cfg: (cfg.model, 2048))
     assert app.resolve(parse("serve", ["m"], app, check_inputs=False).configs[0]).api_key == ("env-key",)
     assert app.resolve(cfg).api_key == ("k1", "k2")  # the flag wins over the environment
+    # what Ray records as the driver's entrypoint
+    assert app.redact_keys(["octoray", "serve", "m", "--api-key", "k1", "--api-key=k2", "api_key=k3", "port=1"]) == \
+        ["octoray", "serve", "m", "--api-key", "***", "--api-key=***", "api_key=***", "port=1"]
 
 
 def test_vllm_config_maps_the_same_options() -> None:
