@@ -119,6 +119,9 @@ class CompletionServer:
         echoes = [(p if isinstance(p, str) else self.tokenizer.decode(list(p))) if params.echo else ""
                   for p in params.prompts]
         seqs = self._sequences(prompt_ids, params)
+        if params.max_tokens == 0:  # echo only (prompt scoring): nothing to generate
+            for seq in seqs:
+                seq.finish_reason = "length"
         prompt_tokens = sum(len(ids) for ids in prompt_ids)
         request_id, created = new_request_id()
         model = self.cfg.model_name

@@ -95,6 +95,25 @@ def test_training_and_evaluation_prompts_agree() -> None:
     assert templates.detect(["Question: a", "<commit_before>b"]) == "octocoder"
 
 
+def test_train_exports_the_template_of_its_data(tmp_path: Path) -> None:
+    """``octoray train`` gives the exported model the chat template its SFT prompts were written in."""
+    import pyarrow as pa
+
+    from octoray.storage.stage_dirs import write_parquet_atomic
+    from octoray.training.driver import trained_template
+    from octoray.training.train_config import TrainConfig
+    from tests.helpers.sft import write_sft
+
+    octo = write_sft(tmp_path / "octo", n=20, oasst=5)
+    assert trained_template(TrainConfig(data=str(octo), out=str(tmp_path / "r"))) == templates.chat_template("octocoder")
+    tags = write_sft(tmp_path / "tags", n=1)
+    rows = [{"prompt": templates.commit_tags_prompt(f"x = {i}", "Bump x"), "completion": f"x = {i + 1}"}
+            for i in range(5)] + [{"prompt": templates.octocoder_prompt("hi"), "completion": "hello"}]
+    write_parquet_atomic(pa.Table.from_pylist(rows), next(tags.rglob("*.parquet")))
+    assert trained_template(TrainConfig(data=str(tags), out=str(tmp_path / "r"))) == \
+        templates.chat_template("commit_tags")
+
+
 def test_demo_tokenizer_has_starcoders_special_tokens(tokenizer) -> None:
     from octoray.modeling import SPECIAL_TOKENS
 
@@ -503,7 +522,7 @@ def test_logprobs_and_prompt_scoring_match_a_forward_pass(server: Server, model,
     status, body = server.post("/completions", {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2})
     assert status == 200, body
     choice = body["choices"][0]
-    assert choice["text"] == prompt and body["usage"]["completion_tokens"] == 0
+    assert choice["text"] == prompt and body["usage"]["completion_tokens"] == 0 and choice["finish_reason"] == "length"
     lp = choice["logprobs"]
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["tokens"]) == len(ids)
     for k in range(1, len(ids)):
@@ -557,7 +576,10 @@ def test_keys_never_logged_and_ctrl_c(server: Server) -> None:
     server names a key."""
     server.proc.send_signal(signal.SIGINT)
     assert server.proc.wait(timeout=90) == 0, server.log.read_text()[-3000:]
+    from ray.util.state import list_jobs
+
     logs = server.log.read_text() + _session_logs(server)
+    logs += " ".join(str(job.entrypoint) for job in list_jobs())  # Ray records each driver's command line
     assert "Bearer" not in server.log.read_text()
     for key in KEYS:
         assert key not in logs, key
