@@ -12,8 +12,7 @@ from typing import Any
 from octoray.errors import UserError
 from octoray.evaluation.config import LANGUAGES, TASKS  # noqa: F401 - the benchmark's names, for its readers
 from octoray.evaluation.sandbox.programs import RUST_MAIN
-from octoray.modeling import EOS
-from octoray.templates import octocoder_prompt
+from octoray.modeling import EOS, octocoder_prompt
 from octoray.storage.stage_dirs import iter_jsonl
 
 HUB_DATASET = "bigcode/humanevalpack"

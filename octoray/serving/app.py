@@ -327,7 +327,7 @@ def vllm_llm_config(cfg: ServeConfig, *, has_template: bool) -> dict[str, Any]:
     Ray Serve LLM's OpenAI ingress checks none, and a key that is silently not enforced is worse
     than an error.
     """
-    from octoray import templates
+    from octoray.modeling import DEFAULT_TEMPLATE, chat_template
 
     if cfg.api_key:
         raise UserError("api_key is not enforced by engine=vllm (Ray Serve LLM's ingress checks no key): use "
@@ -336,7 +336,7 @@ def vllm_llm_config(cfg: ServeConfig, *, has_template: bool) -> dict[str, Any]:
     if cfg.dtype != "auto":
         engine_kwargs["dtype"] = cfg.dtype
     if not has_template:
-        engine_kwargs["chat_template"] = templates.chat_template(templates.DEFAULT_TEMPLATE)
+        engine_kwargs["chat_template"] = chat_template(DEFAULT_TEMPLATE)
     return {"model_loading_config": {"model_id": cfg.model_name, "model_source": cfg.model},
             "deployment_config": {"autoscaling_config": _autoscaling(cfg),
                                   "max_ongoing_requests": cfg.max_ongoing_requests},

@@ -2,7 +2,7 @@
 response shapes, pure Python like :mod:`octoray.serving.protocol` (whose sampling fields, error
 bodies and helpers it shares).
 
-Messages are rendered into one prompt by the model's ``chat_template`` (octoray.templates holds
+Messages are rendered into one prompt by the model's ``chat_template`` (octoray.modeling holds
 the ones ``octoray train`` writes); the completion is then generated exactly as on
 ``/v1/completions``. Differences from OpenAI, as vLLM: ``max_tokens`` defaults to the rest of the
 context window, the sampling extras (``top_k`` ... ``min_tokens``) are accepted, unknown fields
@@ -15,8 +15,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from octoray.serving.protocol import (SAMPLING_FIELDS, APIError, CompletionParams, TokenLogprob, _boolean, _integer,
-                                      _json_object, _sampling, _type_error)
+from octoray.serving.protocol import (SAMPLING_FIELDS, APIError, CompletionParams, TokenLogprob, boolean_field,
+                                      integer_field, json_object, parse_sampling, type_error)
 
 #: Most alternatives ``top_logprobs`` may ask for per token (OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
@@ -39,15 +39,15 @@ class ChatParams:
 
 def parse_chat_request(raw: bytes, *, max_choices: int = 128) -> ChatParams:
     """Parse and check a chat request body; raise :class:`APIError` (400) naming the first bad field."""
-    body = _json_object(raw)
+    body = json_object(raw)
     messages = _messages(body.get("messages"))
-    max_tokens = _integer(body, "max_completion_tokens", None, low=1)
+    max_tokens = integer_field(body, "max_completion_tokens", None, low=1)
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", None, low=1)
-    common = _sampling(body, max_tokens if max_tokens is not None else 2 ** 31, max_choices)
+        max_tokens = integer_field(body, "max_tokens", None, low=1)
+    common = parse_sampling(body, max_tokens if max_tokens is not None else 2 ** 31, max_choices)
     common["max_tokens"] = max_tokens
-    logprobs = _boolean(body, "logprobs", False)
-    top = _integer(body, "top_logprobs", None, low=0, high=MAX_TOP_LOGPROBS)
+    logprobs = boolean_field(body, "logprobs", False)
+    top = integer_field(body, "top_logprobs", None, low=0, high=MAX_TOP_LOGPROBS)
     if top is not None and not logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
     completion = CompletionParams(prompts=("",), logprobs=(top or 0) if logprobs else None,
@@ -104,14 +104,14 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
         raise APIError(400, "you must provide a messages parameter", param="messages",
                        code="missing_required_parameter")
     if not isinstance(value, list):
-        raise _type_error("messages", "an array of messages", value)
+        raise type_error("messages", "an array of messages", value)
     if not value:
         raise APIError(400, "messages must not be empty", param="messages", code="invalid_value")
     out = []
     for i, message in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _type_error(where, "an object", message)
+            raise type_error(where, "an object", message)
         role = message.get("role")
         if role not in ROLES:
             raise APIError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}",
@@ -133,4 +133,4 @@ def _content(value: Any, where: str) -> str:
                                     "supported by this server", param=where, code="invalid_value")
             texts.append(part["text"])
         return "".join(texts)
-    raise _type_error(where, "a string or a list of text parts", value)
+    raise type_error(where, "a string or a list of text parts", value)

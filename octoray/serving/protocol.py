@@ -109,20 +109,20 @@ def parse_completion_request(raw: bytes, *, default_max_tokens: int = DEFAULT_MA
     logs them), as vLLM does. Context-length and token-id checks need the tokenizer and are done
     by the server.
     """
-    body = _json_object(raw)
+    body = json_object(raw)
     prompts = _prompts(body.get("prompt"))
-    echo = _boolean(body, "echo", False)
-    logprobs = _integer(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
+    echo = boolean_field(body, "echo", False)
+    logprobs = integer_field(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
-        raise _type_error("suffix", "a string", suffix)
+        raise type_error("suffix", "a string", suffix)
     if suffix is not None and (echo or any(not isinstance(p, str) for p in prompts)):
         raise APIError(400, "suffix (fill-in-the-middle) needs a text prompt and cannot be combined with echo",
                        param="suffix", code="invalid_value")
     # max_tokens 0 generates nothing: only meaningful with echo (scoring the prompt)
-    max_tokens = _integer(body, "max_tokens", default_max_tokens, low=0 if echo else 1)
-    best_of = _integer(body, "best_of", _integer(body, "n", 1, low=1, high=max_choices), low=1)
-    common = _sampling(body, max_tokens, max_choices)
+    max_tokens = integer_field(body, "max_tokens", default_max_tokens, low=0 if echo else 1)
+    best_of = integer_field(body, "best_of", integer_field(body, "n", 1, low=1, high=max_choices), low=1)
+    common = parse_sampling(body, max_tokens, max_choices)
     if best_of != common["n"]:
         raise APIError(400, "'best_of' different from 'n' is not supported by this server", param="best_of",
                        code="unsupported_parameter")
@@ -134,7 +134,7 @@ def parse_completion_request(raw: bytes, *, default_max_tokens: int = DEFAULT_MA
                             ignored=tuple(sorted(set(body) - _FIELDS)), **common)
 
 
-def _sampling(body: dict[str, Any], max_tokens: int, max_choices: int) -> dict[str, Any]:
+def parse_sampling(body: dict[str, Any], max_tokens: int, max_choices: int) -> dict[str, Any]:
     """The fields both routes share, checked: OpenAI's sampling settings and vLLM's extras."""
     for name, off in _OFF_VALUES.items():
         if name in body and body[name] is not None and not any(_same(body[name], v) for v in off):
@@ -142,14 +142,14 @@ def _sampling(body: dict[str, Any], max_tokens: int, max_choices: int) -> dict[s
                            code="unsupported_parameter")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise _type_error("model", "a string", model)
+        raise type_error("model", "a string", model)
     temperature = _number(body, "temperature", 1.0, low=0.0, high=2.0)
     top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0)
     if top_p == 0.0:
         raise APIError(400, "top_p must be greater than 0 and at most 1", param="top_p", code="invalid_value")
-    n = _integer(body, "n", 1, low=1, high=max_choices)
-    top_k = _integer(body, "top_k", 0, low=-1)
-    min_tokens = _integer(body, "min_tokens", 0, low=0)
+    n = integer_field(body, "n", 1, low=1, high=max_choices)
+    top_k = integer_field(body, "top_k", 0, low=-1)
+    min_tokens = integer_field(body, "min_tokens", 0, low=0)
     if min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens})",
                        param="min_tokens", code="invalid_value")
@@ -157,18 +157,18 @@ def _sampling(body: dict[str, Any], max_tokens: int, max_choices: int) -> dict[s
     if repetition_penalty == 0.0:
         raise APIError(400, "repetition_penalty must be greater than 0", param="repetition_penalty",
                        code="invalid_value")
-    stream = _boolean(body, "stream", False)
+    stream = boolean_field(body, "stream", False)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
-        raise _type_error("user", "a string", user)
+        raise type_error("user", "a string", user)
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "n": n,
-            "stop": _stop(body.get("stop")), "seed": _integer(body, "seed", None), "stream": stream,
+            "stop": _stop(body.get("stop")), "seed": integer_field(body, "seed", None), "stream": stream,
             "include_usage": _stream_options(body.get("stream_options"), stream), "model": model,
             "top_k": max(top_k, 0), "min_p": _number(body, "min_p", 0.0, low=0.0, high=1.0),
             "repetition_penalty": repetition_penalty,
             "presence_penalty": _number(body, "presence_penalty", 0.0, low=-2.0, high=2.0),
             "frequency_penalty": _number(body, "frequency_penalty", 0.0, low=-2.0, high=2.0),
-            "ignore_eos": _boolean(body, "ignore_eos", False), "min_tokens": min_tokens}
+            "ignore_eos": boolean_field(body, "ignore_eos", False), "min_tokens": min_tokens}
 
 
 def completion_response(request_id: str, created: int, model: str, choices: list[tuple[str, str | None]],
@@ -240,7 +240,8 @@ def new_request_id() -> tuple[str, int]:
 
 # --- validation helpers ------------------------------------------------------------------------
 
-def _json_object(raw: bytes) -> dict[str, Any]:
+def json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 (``invalid_json``)."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -264,7 +265,7 @@ def _prompts(value: Any) -> tuple[str | tuple[int, ...], ...]:
     # all strings, or all lists of token ids: the API has no mixed form
     if not isinstance(items, list) or not (all(isinstance(p, str) for p in items) or all(
             isinstance(p, list) and all(map(_is_token_id, p)) for p in items)):
-        raise _type_error("prompt", "a string, a list of strings, a list of token ids or a list of such lists",
+        raise type_error("prompt", "a string, a list of strings, a list of token ids or a list of such lists",
                           value)
     if not items:
         raise APIError(400, "prompt must not be an empty list", param="prompt", code="invalid_value")
@@ -284,7 +285,7 @@ def _stop(value: Any) -> tuple[str, ...]:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise _type_error("stop", "a string or a list of strings", value)
+        raise type_error("stop", "a string or a list of strings", value)
     if len(items) > MAX_STOP_SEQUENCES:
         raise APIError(400, f"stop takes at most {MAX_STOP_SEQUENCES} sequences, got {len(items)}", param="stop",
                        code="invalid_value")
@@ -297,7 +298,7 @@ def _stream_options(value: Any, stream: bool) -> bool:
     if value is None:
         return False
     if not isinstance(value, dict):
-        raise _type_error("stream_options", "an object", value)
+        raise type_error("stream_options", "an object", value)
     if not stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
                        code="invalid_value")
@@ -307,17 +308,18 @@ def _stream_options(value: Any, stream: bool) -> bool:
                        code="unknown_parameter")
     include = value.get("include_usage", False)
     if not isinstance(include, bool):
-        raise _type_error("stream_options.include_usage", "true or false", include)
+        raise type_error("stream_options.include_usage", "true or false", include)
     return include
 
 
-def _integer(body: dict[str, Any], name: str, default: Any, low: int | None = None,
-             high: int | None = None) -> Any:
+def integer_field(body: dict[str, Any], name: str, default: Any, low: int | None = None,
+                  high: int | None = None) -> Any:
+    """``body[name]`` as an integer within ``low``..``high`` (``default`` when absent or null), or a 400."""
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _type_error(name, "an integer", value)
+        raise type_error(name, "an integer", value)
     _check_range(name, value, low, high)
     return value
 
@@ -327,17 +329,18 @@ def _number(body: dict[str, Any], name: str, default: float, low: float, high: f
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _type_error(name, "a number", value)
+        raise type_error(name, "a number", value)
     _check_range(name, value, low, high)
     return float(value)
 
 
-def _boolean(body: dict[str, Any], name: str, default: bool) -> bool:
+def boolean_field(body: dict[str, Any], name: str, default: bool) -> bool:
+    """``body[name]`` as a boolean (``default`` when absent or null), or a 400."""
     value = body.get(name)
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise _type_error(name, "true or false", value)
+        raise type_error(name, "true or false", value)
     return value
 
 
@@ -348,7 +351,8 @@ def _check_range(name: str, value: float, low: float | None, high: float | None)
         raise APIError(400, f"{name} must be {bounds}, got {value}", param=name, code="invalid_value")
 
 
-def _type_error(name: str, expected: str, value: Any) -> APIError:
+def type_error(name: str, expected: str, value: Any) -> APIError:
+    """The 400 (``invalid_type``) for a field that is not ``expected``."""
     return APIError(400, f"{name} must be {expected}, got {_json_type(value)}", param=name, code="invalid_type")
 
 

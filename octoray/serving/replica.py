@@ -19,9 +19,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from octoray import templates
 from octoray.config import from_mapping
-from octoray.modeling import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from octoray.modeling import DEFAULT_TEMPLATE, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, chat_template
 from octoray.serving.chat_protocol import (chat_chunk, chat_logprobs, chat_response, chat_usage_chunk, new_chat_id,
                                            parse_chat_request)
 from octoray.serving.config import FALLBACK_MAX_MODEL_LEN, ServeConfig
@@ -64,7 +63,7 @@ class CompletionServer:
                                         batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
                                         max_concurrent_batches=self.cfg.max_ongoing_requests)
         self.fim = _has_fim_tokens(self.tokenizer)
-        self.chat_template = self.tokenizer.chat_template or templates.chat_template(templates.DEFAULT_TEMPLATE)
+        self.chat_template = self.tokenizer.chat_template or chat_template(DEFAULT_TEMPLATE)
         self.created = int(time.time())
 
     def __serve_build_asgi_app__(self) -> Any:

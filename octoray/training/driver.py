@@ -234,13 +234,13 @@ def resolve_model(cfg: TrainConfig, data_dir: Location, run_dir: Location) -> st
 
 def trained_template(cfg: TrainConfig) -> str:
     """The Jinja ``chat_template`` the exported model gets: the format its SFT prompts were written
-    in (octoray.templates), so ``apply_chat_template``, vLLM and Hub tools prompt it as trained."""
-    from octoray import templates
+    in (octoray.modeling's templates), so ``apply_chat_template``, vLLM and Hub tools prompt it as trained."""
+    from octoray.modeling import DEFAULT_TEMPLATE, chat_template, detect_template
 
-    name = templates.DEFAULT_TEMPLATE
+    name = DEFAULT_TEMPLATE
     if cfg.data is not None:
-        name = templates.detect(sft_texts(location(cfg.data).resolve(), limit=1000))
-    return templates.chat_template(name)
+        name = detect_template(sft_texts(location(cfg.data).resolve(), limit=1000))
+    return chat_template(name)
 
 
 def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir: Location,

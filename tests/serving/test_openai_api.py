@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from octoray import templates
+from octoray import modeling as templates
 from octoray.serving.chat_protocol import parse_chat_request
 from octoray.serving.protocol import APIError, legacy_logprobs, parse_completion_request
 from tests.helpers import OCTORAY, REPO_ROOT
@@ -91,8 +91,8 @@ def test_training_and_evaluation_prompts_agree() -> None:
     assert render("octocoder", "Explain", None, "") == "Question: Explain\n\nAnswer:"
     assert add_prompts(table, "commit_tags").to_pylist()[0]["prompt"] == templates.commit_tags_prompt(
         "def add(a, b): return a - b", "Fix add")
-    assert templates.detect(["<commit_before>x", "<commit_before>y", "Question: oasst"]) == "commit_tags"
-    assert templates.detect(["Question: a", "<commit_before>b"]) == "octocoder"
+    assert templates.detect_template(["<commit_before>x", "<commit_before>y", "Question: oasst"]) == "commit_tags"
+    assert templates.detect_template(["Question: a", "<commit_before>b"]) == "octocoder"
 
 
 def test_train_exports_the_template_of_its_data(tmp_path: Path) -> None:
