@@ -26,15 +26,15 @@ Python callers (tests, the pipeline) use ``url = start(cfg)`` ... ``shutdown()``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from octoray.cluster.resources import require_feasible
 from octoray.config import from_mapping, to_dict
@@ -64,10 +64,9 @@ def start(cfg: ServeConfig) -> str:
     if not redeploy:
         _check_port_free(cfg.host, cfg.port)
     cfg = resolve(cfg)  # a bad model fails here, in one line, before any Ray process starts
-    # Ray records a driver's command line as its job's entrypoint (ray list jobs, the dashboard)
-    sys.argv = redact_keys(sys.argv)
     if not ray.is_initialized():
-        ensure_ray(address=cfg.ray_address)
+        with _keys_out_of_ray_jobs():
+            ensure_ray(address=cfg.ray_address)
         _started_ray = True
     app = _app(cfg)
     _quiet_serve()
@@ -228,6 +227,31 @@ def redact_keys(argv: list[str]) -> list[str]:
             out.append(word)
         hide = word in ("--api-key", "--api_key")
     return out
+
+
+@contextlib.contextmanager
+def _keys_out_of_ray_jobs() -> Iterator[None]:
+    """Ray records a driver's command line (``/proc/self/cmdline``) as its job's entrypoint, which
+    ``ray list jobs`` and the dashboard show: while Ray connects, it reads it with the keys masked.
+    ``ray._private`` moves between releases: without that function there is nothing to patch."""
+    try:
+        from ray._private import utils
+    except ImportError:
+        yield
+        return
+    real = getattr(utils, "get_entrypoint_name", None)
+    if real is None:
+        yield
+        return
+
+    def masked() -> str:
+        return " ".join(redact_keys(real().split(" ")))  # the words as Ray joined them, keys masked
+
+    utils.get_entrypoint_name = masked
+    try:
+        yield
+    finally:
+        utils.get_entrypoint_name = real
 
 
 def load(path: Optional[str], overrides: list[str], nested: dict[str, list[str]], *, values: dict[str, Any],

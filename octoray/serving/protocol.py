@@ -7,8 +7,12 @@ an :class:`APIError` into its HTTP status and OpenAI-style body, and builds its 
 
 Field names, defaults and limits follow the OpenAI legacy ``/v1/completions`` API (the one
 code-LLM harnesses such as bigcode-evaluation-harness use): ``max_tokens`` defaults to 16,
-``temperature`` and ``top_p`` to 1, ``n`` to 1. One deliberate difference: up to 16 stop
-sequences (OpenAI: 4), as vLLM allows, because HumanEvalPack's Python task needs 8.
+``temperature`` and ``top_p`` to 1, ``n`` to 1; ``prompt`` may be text or token ids, ``suffix``
+asks for fill-in-the-middle, ``echo`` and ``logprobs`` (0-5) give OpenAI's legacy
+log-probability object. Differences, as vLLM: up to 16 stop sequences (OpenAI: 4; HumanEvalPack's
+Python task needs 8), the sampling extras ``top_k``, ``min_p``, ``repetition_penalty``,
+``ignore_eos``, ``min_tokens``, and unknown fields ignored (listed for a logged warning) rather
+than refused. The chat route's format is :mod:`octoray.serving.chat_protocol`.
 """
 
 from __future__ import annotations
