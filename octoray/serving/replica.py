@@ -232,7 +232,7 @@ class CompletionServer:
         return ids
 
     def _token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        return self.decoder.decode([token])  # as the text is decoded: special tokens dropped
 
     def _generated_logprobs(self, seq: Sequence) -> list[TokenLogprob]:
         """The returned tokens' log-probability records (EOS and anything past a stop string left out)."""
