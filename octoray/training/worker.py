@@ -350,7 +350,7 @@ def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         model.save_pretrained(tmp)
         tokenizer = load_tokenizer(model_path)
-        if chat_template:  # the format it was trained on (tokenizer_config.json's chat_template)
+        if chat_template:  # the format it was trained on (saved as chat_template.jinja)
             tokenizer.chat_template = chat_template
         tokenizer.save_pretrained(tmp)
         if out_dir.exists():
