@@ -5,6 +5,10 @@ Real runs name a hub id (``bigcode/starcoderbase-1b``) or a local directory; bot
 small GPTBigCode (the StarCoder architecture) from a config and trains a byte-level BPE tokenizer
 on the SFT text, saves both with ``save_pretrained``, and from then on loads them back through the
 very same ``from_pretrained`` path a hub model uses.
+
+The prompt templates live here too (one source of truth): what ``octoray filter`` writes into the
+SFT rows, what ``octoray eval`` sends, and the ``chat_template`` ``octoray train`` saves with the
+model (see "Prompt templates" below).
 """
 
 from __future__ import annotations
@@ -12,13 +16,21 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 from octoray.errors import UserError
 
 EOS = "<|endoftext|>"
 PAD = "<fim_pad>"
-SPECIAL_TOKENS = (EOS, PAD)
+#: Fill-in-the-middle sentinels, StarCoder's (its prefix-suffix-middle order is
+#: ``<fim_prefix>PREFIX<fim_suffix>SUFFIX<fim_middle>`` and the model writes the middle).
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<fim_prefix>", "<fim_middle>", "<fim_suffix>"
+#: StarCoder's special tokens, in its vocabulary's order (ids 0-18 there): the demo tokenizer has
+#: them too, each one token, so FIM and the commit-tag template work on the demo model as on StarCoder.
+SPECIAL_TOKENS = (EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, PAD, "<filename>", "<gh_stars>", "<issue_start>",
+                  "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>",
+                  "<jupyter_output>", "<empty_output>", "<commit_before>", "<commit_msg>", "<commit_after>",
+                  "<reponame>")
 
 
 def name_deepspeed_accelerator() -> None:
@@ -42,7 +54,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> Any:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS))
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
-                                   unk_token=EOS, pad_token=PAD)
+                                   unk_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOS, PAD)])
 
 
 def build_demo_model(
@@ -242,3 +255,84 @@ def _is_hub_id(name: str) -> bool:
         return False
     return True
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt templates
+#
+# The prompt templates, one source of truth: what ``octoray filter`` writes into the SFT rows,
+# what ``octoray eval`` sends, and the ``chat_template`` ``octoray train`` saves with the model.
+#
+# Two formats, as in OctoPack:
+#
+# - ``octocoder``: ``Question: {instruction}\n\nAnswer:\n{response}``. The ``Answer:\n`` is
+#   bigcode-evaluation-harness's HumanEvalPack prompt byte for byte (the reference prompts must not
+#   change), so training writes the same bytes: a model trained on ``Answer: \n`` and evaluated on
+#   ``Answer:\n`` sees a token sequence at evaluation it never saw in training.
+# - ``commit_tags``: ``<commit_before>{old}<commit_msg>{subject}<commit_after>{new}`` (StarCoder's
+#   commit format; the tags are single special tokens of StarCoder's tokenizer and the demo's).
+#
+# The chat templates are Jinja (what ``tokenizer.apply_chat_template``, vLLM and the Hub render);
+# tests check that they render exactly the training prompt.
+
+TemplateName = Literal["octocoder", "commit_tags"]
+
+QUESTION = "Question: "
+#: Between the instruction and the response.
+ANSWER = "\n\nAnswer:\n"
+COMMIT_BEFORE, COMMIT_MSG, COMMIT_AFTER = "<commit_before>", "<commit_msg>", "<commit_after>"
+
+#: The template a model without a ``chat_template`` is served with (OctoCoder's).
+DEFAULT_TEMPLATE: TemplateName = "octocoder"
+
+# A system message goes first, followed by a blank line; each user turn is a Question, each
+# assistant turn an Answer closed by EOS -- training packs prompt + completion + EOS, so a
+# conversation reads exactly like packed training examples.
+_OCTOCODER_JINJA = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}{{ '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'Question: ' }}{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '\\n\\nAnswer:\\n' }}{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\nAnswer:\\n' }}{% endif %}"
+)
+# The system message is the code before the change, the user message the commit message, the
+# assistant message the code after.
+_COMMIT_TAGS_JINJA = (
+    "{% set ns = namespace(before='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.before = message['content'] %}"
+    "{% elif message['role'] == 'user' %}{{ '<commit_before>' }}{{ ns.before }}{{ '<commit_msg>' }}"
+    "{{ message['content'] }}{% set ns.before = '' %}"
+    "{% elif message['role'] == 'assistant' %}{{ '<commit_after>' }}{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<commit_after>' }}{% endif %}"
+)
+CHAT_TEMPLATES: dict[str, str] = {"octocoder": _OCTOCODER_JINJA, "commit_tags": _COMMIT_TAGS_JINJA}
+
+
+def octocoder_prompt(instruction: str) -> str:
+    """The OctoCoder prompt of one instruction (the response follows it directly)."""
+    return f"{QUESTION}{instruction}{ANSWER}"
+
+
+def commit_tags_prompt(old: str, subject: str) -> str:
+    """The commit-tag prompt of a change (the new contents follow it directly)."""
+    return f"{COMMIT_BEFORE}{old}{COMMIT_MSG}{subject}{COMMIT_AFTER}"
+
+
+def chat_template(name: str) -> str:
+    """The Jinja chat template of the format ``name`` (``octocoder`` or ``commit_tags``)."""
+    return CHAT_TEMPLATES[name]
+
+
+def detect_template(prompts: Iterable[str]) -> TemplateName:
+    """Which format SFT prompts were written in: ``commit_tags`` when most start with the tag
+    (OASST rows are always OctoCoder-style, so a commit-tag dataset still holds some of those)."""
+    tags = other = 0
+    for prompt in prompts:
+        if prompt.startswith(COMMIT_BEFORE):
+            tags += 1
+        else:
+            other += 1
+    return "commit_tags" if tags > other else "octocoder"

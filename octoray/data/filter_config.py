@@ -43,7 +43,7 @@ class FilterConfig:
     humanevalpack_dir: str | None = option(None, "directory of HumanEvalPack <language>.jsonl files "
                                                  "(default: the hub dataset bigcode/humanevalpack)")
     template: Literal["octocoder", "commit_tags"] = option(
-        "octocoder", "prompt/completion format: OctoCoder 'Question: ...\\n\\nAnswer: \\n' or "
+        "octocoder", "prompt/completion format: OctoCoder 'Question: ...\\n\\nAnswer:\\n' or "
                      "<commit_before>/<commit_msg>/<commit_after> tags")
     oasst_file: str | None = option(None, "JSONL of OASST-style rows {input, output} mixed into the output")
     oasst_limit: int | None = option(None, "keep only the first N OASST rows")

@@ -30,6 +30,7 @@ from octoray.config import to_dict
 from octoray.data import dataset_card, rules, subjects
 from octoray.data.filter_config import FilterConfig
 from octoray.errors import UserError
+from octoray.modeling import ANSWER, COMMIT_AFTER, COMMIT_BEFORE, COMMIT_MSG, QUESTION, octocoder_prompt
 from octoray.progress import progress_bar
 from octoray.resumable import StageRun
 from octoray.storage import layout
@@ -420,9 +421,10 @@ def add_prompts(table: Any, template: str) -> Any:
 
     subject, old, new = table.column("subject"), table.column("old_contents"), table.column("new_contents")
     if template == "octocoder":
-        prompt = pc.binary_join_element_wise("Question: ", subject, "\n", old, "\n\nAnswer: \n", "")
+        prompt = pc.binary_join_element_wise(QUESTION, subject, "\n", old, ANSWER, "")
     else:
-        prompt = pc.binary_join_element_wise("<commit_before>", old, "<commit_msg>", subject, "<commit_after>", "")
+        prompt = pc.binary_join_element_wise(COMMIT_BEFORE, old, COMMIT_MSG, subject,
+                                             COMMIT_AFTER, "")
     table = table.append_column("prompt", pc.cast(prompt, pa.string()))
     table = table.append_column("completion", pc.cast(new, pa.string()))
     return table.append_column("source", pa.array(["commitpackft"] * table.num_rows, pa.string()))
@@ -509,7 +511,7 @@ def _oasst_table(pairs: list[tuple[str, str]], schema: Any) -> Any:
 
     n = len(pairs)
     columns = {f.name: pa.nulls(n, f.type) for f in schema}
-    columns["prompt"] = pa.array([f"Question: {q}\n\nAnswer: \n" for q, _ in pairs], pa.string())
+    columns["prompt"] = pa.array([octocoder_prompt(q) for q, _ in pairs], pa.string())
     columns["completion"] = pa.array([a for _, a in pairs], pa.string())
     columns["source"] = pa.array(["oasst"] * n, pa.string())
     return pa.table(columns, schema=schema)

@@ -12,7 +12,7 @@ from typing import Any
 from octoray.errors import UserError
 from octoray.evaluation.config import LANGUAGES, TASKS  # noqa: F401 - the benchmark's names, for its readers
 from octoray.evaluation.sandbox.programs import RUST_MAIN
-from octoray.modeling import EOS
+from octoray.modeling import EOS, octocoder_prompt
 from octoray.storage.stage_dirs import iter_jsonl
 
 HUB_DATASET = "bigcode/humanevalpack"
@@ -145,7 +145,7 @@ def render(template: str, instruction: str, context: str | None, start: str) -> 
     else:
         inp = instruction + "\n" + context
     if template == "octocoder":
-        return f"Question: {inp}\n\nAnswer:\n{start}".strip()
+        return f"{octocoder_prompt(inp)}{start}".strip()
     if template == "instruct":
         return f"{inp}\n\n{start}".strip()
     raise UserError(f"unknown prompt template '{template}': choose from {', '.join(TEMPLATES)}")

@@ -5,8 +5,9 @@
 This module holds the command line and the Ray lifecycle (the config is
 :class:`octoray.serving.config.ServeConfig`): it checks the model once,
 joins or starts Ray (:func:`octoray.cluster.connection.ensure_ray`) and deploys one Ray Serve deployment
-whose replicas answer ``POST /v1/completions`` (plain and streamed), ``GET /v1/models`` and
-``GET /healthz``. Replicas autoscale on ongoing requests; each takes ``num_gpus`` when the
+whose replicas answer ``POST /v1/completions`` and ``POST /v1/chat/completions`` (plain and
+streamed), ``GET /v1/models`` and ``GET /healthz``; with API keys (``--api-key``, or
+``OCTORAY_API_KEY``) every ``/v1`` route needs ``Authorization: Bearer KEY``. Replicas autoscale on ongoing requests; each takes ``num_gpus`` when the
 cluster has GPUs. ``engine=vllm`` serves the same API through Ray Serve LLM (vLLM) instead.
 
 The replica is built from parts with one job each:
@@ -14,6 +15,7 @@ The replica is built from parts with one job each:
 - :mod:`octoray.serving.replica`: the replica (:class:`~octoray.serving.replica.CompletionServer`),
   its HTTP routes and the request -> sequences -> response path;
 - :mod:`octoray.serving.protocol`: the protocol's rules (validation, error bodies, response shapes);
+- :mod:`octoray.serving.chat_protocol`: the same for chat completions;
 - :mod:`octoray.serving.scheduler`: ``@serve.batch`` gathering sequences of concurrent requests
   into batches, finished sequences leaving early;
 - :mod:`octoray.serving.decoding`: left-padded batched decoding with a KV cache and per-row sampling.
@@ -24,13 +26,15 @@ Python callers (tests, the pipeline) use ``url = start(cfg)`` ... ``shutdown()``
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from octoray.cluster.resources import require_feasible
 from octoray.config import from_mapping, to_dict
@@ -61,7 +65,8 @@ def start(cfg: ServeConfig) -> str:
         _check_port_free(cfg.host, cfg.port)
     cfg = resolve(cfg)  # a bad model fails here, in one line, before any Ray process starts
     if not ray.is_initialized():
-        ensure_ray(address=cfg.ray_address)
+        with _keys_out_of_ray_jobs():
+            ensure_ray(address=cfg.ray_address)
         _started_ray = True
     app = _app(cfg)
     _quiet_serve()
@@ -75,7 +80,7 @@ def start(cfg: ServeConfig) -> str:
         raise UserError(f"the server failed to start: {lines[-1] if lines else exc}") from None
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
     url = f"http://{host}:{cfg.port}/v1"
-    _wait_until_up(f"{url}/models", timeout_s=60.0)
+    _wait_until_up(f"{url}/models", timeout_s=60.0, api_key=cfg.api_key[0] if cfg.api_key else None)
     return url
 
 
@@ -155,9 +160,12 @@ def _shutdown_serve(ray: Any, serve: Any) -> None:
 
 def resolve(cfg: ServeConfig) -> ServeConfig:
     """``cfg`` with the model checked (one-line error), a local path made absolute (replicas do not
-    share our working directory), ``model_name`` and ``max_model_len`` filled in."""
+    share our working directory), ``model_name``, ``max_model_len`` and ``api_key`` (from
+    ``OCTORAY_API_KEY`` when the config has none) filled in."""
     model, max_model_len = _preflight(cfg)
-    return replace(cfg, model=model, model_name=cfg.model_name or cfg.model, max_model_len=max_model_len)
+    keys = cfg.api_key or tuple(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())
+    return replace(cfg, model=model, model_name=cfg.model_name or cfg.model, max_model_len=max_model_len,
+                   api_key=keys)
 
 
 def build_app(cfg: ServeConfig) -> Any:
@@ -198,9 +206,67 @@ def run(cfg: ServeConfig) -> str:
 
 # --- command line ------------------------------------------------------------------------------
 
-#: The command line (octoray.stage_cli): ``octoray serve MODEL [--host H] [--port P] [key=value ...]``.
+#: The command line (octoray.stage_cli): ``octoray serve MODEL [--host H] [--port P] [--api-key KEY ...] [key=value ...]``.
 CONFIG = ServeConfig
 INPUT = "model"
+#: Read for the API keys when neither ``--api-key`` nor the config gives one (a Kubernetes Secret
+#: lands here: docs/cluster.md).
+API_KEY_ENV = "OCTORAY_API_KEY"
+
+
+def redact_keys(argv: list[str]) -> list[str]:
+    """``argv`` with the values of ``--api-key KEY``, ``--api-key=KEY`` and ``api_key=KEY`` masked."""
+    out, hide = [], False
+    for word in argv:
+        flag, eq, _ = word.partition("=")
+        if hide:
+            out.append("***")
+        elif eq and flag in ("--api-key", "--api_key", "api_key"):
+            out.append(f"{flag}=***")
+        else:
+            out.append(word)
+        hide = word in ("--api-key", "--api_key")
+    return out
+
+
+@contextlib.contextmanager
+def _keys_out_of_ray_jobs() -> Iterator[None]:
+    """Ray records a driver's command line (``/proc/self/cmdline``) as its job's entrypoint, which
+    ``ray list jobs`` and the dashboard show: while Ray connects, it reads it with the keys masked.
+    ``ray._private`` moves between releases: without that function there is nothing to patch."""
+    try:
+        from ray._private import utils
+    except ImportError:
+        yield
+        return
+    real = getattr(utils, "get_entrypoint_name", None)
+    if real is None:
+        yield
+        return
+
+    def masked() -> str:
+        return " ".join(redact_keys(real().split(" ")))  # the words as Ray joined them, keys masked
+
+    utils.get_entrypoint_name = masked
+    try:
+        yield
+    finally:
+        utils.get_entrypoint_name = real
+
+
+def load(path: Optional[str], overrides: list[str], nested: dict[str, list[str]], *, values: dict[str, Any],
+         check_inputs: bool = True) -> tuple[ServeConfig]:
+    """The config of ``octoray serve``, where ``--api-key`` adds a key each time it is given
+    (every other flag: the last one wins)."""
+    from octoray.config import load_config
+    from octoray.stage_cli import input_check
+
+    keys = [item.split("=", 1)[1] for item in overrides
+            if item.startswith("api_key=") and not item.split("=", 1)[1].startswith("[")]
+    rest = [item for item in overrides if not (item.startswith("api_key=") and item.split("=", 1)[1] in keys)]
+    if keys:
+        values = {**values, "api_key": tuple(keys)}
+    return (load_config(ServeConfig, path, rest, section="serve", values=values, check=input_check(check_inputs)),)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -222,7 +288,10 @@ def _app(cfg: ServeConfig) -> Any:
         max_ongoing_requests=cfg.max_ongoing_requests,
         autoscaling_config=_autoscaling(cfg),
     )
-    return deployment.bind(to_dict(cfg))
+    from octoray.serving.replica import key_digest
+
+    # the keys stay here: replicas get their digests (deployment arguments live in Ray's state)
+    return deployment.bind(to_dict(replace(cfg, api_key=())), tuple(key_digest(k) for k in cfg.api_key))
 
 
 def _preflight(cfg: ServeConfig) -> tuple[str, int]:
@@ -266,15 +335,36 @@ def _vllm_app(cfg: ServeConfig, num_gpus: float) -> Any:
         raise UserError("engine=vllm needs a GPU in the Ray cluster; use engine=hf on CPU")
     from ray.serve.llm import LLMConfig, build_openai_app
 
+    from octoray.modeling import load_tokenizer
+
+    has_template = bool(getattr(load_tokenizer(cfg.model), "chat_template", None))
+    return build_openai_app({"llm_configs": [LLMConfig(**vllm_llm_config(cfg, has_template=has_template))]})
+
+
+def vllm_llm_config(cfg: ServeConfig, *, has_template: bool) -> dict[str, Any]:
+    """The keyword arguments of Ray Serve LLM's ``LLMConfig`` for ``cfg`` (pure: tested without vLLM).
+
+    Limits map onto vLLM's engine (``max_model_len``, ``max_num_seqs`` = ``max_batch_size``),
+    replicas onto the deployment (autoscaling, ``max_ongoing_requests``). A model without its own
+    ``chat_template`` gets octoray's default (vLLM takes a template string as its frontend's
+    ``chat_template``, which Ray Serve LLM routes from ``engine_kwargs``). API keys are refused:
+    Ray Serve LLM's OpenAI ingress checks none, and a key that is silently not enforced is worse
+    than an error.
+    """
+    from octoray.modeling import DEFAULT_TEMPLATE, chat_template
+
+    if cfg.api_key:
+        raise UserError("api_key is not enforced by engine=vllm (Ray Serve LLM's ingress checks no key): use "
+                        "engine=hf, or put the endpoint behind an authenticating proxy and unset the key")
     engine_kwargs: dict[str, Any] = {"max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_batch_size}
     if cfg.dtype != "auto":
         engine_kwargs["dtype"] = cfg.dtype
-    llm = LLMConfig(
-        model_loading_config={"model_id": cfg.model_name, "model_source": cfg.model},
-        deployment_config={"autoscaling_config": _autoscaling(cfg), "max_ongoing_requests": cfg.max_ongoing_requests},
-        engine_kwargs=engine_kwargs,
-    )
-    return build_openai_app({"llm_configs": [llm]})
+    if not has_template:
+        engine_kwargs["chat_template"] = chat_template(DEFAULT_TEMPLATE)
+    return {"model_loading_config": {"model_id": cfg.model_name, "model_source": cfg.model},
+            "deployment_config": {"autoscaling_config": _autoscaling(cfg),
+                                  "max_ongoing_requests": cfg.max_ongoing_requests},
+            "engine_kwargs": engine_kwargs}
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -286,12 +376,13 @@ def _check_port_free(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
 
 
-def _wait_until_up(url: str, timeout_s: float) -> None:
+def _wait_until_up(url: str, timeout_s: float, api_key: Optional[str] = None) -> None:
     """Poll ``url`` until it answers 200: serve.run returns before the proxy routes to the app."""
     deadline = time.monotonic() + timeout_s
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):

@@ -44,6 +44,10 @@ class ServeConfig:
     max_choices: int = option(128, "most completions (prompts x n) one request may ask for")
     ray_address: Optional[str] = option(None, "Ray cluster to connect to, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else a new local Ray)")
     app_name: str = option("octoray", "Ray Serve application name")
+    api_key: tuple[str, ...] = option(
+        (), "API keys clients must send as 'Authorization: Bearer KEY' on every /v1 route (--api-key KEY, "
+            "repeatable; default: OCTORAY_API_KEY, comma-separated for several; none: open to anyone who "
+            "reaches the port)", metavar="KEY", repr=False)
 
     def problems(self) -> list[str]:
         """Every invalid value, for :class:`octoray.config.ConfigError`."""
@@ -67,5 +71,7 @@ class ServeConfig:
             found.append("num_cpus/num_gpus: must be >= 0")
         if self.max_model_len is not None and self.max_model_len < 2:
             found.append(f"max_model_len: must be >= 2, got {self.max_model_len}")
+        if any(not key or any(c.isspace() for c in key) for key in self.api_key):
+            found.append("api_key: a key must be non-empty and hold no whitespace")
         found += resource_problems("resources", self.resources)
         return found

@@ -33,6 +33,17 @@ class Sequence:
     finish_reason: Optional[str] = None
     cancelled: bool = False
     uniforms: list[float] = field(default_factory=list)  # one draw per token, from this row's seed
+    # vLLM's sampling extras (off at these defaults)
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF/CTRL-style, over prompt and output tokens
+    presence_penalty: float = 0.0  # OpenAI-style, over output tokens
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    min_tokens: int = 0  # EOS is masked until this many tokens are out
+    logprobs: Optional[int] = None  # record each token's log-probability and this many alternatives
+    #: per sampled token (EOS included): (its log-probability, [(token id, log-probability)] best first)
+    sampled_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -160,7 +171,8 @@ class BatchDecoder:
             batch.next_tokens = self._sample(out.logits[:, -1, :], batch.seqs)
 
     def _sample(self, logits: Any, seqs: list[Sequence]) -> list[int]:
-        """Greedy where temperature is 0, else temperature + nucleus sampling, row by row settings.
+        """Greedy where temperature is 0, else temperature + top-k/min-p/nucleus sampling, row by
+        row settings; penalties and EOS masks first (they change greedy rows too).
 
         Sampling is by inverse CDF with one uniform per row drawn from that row's own generator
         (pre-drawn at prefill), so a seeded row gets the same tokens in any batch, and a step
@@ -168,13 +180,15 @@ class BatchDecoder:
         """
         import torch
 
+        raw = logits
+        logits = adjust_logits(logits, seqs, self.eos_ids)
         chosen = logits.argmax(-1)
         sampled = [i for i, s in enumerate(seqs) if s.temperature > 0 and not s.done]
         if sampled:
             device = logits.device
             index = torch.tensor(sampled, device=device)
             temps = torch.tensor([seqs[i].temperature for i in sampled], device=device)[:, None]
-            probs = torch.softmax(logits[index].float() / temps, dim=-1)
+            probs = truncate(torch.softmax(logits[index].float() / temps, dim=-1), [seqs[i] for i in sampled])
             top_p = torch.tensor([seqs[i].top_p for i in sampled], device=device)[:, None]
             if bool((top_p < 1).any()):
                 top_p = top_p.masked_fill(top_p >= 1, 2.0)  # rows without top_p keep every token
@@ -189,7 +203,85 @@ class BatchDecoder:
             target = (draws[:, None] * cdf[:, -1:]).clamp(min=torch.finfo(cdf.dtype).tiny)
             picked = torch.searchsorted(cdf, target).clamp(max=cdf.shape[-1] - 1)
             chosen[index] = picked[:, 0]
+        record_logprobs(raw, chosen, seqs)
         return chosen.tolist()
+
+
+def adjust_logits(logits: Any, seqs: list[Sequence], eos_ids: frozenset[int]) -> Any:
+    """``logits`` (B, V) with each row's penalties applied and EOS masked where ``ignore_eos`` or
+    ``min_tokens`` forbid it; ``logits`` itself when no row asks for either (the common case)."""
+    import torch
+
+    rows = [i for i, s in enumerate(seqs) if not s.done and (
+        s.repetition_penalty != 1.0 or s.presence_penalty or s.frequency_penalty or s.ignore_eos
+        or s.generated < s.min_tokens)]
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=logits.device)
+    for i in rows:
+        seq, row = seqs[i], logits[i]
+        if seq.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.prompt_ids) | set(seq.token_ids)), dtype=torch.long, device=row.device)
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / seq.repetition_penalty, values * seq.repetition_penalty)
+        if (seq.presence_penalty or seq.frequency_penalty) and seq.token_ids:
+            counts = torch.bincount(torch.tensor(seq.token_ids, device=row.device), minlength=row.shape[-1]).to(row.dtype)
+            row -= seq.frequency_penalty * counts + seq.presence_penalty * (counts > 0).to(row.dtype)
+        if (seq.ignore_eos or seq.generated < seq.min_tokens) and len(eos):
+            row[eos] = float("-inf")
+    return logits
+
+
+def truncate(probs: Any, seqs: list[Sequence]) -> Any:
+    """``probs`` (one row per sequence) with ``top_k`` and ``min_p`` applied and renormalised
+    (before ``top_p``, as vLLM); ``probs`` itself when no row uses either."""
+    import torch
+
+    if not any(s.top_k > 0 or s.min_p > 0 for s in seqs):
+        return probs
+    vocab = probs.shape[-1]
+    k = torch.tensor([min(s.top_k, vocab) if s.top_k > 0 else vocab for s in seqs], device=probs.device)
+    kth = probs.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
+    min_p = torch.tensor([s.min_p for s in seqs], device=probs.device, dtype=probs.dtype)[:, None]
+    floor = torch.maximum(kth, min_p * probs.max(dim=-1, keepdim=True).values)
+    probs = probs.masked_fill(probs < floor, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def record_logprobs(logits: Any, chosen: Any, seqs: list[Sequence]) -> None:
+    """Append, for each live row that asked for them, the chosen token's log-probability under the
+    model (the raw logits: before temperature, truncation and penalties, as vLLM reports them)
+    and its ``logprobs`` best alternatives."""
+    import torch
+
+    rows = [i for i, s in enumerate(seqs) if s.logprobs is not None and not s.done]
+    if not rows:
+        return
+    index = torch.tensor(rows, device=logits.device)
+    logp = torch.log_softmax(logits[index].float(), dim=-1)
+    picked = logp.gather(-1, chosen[index][:, None])[:, 0].tolist()
+    most = max(seqs[i].logprobs for i in rows)
+    top_v, top_i = logp.topk(most, dim=-1) if most else (logp[:, :0], logp[:, :0].long())
+    for j, i in enumerate(rows):
+        k = seqs[i].logprobs
+        seqs[i].sampled_logprobs.append((picked[j], list(zip(top_i[j, :k].tolist(), top_v[j, :k].tolist()))))
+
+
+def prompt_logprobs(model: Any, prompt_ids: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Each prompt token's log-probability given the tokens before it, and the ``top`` best
+    alternatives there (one forward pass; the first token has no context and is left out):
+    what ``echo`` with ``logprobs`` reports, e.g. to score a prompt with ``max_tokens: 0``."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt_ids], device=device)).logits[0, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        target = torch.tensor(prompt_ids[1:], device=device)
+        picked = logp.gather(-1, target[:, None])[:, 0].tolist()
+        top_v, top_i = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
+        return [(picked[j], list(zip(top_i[j].tolist(), top_v[j].tolist()))) for j in range(len(picked))]
 
 
 def _cache_of(out: Any) -> Any:

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP layer of ``octoray serve``: one Ray Serve replica and its routes.
 
 :class:`CompletionServer` loads the model, builds a Starlette app with ``POST /v1/completions``
-(plain and streamed), ``GET /v1/models`` and ``GET /healthz``, turns each request into
+and ``POST /v1/chat/completions`` (plain and streamed), ``GET /v1/models`` and ``GET /healthz``
+(every ``/v1`` route behind :class:`RequireAPIKey` when keys are set), turns each request into
 :class:`~octoray.serving.decoding.Sequence` s and hands them to its
 :class:`~octoray.serving.scheduler.BatchScheduler`. The protocol's rules (validation, error
 bodies, response shapes) live in :mod:`octoray.serving.protocol`; deploying this class is
@@ -11,15 +12,22 @@ bodies, response shapes) live in :mod:`octoray.serving.protocol`; deploying this
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from octoray.config import from_mapping
+from octoray.modeling import DEFAULT_TEMPLATE, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, chat_template
+from octoray.serving.chat_protocol import (chat_chunk, chat_logprobs, chat_response, chat_usage_chunk, new_chat_id,
+                                           parse_chat_request)
 from octoray.serving.config import FALLBACK_MAX_MODEL_LEN, ServeConfig
-from octoray.serving.decoding import BatchDecoder, Sequence
-from octoray.serving.protocol import (SSE_DONE, APIError, completion_chunk, completion_response, error_body,
-                                      models_response, new_request_id, parse_completion_request, sse, usage_chunk)
+from octoray.serving.decoding import BatchDecoder, Sequence, prompt_logprobs
+from octoray.serving.protocol import (SSE_DONE, APIError, CompletionParams, TokenLogprob, completion_chunk,
+                                      completion_response, error_body, legacy_logprobs, models_response,
+                                      new_request_id, parse_completion_request, sse, usage_chunk)
 from octoray.serving.scheduler import BatchScheduler
 
 logger = logging.getLogger("octoray.serve")
@@ -33,41 +41,50 @@ class CompletionServer:
 
     Wrapped at deploy time by ``serve.deployment(serve.ingress()(CompletionServer))``, which keeps
     this module free of Ray imports; the ASGI app is built per replica by
-    ``__serve_build_asgi_app__`` so its routes can reach ``self``.
+    ``__serve_build_asgi_app__`` so its routes can reach ``self``. ``key_digests`` are the SHA-256
+    digests of the API keys (the keys themselves never reach Ray: deployment arguments are
+    stored in the cluster's state and shown by its dashboard).
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], key_digests: tuple[str, ...] = ()) -> None:
         import torch
 
         from octoray.modeling import load_model, load_tokenizer
 
         self.cfg = from_mapping(ServeConfig, config)
+        self.key_digests = tuple(key_digests)
         self.max_model_len = int(self.cfg.max_model_len or FALLBACK_MAX_MODEL_LEN)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(self.cfg.model)
-        model = load_model(self.cfg.model, dtype=_torch_dtype(self.cfg.dtype, self.device, self.cfg.model))
-        decoder = BatchDecoder(model.to(self.device).eval(), self.tokenizer)
+        self.model = load_model(self.cfg.model, dtype=_torch_dtype(self.cfg.dtype, self.device, self.cfg.model))
+        decoder = BatchDecoder(self.model.to(self.device).eval(), self.tokenizer)
+        self.decoder = decoder
         self.scheduler = BatchScheduler(decoder, max_batch_size=self.cfg.max_batch_size,
                                         batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
                                         max_concurrent_batches=self.cfg.max_ongoing_requests)
+        self.fim = _has_fim_tokens(self.tokenizer)
+        self.chat_template = self.tokenizer.chat_template or chat_template(DEFAULT_TEMPLATE)
         self.created = int(time.time())
 
     def __serve_build_asgi_app__(self) -> Any:
-        """The Starlette app with the three routes; called by Ray Serve after ``__init__``."""
+        """The Starlette app with its routes; called by Ray Serve after ``__init__``."""
         from starlette.applications import Starlette
         from starlette.exceptions import HTTPException
+        from starlette.middleware import Middleware
         from starlette.responses import JSONResponse
         from starlette.routing import Route
 
-        async def completions(request: Any) -> Any:
-            try:
-                return await self._completions(request)
-            except APIError as exc:
-                return JSONResponse(exc.body(), status_code=exc.status)
-            except Exception:  # noqa: BLE001 - a bug must still answer in the protocol's shape
-                logger.exception("completion failed")
-                return JSONResponse(error_body("internal server error (see the replica log)", "server_error"),
-                                    status_code=500)
+        def answering(handler: Any, what: str) -> Any:
+            async def route(request: Any) -> Any:
+                try:
+                    return await handler(request)
+                except APIError as exc:
+                    return JSONResponse(exc.body(), status_code=exc.status)
+                except Exception:  # noqa: BLE001 - a bug must still answer in the protocol's shape
+                    logger.exception("%s failed", what)
+                    return JSONResponse(error_body("internal server error (see the replica log)", "server_error"),
+                                        status_code=500)
+            return route
 
         async def models(request: Any) -> Any:
             return JSONResponse(models_response(self.cfg.model_name, self.created, self.max_model_len))
@@ -80,37 +97,132 @@ class CompletionServer:
             message = f"{request.method} {request.url.path}: {exc.detail}"
             return JSONResponse(error_body(message, "invalid_request_error", None, code), status_code=exc.status_code)
 
-        return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
+        middleware = [Middleware(RequireAPIKey, digests=self.key_digests)] if self.key_digests else []
+        return Starlette(routes=[Route("/v1/completions", answering(self._completions, "completion"), methods=["POST"]),
+                                 Route("/v1/chat/completions", answering(self._chat, "chat completion"),
+                                       methods=["POST"]),
                                  Route("/v1/models", models, methods=["GET"]),
                                  Route("/healthz", healthz, methods=["GET"])],
-                         exception_handlers={HTTPException: http_error})
+                         middleware=middleware, exception_handlers={HTTPException: http_error})
+
+    # --- /v1/completions ------------------------------------------------------------------------
 
     async def _completions(self, request: Any) -> Any:
         from starlette.responses import JSONResponse, StreamingResponse
 
         params = parse_completion_request(await _read_body(request), default_max_tokens=self.cfg.default_max_tokens,
                                           max_choices=self.cfg.max_choices)
+        self._check_request(params, "/v1/completions")
+        prompt_ids = [self._prompt_ids(p, params.suffix, params.max_tokens) for p in params.prompts]
+        # echo returns the prompt before the completion: the text as given, token ids detokenised
+        echoes = [(p if isinstance(p, str) else self.tokenizer.decode(list(p))) if params.echo else ""
+                  for p in params.prompts]
+        seqs = self._sequences(prompt_ids, params)
+        if params.max_tokens == 0:  # echo only (prompt scoring): nothing to generate
+            for seq in seqs:
+                seq.finish_reason = "length"
+        prompt_tokens = sum(len(ids) for ids in prompt_ids)
+        request_id, created = new_request_id()
+        model = self.cfg.model_name
+        if params.stream:
+            if params.logprobs is not None:
+                raise APIError(400, "logprobs are not supported with stream on this server; send stream: false",
+                               param="logprobs", code="unsupported_parameter")
+            first = [completion_chunk(request_id, created, model, s.index, echoes[s.index // params.n], None)
+                     for s in seqs if echoes[s.index // params.n]]
+            chunks = self._stream(seqs, lambda i, text, reason: completion_chunk(request_id, created, model, i, text,
+                                                                                 reason),
+                                  lambda done: usage_chunk(request_id, created, model, prompt_tokens, done),
+                                  params.include_usage, first)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        if params.max_tokens > 0:
+            await self.scheduler.run(seqs)
+        texts = [echoes[s.index // params.n] + s.text for s in seqs]
+        logprobs = None
+        if params.logprobs is not None:
+            scored = await self._prompt_scores(prompt_ids, params.logprobs) if params.echo else None
+            logprobs = [legacy_logprobs((scored[s.index // params.n] if scored else []) + self._generated_logprobs(s))
+                        for s in seqs]
+        body = completion_response(request_id, created, model,
+                                   [(text, s.finish_reason) for text, s in zip(texts, seqs)], prompt_tokens,
+                                   sum(s.generated for s in seqs), logprobs)
+        return JSONResponse(body)
+
+    # --- /v1/chat/completions -------------------------------------------------------------------
+
+    async def _chat(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        chat = parse_chat_request(await _read_body(request), max_choices=self.cfg.max_choices)
+        params = chat.completion
+        self._check_request(params, "/v1/chat/completions")
+        try:
+            prompt = self.tokenizer.apply_chat_template([dict(m) for m in chat.messages], tokenize=False,
+                                                        add_generation_prompt=True, chat_template=self.chat_template)
+        except Exception as exc:  # noqa: BLE001 - a template may raise on any input (jinja2's raise_exception)
+            raise APIError(400, f"the model's chat template cannot render these messages: {exc}",
+                           param="messages", code="invalid_value") from None
+        if params.max_tokens is None:  # as vLLM: the rest of the context window
+            room = self.max_model_len - len(self.tokenizer(prompt)["input_ids"])
+            params = replace(params, max_tokens=max(room, 1))
+        ids = self._encode(prompt, params.max_tokens)
+        seqs = self._sequences([ids], params)
+        request_id, created = new_chat_id(), int(time.time())
+        model = self.cfg.model_name
+        if params.stream:
+            if params.logprobs is not None:
+                raise APIError(400, "logprobs are not supported with stream on this server; send stream: false",
+                               param="logprobs", code="unsupported_parameter")
+            first = [chat_chunk(request_id, created, model, s.index, {"role": "assistant", "content": ""}, None)
+                     for s in seqs]
+            chunks = self._stream(seqs, lambda i, text, reason: chat_chunk(request_id, created, model, i,
+                                                                           {"content": text} if text else {}, reason),
+                                  lambda done: chat_usage_chunk(request_id, created, model, len(ids), done),
+                                  params.include_usage, first)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        await self.scheduler.run(seqs)
+        logprobs = ([chat_logprobs(self._generated_logprobs(s)) for s in seqs] if params.logprobs is not None
+                    else None)
+        return JSONResponse(chat_response(request_id, created, model, [(s.text, s.finish_reason) for s in seqs],
+                                          len(ids), sum(s.generated for s in seqs), logprobs))
+
+    # --- shared -----------------------------------------------------------------------------------
+
+    def _check_request(self, params: CompletionParams, route: str) -> None:
+        if params.ignored:  # vLLM's behaviour: warn and go on (names only: values may be private)
+            logger.warning("%s: ignoring unknown request fields: %s", route, ", ".join(params.ignored))
         if params.model not in (None, "", self.cfg.model_name, self.cfg.model):
             raise APIError(404, f"The model '{params.model}' does not exist; this server serves "
                                 f"'{self.cfg.model_name}'", param="model", code="model_not_found")
-        prompt_ids = [self._encode(p, params.max_tokens) for p in params.prompts]
-        seqs = [Sequence(prompt_ids=ids, max_tokens=params.max_tokens, temperature=params.temperature,
-                         top_p=params.top_p, stop=params.stop, index=i * params.n + j,
-                         seed=None if params.seed is None else params.seed + j)
+
+    def _sequences(self, prompt_ids: list[list[int]], params: CompletionParams) -> list[Sequence]:
+        return [Sequence(prompt_ids=ids, max_tokens=params.max_tokens, index=i * params.n + j,
+                         seed=None if params.seed is None else params.seed + j, logprobs=params.logprobs,
+                         **params.sampling())
                 for i, ids in enumerate(prompt_ids) for j in range(params.n)]
-        prompt_tokens = sum(len(ids) for ids in prompt_ids)
-        request_id, created = new_request_id()
-        if params.stream:
-            chunks = self._stream(seqs, request_id, created, prompt_tokens, params.include_usage)
-            return StreamingResponse(chunks, media_type="text/event-stream")
-        await self.scheduler.run(seqs)
-        body = completion_response(request_id, created, self.cfg.model_name,
-                                   [(s.text, s.finish_reason) for s in seqs], prompt_tokens,
-                                   sum(s.generated for s in seqs))
-        return JSONResponse(body)
+
+    def _prompt_ids(self, prompt: str | tuple[int, ...], suffix: str | None, max_tokens: int) -> list[int]:
+        """A prompt's token ids: text tokenised (wrapped in StarCoder's FIM order when there is a
+        ``suffix``), token ids checked against the vocabulary; either way within the context."""
+        if isinstance(prompt, tuple):
+            vocab = len(self.tokenizer)
+            bad = [t for t in prompt if t >= vocab]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the model's vocabulary (size {vocab})",
+                               param="prompt", code="invalid_value")
+            return self._check_length(list(prompt), max_tokens)
+        if suffix is not None and (suffix or self.fim):
+            if not self.fim:
+                raise APIError(400, f"suffix (fill-in-the-middle) needs a tokenizer with the {FIM_PREFIX}, "
+                                    f"{FIM_SUFFIX} and {FIM_MIDDLE} tokens; the tokenizer of "
+                                    f"'{self.cfg.model_name}' has none", param="suffix", code="fim_unsupported")
+            prompt = f"{FIM_PREFIX}{prompt}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
+        return self._encode(prompt, max_tokens)
 
     def _encode(self, prompt: str, max_tokens: int) -> list[int]:
-        ids = self.tokenizer(prompt)["input_ids"]
+        return self._check_length(self.tokenizer(prompt)["input_ids"], max_tokens)
+
+    def _check_length(self, ids: list[int], max_tokens: int) -> list[int]:
         if len(ids) + max_tokens > self.max_model_len:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
                                 f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in your prompt; "
@@ -119,31 +231,95 @@ class CompletionServer:
                            code="context_length_exceeded")
         return ids
 
-    async def _stream(self, seqs: list[Sequence], request_id: str, created: int, prompt_tokens: int,
-                      include_usage: bool) -> Any:
-        """Server-sent events: text pieces as they are decoded, then usage (if asked), then [DONE]."""
+    def _token_text(self, token: int) -> str:
+        return self.decoder.decode([token])  # as the text is decoded: special tokens dropped
+
+    def _generated_logprobs(self, seq: Sequence) -> list[TokenLogprob]:
+        """The returned tokens' log-probability records (EOS and anything past a stop string left out)."""
+        out: list[TokenLogprob] = []
+        at = 0
+        for token, (logprob, top) in zip(seq.token_ids, seq.sampled_logprobs):
+            if at >= len(seq.text):
+                break
+            text = self._token_text(token)
+            at += len(text)
+            out.append((text, logprob, [(self._token_text(t), v) for t, v in top]))
+        return out
+
+    async def _prompt_scores(self, prompt_ids: list[list[int]], top: int) -> list[list[TokenLogprob]]:
+        """Each prompt's tokens with their log-probabilities (the first token has none)."""
+        out = []
+        for ids in prompt_ids:
+            scores = await asyncio.to_thread(prompt_logprobs, self.model, ids, top)
+            text = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+            out.append([(text(ids[0]), None, None)] +
+                       [(text(t), lp, [(text(a), v) for a, v in alts]) for t, (lp, alts) in zip(ids[1:], scores)])
+        return out
+
+    async def _stream(self, seqs: list[Sequence], chunk: Any, usage: Any, include_usage: bool,
+                      first: list[dict[str, Any]]) -> Any:
+        """Server-sent events: ``first``, then text pieces as they are decoded (``chunk(index, text,
+        finish_reason)``), then ``usage(completion_tokens)`` if asked, then [DONE]."""
         queue: asyncio.Queue = asyncio.Queue()
         for seq in seqs:
             seq.queue = queue
         task = asyncio.ensure_future(self.scheduler.run(seqs))
         task.add_done_callback(lambda _: queue.put_nowait(None))  # after every piece: same event loop
         try:
+            for item in first:
+                yield sse(item)
             while (item := await queue.get()) is not None:
                 index, text, finish_reason = item
-                yield sse(completion_chunk(request_id, created, self.cfg.model_name, index, text, finish_reason))
+                yield sse(chunk(index, text, finish_reason))
             if task.exception() is not None:
                 logger.error("streamed completion failed", exc_info=task.exception())
                 yield sse(error_body("internal server error (see the replica log)", "server_error"))
                 return
             if include_usage:
-                yield sse(usage_chunk(request_id, created, self.cfg.model_name, prompt_tokens,
-                                      sum(s.generated for s in seqs)))
+                yield sse(usage(sum(s.generated for s in seqs)))
             yield SSE_DONE
         finally:
             if not task.done():  # the client disconnected mid-stream
                 for seq in seqs:
                     seq.cancelled = True
                 task.cancel()
+
+
+class RequireAPIKey:
+    """ASGI middleware: every ``/v1`` request needs ``Authorization: Bearer KEY`` with one of the
+    keys (compared by SHA-256 digest, in constant time); others get 401 in OpenAI's error shape.
+    ``/health`` and ``/healthz`` stay open: load balancers and Kubernetes probe them without keys."""
+
+    def __init__(self, app: Any, digests: tuple[str, ...]) -> None:
+        self.app, self.digests = app, digests
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+            problem = self._problem(dict(scope.get("headers") or []).get(b"authorization", b""))
+            if problem:
+                from starlette.responses import JSONResponse
+
+                response = JSONResponse(error_body(problem, "invalid_request_error", None, "invalid_api_key"),
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _problem(self, header: bytes) -> str | None:
+        scheme, _, key = header.decode("latin-1").strip().partition(" ")
+        if not header:
+            return ("You didn't provide an API key. You need to provide your API key in an Authorization header "
+                    "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)")
+        given = key_digest(key.strip()) if scheme.lower() == "bearer" else ""
+        # every digest compared, so the time taken tells nothing about which one nearly matched
+        if not sum(hmac.compare_digest(given, d) for d in self.digests):
+            return "Incorrect API key provided (send Authorization: Bearer YOUR_KEY)"
+        return None
+
+
+def key_digest(key: str) -> str:
+    """The SHA-256 hex digest an API key is known by inside the cluster."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -156,6 +332,12 @@ async def _read_body(request: Any) -> bytes:
             raise APIError(413, f"request body over {MAX_BODY_BYTES // (1024 * 1024)} MiB", code="request_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _has_fim_tokens(tokenizer: Any) -> bool:
+    """Whether the tokenizer has StarCoder's three FIM sentinels, each one token."""
+    vocab = tokenizer.get_vocab()
+    return all(t in vocab and len(tokenizer(t)["input_ids"]) == 1 for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE))
 
 
 def _torch_dtype(name: str, device: Any, model: str) -> Any:

@@ -290,6 +290,17 @@ def resolve_model(cfg: TrainConfig, data_dir: Location, run_dir: Location) -> st
     return cfg.model
 
 
+def trained_template(cfg: TrainConfig) -> str:
+    """The Jinja ``chat_template`` the exported model gets: the format its SFT prompts were written
+    in (octoray.modeling's templates), so ``apply_chat_template``, vLLM and Hub tools prompt it as trained."""
+    from octoray.modeling import DEFAULT_TEMPLATE, chat_template, detect_template
+
+    name = DEFAULT_TEMPLATE
+    if cfg.data is not None:
+        name = detect_template(sft_texts(location(cfg.data).resolve(), limit=1000))
+    return chat_template(name)
+
+
 def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir: Location,
         callbacks: Sequence[Any] = (), init_checkpoint: Optional[Path] = None) -> Any:
     """Run :func:`train_loop_per_worker` on ``cfg.num_workers`` Ray Train workers; return the Result.
@@ -310,7 +321,8 @@ def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir), "model_path": model_path,
-                           "init_checkpoint": str(init_checkpoint) if init_checkpoint else None},
+                           "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
+                           "chat_template": trained_template(cfg)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu(cfg),
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

@@ -112,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         _sync_metrics(run_dir, local_dir, tensorboard=True)
     del hf_ds_config  # training is over (see _export_model)
-    _export_model(engine, cfg, model_path, run_dir, local_dir, rank)
+    _export_model(engine, cfg, model_path, run_dir, local_dir, rank, config.get("chat_template"))
 
 
 def _engine(cfg: TrainConfig, model_path: str, world: int) -> tuple[Any, Any, PeakMemory]:
@@ -292,7 +292,7 @@ def _wait_registered(run_dir: Location, name: str, timeout: float) -> bool:
 
 
 def _export_model(engine: Any, cfg: TrainConfig, model_path: str, run_dir: Location, local_dir: Path,
-                  rank: int) -> None:
+                  rank: int, chat_template: str | None = None) -> None:
     """RUN_DIR/model in Hugging Face format (uploaded when RUN_DIR is a URI), when ``cfg.export``."""
     # Stop transformers from building models under zero.Init, or rank 0's fresh export model would
     # start ZeRO-3 collectives the other ranks never join (a deadlock).
@@ -302,7 +302,7 @@ def _export_model(engine: Any, cfg: TrainConfig, model_path: str, run_dir: Locat
         unset_hf_deepspeed_config()
     if not cfg.export:
         return
-    _export(engine, cfg, model_path, local_dir / "model", rank)
+    _export(engine, cfg, model_path, local_dir / "model", rank, chat_template)
     if rank == 0 and isinstance(run_dir, ObjectPath):
         from octoray.storage.locations import rmtree
 
@@ -454,7 +454,8 @@ def _maybe_fail(cfg: TrainConfig, run_dir: Location, next_step: int, rank: int, 
     os._exit(1)
 
 
-def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank: int) -> None:
+def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank: int,
+            chat_template: str | None = None) -> None:
     """Write the trained model (LoRA merged) + tokenizer in Hugging Face format on rank 0.
 
     Parameters are gathered one at a time (whole under ZeRO-3, a no-op otherwise), so no rank
@@ -486,7 +487,10 @@ def _export(engine: Any, cfg: TrainConfig, model_path: str, out_dir: Path, rank:
         model.config.use_cache = True
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         model.save_pretrained(tmp)
-        load_tokenizer(model_path).save_pretrained(tmp)
+        tokenizer = load_tokenizer(model_path)
+        if chat_template:  # the format it was trained on (saved as chat_template.jinja)
+            tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(tmp)
         if out_dir.exists():
             import shutil
 

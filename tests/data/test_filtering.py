@@ -235,7 +235,7 @@ def test_table_files_are_checked(tmp_path: Path) -> None:
 def test_templates() -> None:
     table = pa.table({"subject": col("Fix it"), "old_contents": col("a\n"), "new_contents": col("b\n")})
     octo = add_prompts(table, "octocoder").to_pylist()[0]
-    assert octo["prompt"] + octo["completion"] == "Question: Fix it\na\n\n\nAnswer: \nb\n"
+    assert octo["prompt"] + octo["completion"] == "Question: Fix it\na\n\n\nAnswer:\nb\n"
     assert octo["source"] == "commitpackft"
     tags = add_prompts(table, "commit_tags").to_pylist()[0]
     assert tags["prompt"] == "<commit_before>a\n<commit_msg>Fix it<commit_after>" and tags["completion"] == "b\n"
@@ -534,9 +534,9 @@ def test_funnel_on_a_mined_repository(tmp_path: Path, shared_dir: Path, ray_loca
         reference_normalise(m, True, True) for m, rule in expected.items() if rule == "")
     assert "Add jitter to the retry delay" in by_source["commitpackft"].column("subject").to_pylist()
     row = by_source["commitpackft"].to_pylist()[0]
-    assert row["prompt"] == f"Question: {row['subject']}\n{row['old_contents']}\n\nAnswer: \n"
+    assert row["prompt"] == f"Question: {row['subject']}\n{row['old_contents']}\n\nAnswer:\n"
     assert row["completion"] == row["new_contents"]
-    assert by_source["oasst"].to_pylist()[0]["prompt"] == "Question: What is Ray?\n\nAnswer: \n"
+    assert by_source["oasst"].to_pylist()[0]["prompt"] == "Question: What is Ray?\n\nAnswer:\n"
     _check_hub_folder(out, tmp_path / "hf")
 
     # octoray 0.1's flat commits/ layout (shards beside manifest.json) is read as well.

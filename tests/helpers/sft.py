@@ -27,10 +27,10 @@ def sft_rows(n: int, seed: int = 0, oasst: int = 0) -> list[dict[str, str]]:
         old = f"def {name}(a, b):\n    return a\n"
         new = f"def {name}(a, b):\n    return a {op} b\n"
         subject = f"Make {name} {verb} its arguments"
-        rows.append({"prompt": f"Question: {subject}\n{old}\n\nAnswer: \n", "completion": new,
+        rows.append({"prompt": f"Question: {subject}\n{old}\n\nAnswer:\n", "completion": new,
                      "source": "commitpackft", "lang": "Python"})
     for i in range(oasst):
-        rows.append({"prompt": f"Question: Say hello to {NAMES[i % len(NAMES)]} number {i}\n\nAnswer: \n",
+        rows.append({"prompt": f"Question: Say hello to {NAMES[i % len(NAMES)]} number {i}\n\nAnswer:\n",
                      "completion": f"Hello, {NAMES[i % len(NAMES)]}!", "source": "oasst", "lang": "English"})
     return rows
 

@@ -55,7 +55,7 @@ BAD_REQUESTS = [
     ({"prompt": []}, "prompt", "invalid_value"),
     ({"prompt": ["ok", ""]}, "prompt", "invalid_value"),
     ({"prompt": 42}, "prompt", "invalid_type"),
-    ({"prompt": [1, 2, 3]}, "prompt", "invalid_type"),
+    ({"prompt": [[1, 2], "x"]}, "prompt", "invalid_type"),
     ({"prompt": "x", "max_tokens": -1}, "max_tokens", "invalid_value"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens", "invalid_value"),
     ({"prompt": "x", "max_tokens": "8"}, "max_tokens", "invalid_type"),
@@ -74,9 +74,9 @@ BAD_REQUESTS = [
     ({"prompt": "x", "seed": "1"}, "seed", "invalid_type"),
     ({"prompt": "x", "stream": "yes"}, "stream", "invalid_type"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
-    ({"prompt": "x", "prompt_typo": 1}, "prompt_typo", "unknown_parameter"),
-    ({"prompt": "x", "echo": True}, "echo", "unsupported_parameter"),
-    ({"prompt": "x", "logprobs": 5}, "logprobs", "unsupported_parameter"),
+    ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias", "unsupported_parameter"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs", "invalid_value"),
+    ({"prompt": "x", "echo": "yes"}, "echo", "invalid_type"),
     ({"prompt": "x", "best_of": 3}, "best_of", "unsupported_parameter"),
 ]
 

@@ -64,8 +64,8 @@ def test_packing_eos_separators_padding_and_target_mask(tmp_path: Path) -> None:
     from octoray.modeling import train_bpe_tokenizer
     from octoray.training.packing import IGNORE_INDEX, pack_examples
 
-    tok = train_bpe_tokenizer(["Question: fix it\nAnswer: \ndef f(): pass\n"] * 20, vocab_size=300)
-    prompts, completions = ["Question: fix it\nAnswer: \n"] * 3, ["def f(): pass\n"] * 3
+    tok = train_bpe_tokenizer(["Question: fix it\nAnswer:\ndef f(): pass\n"] * 20, vocab_size=300)
+    prompts, completions = ["Question: fix it\nAnswer:\n"] * 3, ["def f(): pass\n"] * 3
     whole = pack_examples(prompts, completions, tok, 16)
     masked = pack_examples(prompts, completions, tok, 16, target_only=True)
     ids = whole["input_ids"].ravel().tolist()
@@ -214,6 +214,14 @@ def test_zero3_lora_rerun_resumes_exports_merged_model(tmp_path: Path, ray_local
     other = next(k for k in exported if k.endswith("mlp.c_fc.weight"))
     assert torch.equal(exported[other], base[other])  # untouched by LoRA
     _check_export_generates(run_dir / "model")
+    # the template of its (OctoCoder-style) data, so apply_chat_template prompts it as trained
+    from octoray.modeling import chat_template, load_tokenizer, octocoder_prompt
+
+    tokenizer = load_tokenizer(str(run_dir / "model"))
+    assert tokenizer.chat_template == chat_template("octocoder")
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "q"}], tokenize=False,
+                                         add_generation_prompt=True) == octocoder_prompt("q")
+    assert len(tokenizer("<fim_prefix>")["input_ids"]) == 1  # the demo tokenizer's FIM tokens
 
 
 def test_train_config_is_a_frozen_dataclass() -> None:
