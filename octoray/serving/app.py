@@ -219,10 +219,21 @@ def _app(cfg: ServeConfig) -> Any:
     deployment = serve.deployment(serve.ingress()(CompletionServer)).options(
         name="CompletionServer",
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": num_gpus, "resources": dict(cfg.resources or {})},
-        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_ongoing_requests=replica_request_limit(cfg),
         autoscaling_config=_autoscaling(cfg),
     )
     return deployment.bind(to_dict(cfg))
+
+
+def replica_request_limit(cfg: ServeConfig) -> int:
+    """The ``max_ongoing_requests`` Serve is given: what the replica holds (worked on + queued) plus room.
+
+    The replica itself refuses requests past ``max_ongoing_requests + max_queued_requests`` with
+    a fast 429 in OpenAI's shape; the room above that keeps Serve's router passing requests on
+    (to be refused, and ``/health`` probes to be answered) instead of queueing them unseen.
+    """
+    held = cfg.max_ongoing_requests + cfg.max_queued_requests
+    return held + max(8, held // 4)
 
 
 def _preflight(cfg: ServeConfig) -> tuple[str, int]:
