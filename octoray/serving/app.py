@@ -6,7 +6,7 @@ This module holds the command line and the Ray lifecycle (the config is
 :class:`octoray.serving.config.ServeConfig`): it checks the model once,
 joins or starts Ray (:func:`octoray.cluster.connection.ensure_ray`) and deploys one Ray Serve deployment
 whose replicas answer ``POST /v1/completions`` (plain and streamed), ``GET /v1/models`` and
-``GET /healthz``. Replicas autoscale on ongoing requests; each takes ``num_gpus`` when the
+``GET /health`` (= ``/healthz``). Replicas autoscale on ongoing requests; each takes ``num_gpus`` when the
 cluster has GPUs. ``engine=vllm`` serves the same API through Ray Serve LLM (vLLM) instead.
 
 The replica is built from parts with one job each:
@@ -14,9 +14,11 @@ The replica is built from parts with one job each:
 - :mod:`octoray.serving.replica`: the replica (:class:`~octoray.serving.replica.CompletionServer`),
   its HTTP routes and the request -> sequences -> response path;
 - :mod:`octoray.serving.protocol`: the protocol's rules (validation, error bodies, response shapes);
-- :mod:`octoray.serving.scheduler`: ``@serve.batch`` gathering sequences of concurrent requests
-  into batches, finished sequences leaving early;
-- :mod:`octoray.serving.decoding`: left-padded batched decoding with a KV cache and per-row sampling.
+- :mod:`octoray.serving.scheduler`: continuous batching (new sequences join the running batch at
+  the next step, finished ones leave at once) and the bounded queue;
+- :mod:`octoray.serving.decoding`: left-padded batched decoding with a KV cache and per-row sampling
+  (:mod:`octoray.serving.kv_cache` joins the caches);
+- :mod:`octoray.serving.metrics`: time to first token, inter-token latency, tokens, queue depth.
 
 Python callers (tests, the pipeline) use ``url = start(cfg)`` ... ``shutdown()``; KubeRay's
 ``RayService`` points at ``octoray.serving.app:app_builder``.

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP layer of ``octoray serve``: one Ray Serve replica and its routes.
 
 :class:`CompletionServer` loads the model, builds a Starlette app with ``POST /v1/completions``
-(plain and streamed), ``GET /v1/models`` and ``GET /healthz``, turns each request into
+(plain and streamed), ``GET /v1/models`` and ``GET /health`` (= ``/healthz``, a real one-token
+decode), turns each request into
 :class:`~octoray.serving.decoding.Sequence` s and hands them to its
 :class:`~octoray.serving.scheduler.BatchScheduler`. The protocol's rules (validation, error
 bodies, response shapes) live in :mod:`octoray.serving.protocol`; deploying this class is
@@ -18,6 +19,7 @@ from typing import Any, Optional
 from octoray.config import from_mapping
 from octoray.serving.config import FALLBACK_MAX_MODEL_LEN, ServeConfig
 from octoray.serving.decoding import BatchDecoder, Sequence
+from octoray.serving.metrics import ServeMetrics, replica_name
 from octoray.serving.protocol import (SSE_DONE, APIError, completion_chunk, completion_response, error_body,
                                       models_response, new_request_id, parse_completion_request, sse, usage_chunk)
 from octoray.serving.scheduler import BatchScheduler, Overloaded
@@ -53,9 +55,11 @@ class CompletionServer:
         self.tokenizer = load_tokenizer(self.cfg.model)
         model = load_model(self.cfg.model, dtype=_torch_dtype(self.cfg.dtype, self.device, self.cfg.model))
         decoder = BatchDecoder(model.to(self.device).eval(), self.tokenizer)
+        metrics = ServeMetrics(self.cfg.model_name, replica_name())
         self.scheduler = BatchScheduler(decoder, max_batch_size=self.cfg.max_batch_size,
                                         max_prefill_tokens=self.cfg.max_prefill_tokens,
-                                        capacity=self.cfg.max_ongoing_requests + self.cfg.max_queued_requests)
+                                        capacity=self.cfg.max_ongoing_requests + self.cfg.max_queued_requests,
+                                        on_step=metrics.on_step)
         self.created = int(time.time())
         # Readiness waits for the model: Serve routes to this replica only once __init__ returns,
         # after one real decode; its outcome is the first /health answer.

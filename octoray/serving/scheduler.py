@@ -49,14 +49,14 @@ class BatchScheduler:
     """One replica's running batch, the sequences waiting to join it, and what it has served so far."""
 
     def __init__(self, decoder: BatchDecoder, *, max_batch_size: int, max_prefill_tokens: int = 4096,
-                 capacity: Optional[int] = None, on_step: Optional[Callable[[list[Sequence], float], None]] = None,
+                 capacity: Optional[int] = None, on_step: Optional[Callable[[list[_Request], float], None]] = None,
                  ) -> None:
         self.decoder = decoder
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.capacity = capacity
-        #: called on the event loop after each step with the rows that got a token and the time
-        #: (the replica's metrics hook)
+        #: called on the event loop after each step with the requests held (health probes left out)
+        #: and the time: the replica's metrics (octoray.serving.metrics.ServeMetrics.on_step)
         self.on_step = on_step
         #: served so far by this replica, shown by /healthz (the benchmark reads steps and row_steps)
         self.stats = {"requests": 0, "sequences": 0, "completion_tokens": 0, "batches": 0, "largest_batch": 0,
@@ -222,14 +222,19 @@ class BatchScheduler:
 
     def _settle(self) -> None:
         """After a step, on the event loop: count, report, and wake the requests whose rows are all done."""
-        rows = self._batch.seqs if self._batch is not None else []
         self.stats["steps"] += 1
         self.stats["row_steps"] += len(self._keep)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self._keep))
         if self.on_step is not None:
-            self.on_step([rows[i] for i in self._keep], time.monotonic())
-        for request in self._requests:
-            if not request.done.done() and all(seq.done for seq in request.seqs):
+            try:
+                self.on_step([r for r in self._requests if not self._probes.intersection(r.seqs)], time.monotonic())
+            except Exception:  # noqa: BLE001 - metrics must never stop decoding
+                logger.exception("the step hook failed")
+        finished = [r for r in self._requests if all(seq.done for seq in r.seqs)]
+        for request in finished:
+            # removed here, not only by wait(): a request whose waiter never ran must not hold a place
+            self._requests.remove(request)
+            if not request.done.done():
                 if not self._probes.intersection(request.seqs):
                     self.stats["completion_tokens"] += sum(seq.generated for seq in request.seqs)
                 request.done.set_result(None)

@@ -168,6 +168,29 @@ def test_burst_past_the_queue_gets_429_and_the_admitted_complete(server: Any) ->
 
 
 @pytest.mark.ray
+def test_metrics_reach_prometheus(server: Any, ray_local) -> None:
+    """The replica's metrics, as Prometheus scrapes them from the node's Ray metrics endpoint."""
+    import urllib.request
+
+    metrics_port = ray_local._private.worker.global_worker.node.metrics_export_port
+    assert _complete(server[0], {"prompt": SHORT_PROMPT, "max_tokens": 6})[0] == 200
+    wanted = ["ray_octoray_serve_time_to_first_token_seconds_bucket", "ray_octoray_serve_inter_token_latency_seconds_count",
+              "ray_octoray_serve_prompt_tokens", "ray_octoray_serve_generation_tokens",
+              "ray_octoray_serve_running_requests", "ray_octoray_serve_queued_requests"]
+    text = ""
+
+    def scraped() -> bool:
+        nonlocal text
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return all(name in text for name in wanted)
+
+    _wait_for(scraped, 90, f"every serving metric on :{metrics_port}/metrics")
+    tokens = [line for line in text.splitlines() if line.startswith("ray_octoray_serve_generation_tokens_total{")]
+    assert tokens and 'replica="' in tokens[0] and float(tokens[0].rsplit(" ", 1)[1]) >= 6
+
+
+@pytest.mark.ray
 def test_client_that_disconnects_frees_its_rows(server: Any) -> None:
     port = server[0]
     before = _health(port)[1]["stats"]
