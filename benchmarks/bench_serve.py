@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8765, help="loopback port")
     p.add_argument("--long", type=int, default=31, help="long requests running during the loaded TTFT test")
     p.add_argument("--long-tokens", type=int, default=128, help="max_tokens of each of those long requests")
-    p.add_argument("--ttft-repeats", type=int, default=5, help="short requests timed, alone and under load (median)")
+    p.add_argument("--ttft-repeats", type=int, default=3, help="short requests timed, alone and under load (median)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--decoder-only", action="store_true",
                    help="skip the server: time the batched decoder in-process (CPU seconds, robust on a busy machine)")
@@ -124,16 +124,18 @@ async def ttft(url: str, texts: list[str], n_long: int, long_tokens: int, repeat
     """Median TTFT of a short request alone, and while ``n_long`` long streamed requests are running."""
     import aiohttp
 
-    async def long_request(session: aiohttp.ClientSession, i: int) -> None:
+    async def long_client(session: aiohttp.ClientSession, i: int) -> None:
+        # closed loop, so ``n_long`` long requests are in the server for the whole measurement
         body = {"prompt": texts[i % len(texts)], "max_tokens": long_tokens, "temperature": 0, "stream": True}
-        async with session.post(f"{url}/completions", json=body) as response:
-            async for _ in response.content:
-                pass
+        while True:
+            async with session.post(f"{url}/completions", json=body) as response:
+                async for _ in response.content:
+                    pass
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=900)) as session:
         alone = [await first_token_s(session, url, "def main():") for _ in range(repeats)]
-        longs = [asyncio.ensure_future(long_request(session, i)) for i in range(n_long)]
+        longs = [asyncio.ensure_future(long_client(session, i)) for i in range(n_long)]
         deadline = time.perf_counter() + 120
         while stats(url).get("running", 0) < 1 and time.perf_counter() < deadline:
             await asyncio.sleep(0.2)  # every long one is running (batched) or waiting its turn (unbatched)
