@@ -206,6 +206,15 @@ def test_client_that_disconnects_frees_its_rows(server: Any) -> None:
     _wait_for(lambda: _health(port)[1]["stats"]["running"] == 0, 30, "the rows to be freed")
     after = _health(port)[1]["stats"]
     assert after["completion_tokens"] - before["completion_tokens"] < 2 * 1900
+    # not streamed: Serve cancels the request when its connection closes
+    before = after
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        body = json.dumps({"prompt": LONG_PROMPT, "max_tokens": 1900, "temperature": 0}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        _wait_for(lambda: _health(port)[1]["stats"]["running"] == 1, 30, "the request to start")
+    _wait_for(lambda: _health(port)[1]["stats"]["running"] == 0, 30, "the rows to be freed")
+    assert _health(port)[1]["stats"]["completion_tokens"] - before["completion_tokens"] < 1900
     status, _, body = _complete(port, {"prompt": SHORT_PROMPT, "max_tokens": 4})
     assert status == 200
 
