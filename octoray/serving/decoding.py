@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 logger = logging.getLogger("octoray.serve")
 
+
 @dataclass(eq=False)
 class Sequence:
     """One completion being generated (one prompt, one of its ``n`` samples) and its settings."""
