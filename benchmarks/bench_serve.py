@@ -1,15 +1,18 @@
-"""Load test of ``octoray serve`` on loopback: dynamic batching on vs off (the baseline).
+"""Load test of ``octoray serve`` on loopback: continuous batching vs the unbatched server (the baseline).
 
     .venv/bin/python benchmarks/bench_serve.py                      # tiny demo model, CPU
     .venv/bin/python benchmarks/bench_serve.py --model runs/demo/train/model --num-gpus 1   # on a GPU
 
-For each mode -- ``batched`` (``max_batch_size=32``) and the baseline ``unbatched``
-(``max_batch_size=1``: one sequence at a time, everything else identical) -- the script starts
-the server with :func:`octoray.serving.app.start`, then runs a closed-loop load at each concurrency
-level (the baseline is redeployed in place on the same proxy): ``c`` clients each send a request as soon as their previous one is answered, until the
-level's request count or time limit is reached (both bounded). It prints one markdown table:
-requests/s, generated tokens/s (from ``usage``), p50/p99 latency and the mean batch size the
-replica saw (from ``/healthz``), and the batched/unbatched tokens/s ratio per level.
+For each mode -- ``batched`` (continuous batching, ``max_batch_size=32``) and the baseline
+``unbatched`` (``max_batch_size=1``: one sequence at a time, everything else identical) -- the
+script starts the server with :func:`octoray.serving.app.start`, then runs a closed-loop load at
+each concurrency level (the baseline is redeployed in place on the same proxy): ``c`` clients
+each send a request as soon as their previous one is answered, until the level's request count
+or time limit is reached (both bounded). Then the time to first token (TTFT) of a short streamed
+request, alone and while ``--long`` long requests are being decoded. It prints markdown tables:
+requests/s, generated tokens/s (from ``usage``), p50/p99 latency and the mean number of rows per
+decode step the replica saw (from ``/healthz``), the batched/unbatched tokens/s ratio per level,
+and the TTFT figures against the goals (>= 1.0x at concurrency 1, >= 5x at 32, loaded TTFT <= 3x alone).
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 if Ray sees one)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     p.add_argument("--port", type=int, default=8765, help="loopback port")
+    p.add_argument("--long", type=int, default=31, help="long requests running during the loaded TTFT test")
+    p.add_argument("--long-tokens", type=int, default=128, help="max_tokens of each of those long requests")
+    p.add_argument("--ttft-repeats", type=int, default=3, help="short requests timed, alone and under load (median)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--decoder-only", action="store_true",
                    help="skip the server: time the batched decoder in-process (CPU seconds, robust on a busy machine)")
@@ -101,6 +107,44 @@ async def load(url: str, concurrency: int, total: int, time_limit_s: float, max_
     return {"requests": len(latencies), "seconds": elapsed, "req_s": len(latencies) / elapsed,
             "tok_s": tokens / elapsed, "p50_ms": 1000 * statistics.median(latencies),
             "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+
+
+async def first_token_s(session: Any, url: str, prompt: str) -> float:
+    """Seconds from sending a short streamed greedy request to its first text chunk (then hang up)."""
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    async with session.post(f"{url}/completions", json=body) as response:
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                return time.perf_counter() - t0
+    raise RuntimeError("the stream ended without a chunk")
+
+
+async def ttft(url: str, texts: list[str], n_long: int, long_tokens: int, repeats: int) -> tuple[float, float]:
+    """Median TTFT of a short request alone, and while ``n_long`` long streamed requests are running."""
+    import aiohttp
+
+    async def long_client(session: aiohttp.ClientSession, i: int) -> None:
+        # closed loop, so ``n_long`` long requests are in the server for the whole measurement
+        body = {"prompt": texts[i % len(texts)], "max_tokens": long_tokens, "temperature": 0, "stream": True}
+        while True:
+            async with session.post(f"{url}/completions", json=body) as response:
+                async for _ in response.content:
+                    pass
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=900)) as session:
+        alone = [await first_token_s(session, url, "def main():") for _ in range(repeats)]
+        longs = [asyncio.ensure_future(long_client(session, i)) for i in range(n_long)]
+        deadline = time.perf_counter() + 120
+        while stats(url).get("running", 0) < 1 and time.perf_counter() < deadline:
+            await asyncio.sleep(0.2)  # every long one is running (batched) or waiting its turn (unbatched)
+        await asyncio.sleep(1.0)
+        loaded = [await first_token_s(session, url, "def main():") for _ in range(repeats)]
+        for task in longs:  # hang up: the server frees their rows
+            task.cancel()
+        await asyncio.gather(*longs, return_exceptions=True)
+    return statistics.median(alone), statistics.median(loaded)
 
 
 def decoder_only(model: str, texts: list[str], batch_size: int, max_tokens: int) -> None:
@@ -167,6 +211,7 @@ def main() -> int:
             ray.shutdown()
     device = "GPU" if ray.cluster_resources().get("GPU", 0) and args.num_gpus != 0 else "CPU"
     rows = []
+    ttfts: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny_model(Path(tmp) / "model")
         for mode, batch_size in (("batched", args.batch_size), ("unbatched (baseline)", 1)):
@@ -179,15 +224,19 @@ def main() -> int:
                 before = stats(url)
                 row = asyncio.run(load(url, c, max(16, args.requests * c), args.time_limit_s, args.max_tokens, texts))
                 after = stats(url)
-                row["mean_batch"] = (after["sequences"] - before["sequences"]) / max(1, after["batches"] - before["batches"])
+                row["mean_batch"] = (after["row_steps"] - before["row_steps"]) / max(1, after["steps"] - before["steps"])
                 rows.append({"mode": mode, "concurrency": c, **row})
                 print(f"{mode:>22} c={c:<3} {row['tok_s']:8.1f} tok/s  {row['req_s']:6.2f} req/s  "
                       f"p50 {row['p50_ms']:7.0f} ms  p99 {row['p99_ms']:7.0f} ms  batch {row['mean_batch']:.1f}",
                       file=sys.stderr, flush=True)
+            alone, loaded = asyncio.run(ttft(url, texts, args.long, args.long_tokens, args.ttft_repeats))
+            ttfts[mode] = (alone, loaded)
+            print(f"{mode:>22} TTFT alone {1000 * alone:7.0f} ms, with {args.long} long running "
+                  f"{1000 * loaded:7.0f} ms", file=sys.stderr, flush=True)
         shutdown()  # the second mode redeployed in place: start() on the same port updates the app
     print(f"\n{device}, model {'tiny demo GPTBigCode (2x128)' if not args.model else args.model}, "
           f"max_tokens={args.max_tokens}, {os.cpu_count()} CPU cores, replica num_cpus={args.num_cpus}\n")
-    print("| mode | concurrency | requests | req/s | gen tokens/s | p50 latency (ms) | p99 latency (ms) | mean batch |")
+    print("| mode | concurrency | requests | req/s | gen tokens/s | p50 latency (ms) | p99 latency (ms) | mean rows/step |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | "
@@ -196,9 +245,13 @@ def main() -> int:
     for c in levels:
         on = next(r for r in rows if r["mode"] == "batched" and r["concurrency"] == c)
         off = next(r for r in rows if r["mode"] != "batched" and r["concurrency"] == c)
-        print(f"| {c} | {on['tok_s'] / off['tok_s']:.1f}x |")
+        print(f"| {c} | {on['tok_s'] / off['tok_s']:.2f}x |")
+    print(f"\n| mode | TTFT alone (ms) | TTFT with {args.long} long requests running (ms) | loaded ÷ alone |")
+    print("|---|---:|---:|---:|")
+    for mode, (alone, loaded) in ttfts.items():
+        print(f"| {mode} | {1000 * alone:.0f} | {1000 * loaded:.0f} | {loaded / alone:.1f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "ttft_s": ttfts}, indent=2))
     ray.shutdown()
     return 0
 

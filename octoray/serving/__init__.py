@@ -1,8 +1,9 @@
 """``octoray serve``: the model behind an OpenAI-compatible HTTP endpoint on Ray Serve.
 
 config (ServeConfig, a leaf) -> app (command line, Ray lifecycle, deployment) -> replica (the
-Ray Serve replica and its routes) -> scheduler (@serve.batch) -> decoding (the batched decoder);
-protocol is the wire format (request validation, response shapes).
+Ray Serve replica and its routes) -> scheduler (continuous batching, the bounded queue) ->
+decoding (the batched decoder) -> kv_cache (joining left-padded caches); metrics (Ray/Prometheus)
+is the scheduler's step hook; protocol is the wire format (request validation, response shapes).
 
 ``octoray.serving:app_builder`` is kept as the import path of Serve config files and KubeRay
 ``RayService`` manifests written before the package split; new ones use

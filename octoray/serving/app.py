@@ -6,7 +6,7 @@ This module holds the command line and the Ray lifecycle (the config is
 :class:`octoray.serving.config.ServeConfig`): it checks the model once,
 joins or starts Ray (:func:`octoray.cluster.connection.ensure_ray`) and deploys one Ray Serve deployment
 whose replicas answer ``POST /v1/completions`` and ``POST /v1/chat/completions`` (plain and
-streamed), ``GET /v1/models`` and ``GET /healthz``; with API keys (``--api-key``, or
+streamed), ``GET /v1/models`` and ``GET /health`` (= ``/healthz``); with API keys (``--api-key``, or
 ``OCTORAY_API_KEY``) every ``/v1`` route needs ``Authorization: Bearer KEY``. Replicas autoscale on ongoing requests; each takes ``num_gpus`` when the
 cluster has GPUs. ``engine=vllm`` serves the same API through Ray Serve LLM (vLLM) instead.
 
@@ -16,9 +16,11 @@ The replica is built from parts with one job each:
   its HTTP routes and the request -> sequences -> response path;
 - :mod:`octoray.serving.protocol`: the protocol's rules (validation, error bodies, response shapes);
 - :mod:`octoray.serving.chat_protocol`: the same for chat completions;
-- :mod:`octoray.serving.scheduler`: ``@serve.batch`` gathering sequences of concurrent requests
-  into batches, finished sequences leaving early;
-- :mod:`octoray.serving.decoding`: left-padded batched decoding with a KV cache and per-row sampling.
+- :mod:`octoray.serving.scheduler`: continuous batching (new sequences join the running batch at
+  the next step, finished ones leave at once) and the bounded queue;
+- :mod:`octoray.serving.decoding`: left-padded batched decoding with a KV cache and per-row sampling
+  (:mod:`octoray.serving.kv_cache` joins the caches);
+- :mod:`octoray.serving.metrics`: time to first token, inter-token latency, tokens, queue depth.
 
 Python callers (tests, the pipeline) use ``url = start(cfg)`` ... ``shutdown()``; KubeRay's
 ``RayService`` points at ``octoray.serving.app:app_builder``.
@@ -285,13 +287,24 @@ def _app(cfg: ServeConfig) -> Any:
     deployment = serve.deployment(serve.ingress()(CompletionServer)).options(
         name="CompletionServer",
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": num_gpus, "resources": dict(cfg.resources or {})},
-        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_ongoing_requests=replica_request_limit(cfg),
         autoscaling_config=_autoscaling(cfg),
     )
     from octoray.serving.replica import key_digest
 
     # the keys stay here: replicas get their digests (deployment arguments live in Ray's state)
     return deployment.bind(to_dict(replace(cfg, api_key=())), tuple(key_digest(k) for k in cfg.api_key))
+
+
+def replica_request_limit(cfg: ServeConfig) -> int:
+    """The ``max_ongoing_requests`` Serve is given: what the replica holds (worked on + queued) plus room.
+
+    The replica itself refuses requests past ``max_ongoing_requests + max_queued_requests`` with
+    a fast 429 in OpenAI's shape; the room above that keeps Serve's router passing requests on
+    (to be refused, and ``/health`` probes to be answered) instead of queueing them unseen.
+    """
+    held = cfg.max_ongoing_requests + cfg.max_queued_requests
+    return held + max(8, held // 4)
 
 
 def _preflight(cfg: ServeConfig) -> tuple[str, int]:

@@ -27,11 +27,22 @@ class ServeConfig:
     engine: Literal["hf", "vllm"] = option(
         "hf", "hf: transformers with octoray's batched decoder (CPU or GPU); vllm: Ray Serve LLM (needs vLLM + GPU)")
     max_batch_size: int = option(32, "most sequences decoded together by one replica (1 turns batching off)")
-    batch_wait_timeout_s: float = option(0.01, "how long a batch waits to fill before it starts")
     min_replicas: int = option(1, "autoscaling: fewest replicas")
     max_replicas: int = option(1, "autoscaling: most replicas")
     target_ongoing_requests: float = option(32.0, "autoscaling: ongoing requests per replica to aim for")
-    max_ongoing_requests: int = option(128, "requests a replica accepts at once (must be >= max_batch_size)")
+    max_ongoing_requests: int = option(128, "requests a replica works on at once (must be >= max_batch_size)")
+    max_queued_requests: int = option(
+        512, "requests a replica holds waiting beyond max_ongoing_requests; past it a request gets 429 with "
+             "Retry-After at once (clients such as openai's retry it)")
+    request_timeout_s: Optional[float] = option(
+        None, "seconds a request may take, queueing included; past it its rows are freed and it gets 504 "
+              "(default: no limit)")
+    max_prefill_tokens: int = option(
+        4096, "continuous batching: most prompt tokens prefilled in one step (one prompt at least), so running "
+              "rows never stall long for newcomers")
+    batch_wait_timeout_s: float = option(
+        0.0, "unused since continuous batching (new requests join the running batch at the next step); "
+             "kept so existing configs still load")
     num_cpus: float = option(1.0, "CPUs reserved per replica")
     num_gpus: Optional[float] = option(None, "GPUs per replica (default: 1 when the Ray cluster has GPUs, else 0)")
     resources: Optional[dict[str, float]] = option(
@@ -58,8 +69,13 @@ class ServeConfig:
             found.append(f"port: must be 1-65535, got {self.port}")
         positive = {"max_batch_size": self.max_batch_size, "max_replicas": self.max_replicas,
                     "max_ongoing_requests": self.max_ongoing_requests, "default_max_tokens": self.default_max_tokens,
-                    "max_choices": self.max_choices, "target_ongoing_requests": self.target_ongoing_requests}
+                    "max_choices": self.max_choices, "target_ongoing_requests": self.target_ongoing_requests,
+                    "max_prefill_tokens": self.max_prefill_tokens}
         found += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
+        if self.max_queued_requests < 0:
+            found.append(f"max_queued_requests: must be >= 0, got {self.max_queued_requests}")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            found.append(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
         if self.batch_wait_timeout_s < 0:
             found.append(f"batch_wait_timeout_s: must be >= 0, got {self.batch_wait_timeout_s}")
         if self.min_replicas < 0 or self.min_replicas > self.max_replicas:

@@ -9,9 +9,12 @@ no HTTP (the server's scheduler, :mod:`octoray.serving.scheduler`, drives it).
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+logger = logging.getLogger("octoray.serve")
 
 
 @dataclass(eq=False)
@@ -44,6 +47,9 @@ class Sequence:
     logprobs: Optional[int] = None  # record each token's log-probability and this many alternatives
     #: per sampled token (EOS included): (its log-probability, [(token id, log-probability)] best first)
     sampled_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # incremental detokenisation: token_ids[_prefix:_read] is the window whose text is already in text
+    _prefix: int = field(default=0, repr=False)
+    _read: int = field(default=0, repr=False)
 
     @property
     def done(self) -> bool:
@@ -55,10 +61,13 @@ class Sequence:
         self.generated += 1
         if token in eos_ids:
             self.finish_reason = "stop"
+            self._detokenize(decode, final=True)
         else:
             self.token_ids.append(token)
-            self.text = decode(self.token_ids)
-            hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+            seen = len(self.text)
+            self._detokenize(decode, final=self.generated >= self.max_tokens)
+            # only the new text (and the stop string's length before it) can hold a new match
+            hits = [i for i in (self.text.find(s, max(0, seen - len(s) + 1)) for s in self.stop) if i >= 0]
             if hits:  # the stop string itself is never returned, as in the OpenAI API
                 self.text = self.text[:min(hits)]
                 self.finish_reason = "stop"
@@ -66,6 +75,20 @@ class Sequence:
                 self.finish_reason = "length"
         if self.queue is not None:
             self._emit()
+
+    def _detokenize(self, decode: Any, final: bool) -> None:
+        """Append the text of the tokens not shown yet, without decoding the whole output each step.
+
+        The prefix-offset method of TGI and vLLM: decode the window from the last committed point
+        and keep what it adds; a window ending inside a multi-byte character ("\ufffd") waits
+        for the next token, unless the sequence is ending. For byte-level BPE (GPT-2, StarCoder)
+        the result is exactly ``decode(token_ids)``.
+        """
+        before = decode(self.token_ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        window = decode(self.token_ids[self._prefix:])
+        if len(window) > len(before) and (final or not window.endswith("\ufffd")):
+            self.text += window[len(before):]
+            self._prefix, self._read = self._read, len(self.token_ids)
 
     def _emit(self) -> None:
         end = len(self.text)
@@ -123,10 +146,22 @@ class BatchDecoder:
             self.step(batch, keep)
 
     def advance(self, batch: _Batch) -> list[int]:
-        """Hand each row its sampled token; return the rows still going (empty: the batch is done)."""
+        """Hand each row its sampled token; return the rows still going (empty: the batch is done).
+
+        A row whose logits were not finite, or whose bookkeeping raises, fails alone
+        (``finish_reason = "error"``); the other rows go on.
+        """
         for seq, token in zip(batch.seqs, batch.next_tokens):
-            if not seq.done:
+            if seq.done:
+                continue
+            if token < 0:
+                seq.finish_reason = "error"
+                continue
+            try:
                 seq.add(token, self.eos_ids, self.decode)
+            except Exception:  # noqa: BLE001 - one row's failure must not end the batch
+                logger.exception("sequence %d failed", seq.index)
+                seq.finish_reason = "error"
         return [i for i, seq in enumerate(batch.seqs) if not seq.done]
 
     def prefill(self, seqs: list[Sequence]) -> _Batch:
@@ -146,7 +181,7 @@ class BatchDecoder:
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              **self._last_only)
-            tokens = self._sample(out.logits[:, -1, :], seqs)
+            tokens = self._checked_sample(out.logits[:, -1, :], seqs)
         return _Batch(seqs, _cache_of(out), mask, positions[:, -1:], tokens)
 
     def step(self, batch: _Batch, keep: list[int]) -> None:
@@ -154,21 +189,73 @@ class BatchDecoder:
         import torch
 
         with torch.inference_mode():
+            self._select(batch, keep)
             tokens = torch.tensor(batch.next_tokens, dtype=torch.long, device=self.device)
-            if len(keep) < len(batch.seqs) and hasattr(batch.cache, "batch_select_indices"):
-                index = torch.tensor(keep, device=self.device)
-                batch.cache.batch_select_indices(index)
-                batch.attention_mask = batch.attention_mask[index]
-                batch.positions = batch.positions[index]
-                batch.seqs = [batch.seqs[i] for i in keep]
-                tokens = tokens[index]
-            # without a cache that can shrink, finished rows ride along; advance() skips them
             batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones((len(tokens), 1))], 1)
             batch.positions = batch.positions + 1
             out = self.model(input_ids=tokens[:, None], attention_mask=batch.attention_mask,
                              position_ids=batch.positions, use_cache=True, **{self._cache_arg: batch.cache})
             batch.cache = _cache_of(out)
-            batch.next_tokens = self._sample(out.logits[:, -1, :], batch.seqs)
+            batch.next_tokens = self._checked_sample(out.logits[:, -1, :], batch.seqs)
+
+    def join(self, batch: Optional[_Batch], keep: list[int], other: _Batch, other_keep: list[int]) -> Optional[_Batch]:
+        """One batch of the kept rows of ``batch`` (may be None) and of ``other``; None if no row is kept.
+
+        Both are left-padded to the wider one, so every row's last token stays in the last column;
+        the KV caches are joined by :func:`octoray.serving.kv_cache.join`.
+        """
+        import torch
+
+        from octoray.serving import kv_cache
+
+        self._select(other, other_keep)
+        if batch is not None:
+            self._select(batch, keep)
+        if batch is None or not batch.seqs:
+            return other if other.seqs else None
+        if not other.seqs:
+            return batch
+        width = max(batch.attention_mask.shape[1], other.attention_mask.shape[1])
+        masks = [torch.nn.functional.pad(b.attention_mask, (width - b.attention_mask.shape[1], 0)) for b in (batch, other)]
+        with torch.inference_mode():
+            cache = kv_cache.join(batch.cache, other.cache)
+        return _Batch(batch.seqs + other.seqs, cache, torch.cat(masks), torch.cat([batch.positions, other.positions]),
+                      batch.next_tokens + other.next_tokens)
+
+    def joinable(self, batch: _Batch) -> bool:
+        """Whether other batches can join ``batch`` (its cache type is one kv_cache handles)."""
+        from octoray.serving import kv_cache
+
+        return kv_cache.joinable(batch.cache)
+
+    def _select(self, batch: _Batch, keep: list[int]) -> None:
+        """Keep only rows ``keep`` of ``batch``, and drop leading columns no kept row uses."""
+        import torch
+
+        from octoray.serving import kv_cache
+
+        if len(keep) == len(batch.seqs) or not hasattr(batch.cache, "batch_select_indices"):
+            return  # without a cache that can shrink, finished rows ride along; advance() skips them
+        with torch.inference_mode():
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            batch.cache.batch_select_indices(index)
+            batch.attention_mask = batch.attention_mask[index]
+            batch.positions = batch.positions[index]
+            batch.seqs = [batch.seqs[i] for i in keep]
+            batch.next_tokens = [batch.next_tokens[i] for i in keep]
+            if keep and kv_cache.joinable(batch.cache):
+                unused = int(batch.attention_mask.any(0).int().argmax())  # first column some row uses
+                if unused:
+                    kv_cache.trim_left(batch.cache, unused)
+                    batch.attention_mask = batch.attention_mask[:, unused:]
+
+    def _checked_sample(self, logits: Any, seqs: list[Sequence]) -> list[int]:
+        """:meth:`_sample`, with -1 for rows whose logits are not finite (a broken model or row)."""
+        import torch
+
+        finite = torch.isfinite(logits).all(-1)
+        tokens = self._sample(torch.where(finite[:, None], logits, torch.zeros_like(logits)), seqs)
+        return [t if ok else -1 for t, ok in zip(tokens, finite.tolist())]
 
     def _sample(self, logits: Any, seqs: list[Sequence]) -> list[int]:
         """Greedy where temperature is 0, else temperature + top-k/min-p/nucleus sampling, row by

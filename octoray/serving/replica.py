@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP layer of ``octoray serve``: one Ray Serve replica and its routes.
 
 :class:`CompletionServer` loads the model, builds a Starlette app with ``POST /v1/completions``
-and ``POST /v1/chat/completions`` (plain and streamed), ``GET /v1/models`` and ``GET /healthz``
-(every ``/v1`` route behind :class:`RequireAPIKey` when keys are set), turns each request into
+and ``POST /v1/chat/completions`` (plain and streamed), ``GET /v1/models`` and ``GET /health``
+(= ``/healthz``, a real one-token decode; every ``/v1`` route behind :class:`RequireAPIKey` when
+keys are set), turns each request into
 :class:`~octoray.serving.decoding.Sequence` s and hands them to its
 :class:`~octoray.serving.scheduler.BatchScheduler`. The protocol's rules (validation, error
 bodies, response shapes) live in :mod:`octoray.serving.protocol`; deploying this class is
@@ -17,7 +18,7 @@ import hmac
 import logging
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Optional
 
 from octoray.config import from_mapping
 from octoray.modeling import DEFAULT_TEMPLATE, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, chat_template
@@ -25,15 +26,22 @@ from octoray.serving.chat_protocol import (chat_chunk, chat_logprobs, chat_respo
                                            parse_chat_request)
 from octoray.serving.config import FALLBACK_MAX_MODEL_LEN, ServeConfig
 from octoray.serving.decoding import BatchDecoder, Sequence, prompt_logprobs
+from octoray.serving.metrics import ServeMetrics, replica_name
 from octoray.serving.protocol import (SSE_DONE, APIError, CompletionParams, TokenLogprob, completion_chunk,
                                       completion_response, error_body, legacy_logprobs, models_response,
                                       new_request_id, parse_completion_request, sse, usage_chunk)
-from octoray.serving.scheduler import BatchScheduler
+from octoray.serving.scheduler import BatchScheduler, Overloaded
 
 logger = logging.getLogger("octoray.serve")
 
 #: Largest request body read; far above any prompt that fits a context window.
 MAX_BODY_BYTES = 8 * 1024 * 1024
+#: How long a /health answer is reused: probes from several load balancers cost one decode.
+HEALTH_CACHE_S = 2.0
+#: A one-token decode slower than this (the model wedged) fails /health.
+HEALTH_TIMEOUT_S = 30.0
+#: Seconds a refused client is told to wait (``Retry-After``); openai's client honours it.
+RETRY_AFTER_S = 1
 
 
 class CompletionServer:
@@ -59,12 +67,19 @@ class CompletionServer:
         self.model = load_model(self.cfg.model, dtype=_torch_dtype(self.cfg.dtype, self.device, self.cfg.model))
         decoder = BatchDecoder(self.model.to(self.device).eval(), self.tokenizer)
         self.decoder = decoder
+        metrics = ServeMetrics(self.cfg.model_name, replica_name())
         self.scheduler = BatchScheduler(decoder, max_batch_size=self.cfg.max_batch_size,
-                                        batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
-                                        max_concurrent_batches=self.cfg.max_ongoing_requests)
+                                        max_prefill_tokens=self.cfg.max_prefill_tokens,
+                                        capacity=self.cfg.max_ongoing_requests + self.cfg.max_queued_requests,
+                                        on_step=metrics.on_step)
         self.fim = _has_fim_tokens(self.tokenizer)
         self.chat_template = self.tokenizer.chat_template or chat_template(DEFAULT_TEMPLATE)
         self.created = int(time.time())
+        # Readiness waits for the model: Serve routes to this replica only once __init__ returns,
+        # after one real decode; its outcome is the first /health answer.
+        self._probe_ids = self.tokenizer("def")["input_ids"] or [decoder.pad_id]
+        self._health_lock = asyncio.Lock()
+        self._health: tuple[float, str] = (time.monotonic(), self._warm_up(decoder))
 
     def __serve_build_asgi_app__(self) -> Any:
         """The Starlette app with its routes; called by Ray Serve after ``__init__``."""
@@ -79,7 +94,8 @@ class CompletionServer:
                 try:
                     return await handler(request)
                 except APIError as exc:
-                    return JSONResponse(exc.body(), status_code=exc.status)
+                    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
+                    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
                 except Exception:  # noqa: BLE001 - a bug must still answer in the protocol's shape
                     logger.exception("%s failed", what)
                     return JSONResponse(error_body("internal server error (see the replica log)", "server_error"),
@@ -89,8 +105,14 @@ class CompletionServer:
         async def models(request: Any) -> Any:
             return JSONResponse(models_response(self.cfg.model_name, self.created, self.max_model_len))
 
-        async def healthz(request: Any) -> Any:
-            return JSONResponse({"status": "ok", "model": self.cfg.model_name, "stats": self.scheduler.stats})
+        async def health(request: Any) -> Any:
+            problem = await self._check_health()
+            body = {"status": "error" if problem else "ok", "model": self.cfg.model_name,
+                    "stats": {**self.scheduler.stats, "running": self.scheduler.running,
+                              "queued": self.scheduler.queued}}
+            if problem:
+                body["error"] = error_body(problem, "server_error", None, "unhealthy")["error"]
+            return JSONResponse(body, status_code=503 if problem else 200)
 
         async def http_error(request: Any, exc: HTTPException) -> Any:
             code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
@@ -102,7 +124,8 @@ class CompletionServer:
                                  Route("/v1/chat/completions", answering(self._chat, "chat completion"),
                                        methods=["POST"]),
                                  Route("/v1/models", models, methods=["GET"]),
-                                 Route("/healthz", healthz, methods=["GET"])],
+                                 Route("/health", health, methods=["GET"]),
+                                 Route("/healthz", health, methods=["GET"])],
                          middleware=middleware, exception_handlers={HTTPException: http_error})
 
     # --- /v1/completions ------------------------------------------------------------------------
@@ -128,15 +151,17 @@ class CompletionServer:
             if params.logprobs is not None:
                 raise APIError(400, "logprobs are not supported with stream on this server; send stream: false",
                                param="logprobs", code="unsupported_parameter")
+            admitted = self._submit(seqs, stream=True, decode=params.max_tokens > 0)
             first = [completion_chunk(request_id, created, model, s.index, echoes[s.index // params.n], None)
                      for s in seqs if echoes[s.index // params.n]]
-            chunks = self._stream(seqs, lambda i, text, reason: completion_chunk(request_id, created, model, i, text,
-                                                                                 reason),
+            chunks = self._stream(seqs, admitted,
+                                  lambda i, text, reason: completion_chunk(request_id, created, model, i, text, reason),
                                   lambda done: usage_chunk(request_id, created, model, prompt_tokens, done),
                                   params.include_usage, first)
             return StreamingResponse(chunks, media_type="text/event-stream")
         if params.max_tokens > 0:
-            await self.scheduler.run(seqs)
+            submitted, _, deadline = self._submit(seqs, stream=False)
+            await self._wait(submitted, deadline)
         texts = [echoes[s.index // params.n] + s.text for s in seqs]
         logprobs = None
         if params.logprobs is not None:
@@ -173,14 +198,17 @@ class CompletionServer:
             if params.logprobs is not None:
                 raise APIError(400, "logprobs are not supported with stream on this server; send stream: false",
                                param="logprobs", code="unsupported_parameter")
+            admitted = self._submit(seqs, stream=True)
             first = [chat_chunk(request_id, created, model, s.index, {"role": "assistant", "content": ""}, None)
                      for s in seqs]
-            chunks = self._stream(seqs, lambda i, text, reason: chat_chunk(request_id, created, model, i,
-                                                                           {"content": text} if text else {}, reason),
+            chunks = self._stream(seqs, admitted,
+                                  lambda i, text, reason: chat_chunk(request_id, created, model, i,
+                                                                     {"content": text} if text else {}, reason),
                                   lambda done: chat_usage_chunk(request_id, created, model, len(ids), done),
                                   params.include_usage, first)
             return StreamingResponse(chunks, media_type="text/event-stream")
-        await self.scheduler.run(seqs)
+        submitted, _, deadline = self._submit(seqs, stream=False)
+        await self._wait(submitted, deadline)
         logprobs = ([chat_logprobs(self._generated_logprobs(s)) for s in seqs] if params.logprobs is not None
                     else None)
         return JSONResponse(chat_response(request_id, created, model, [(s.text, s.finish_reason) for s in seqs],
@@ -219,6 +247,60 @@ class CompletionServer:
             prompt = f"{FIM_PREFIX}{prompt}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
         return self._encode(prompt, max_tokens)
 
+    def _submit(self, seqs: list[Sequence], stream: bool,
+                decode: bool = True) -> tuple[Any, Optional[asyncio.Queue], Optional[float]]:
+        """Admit ``seqs`` to the scheduler, or refuse with 429, before any answer is sent (a
+        streamed one's 200 included); their stream queue and deadline. ``decode`` False (echo
+        with max_tokens 0) admits nothing: the stream only says each row is finished."""
+        queue: Optional[asyncio.Queue] = asyncio.Queue() if stream else None
+        for seq in seqs:
+            seq.queue = queue
+        if not decode:
+            for seq in seqs if queue is not None else ():
+                queue.put_nowait((seq.index, "", seq.finish_reason))
+            return None, queue, None
+        try:
+            submitted = self.scheduler.submit(seqs)
+        except Overloaded as exc:
+            raise APIError(429, f"The server is overloaded ({exc}); retry after {RETRY_AFTER_S} s",
+                           code="rate_limit_exceeded", type="rate_limit_error") from None
+        deadline = None if self.cfg.request_timeout_s is None else time.monotonic() + self.cfg.request_timeout_s
+        return submitted, queue, deadline
+
+    async def _wait(self, submitted: Any, deadline: Optional[float]) -> None:
+        """Until the admitted request is done; past its deadline its rows are freed and it gets 504."""
+        try:
+            await asyncio.wait_for(self.scheduler.wait(submitted), _left(deadline))
+        except asyncio.TimeoutError:
+            raise _timeout(self.cfg.request_timeout_s) from None
+
+    def _warm_up(self, decoder: BatchDecoder) -> str:
+        """One greedy token, synchronously: '' when the model decodes, else what went wrong."""
+        seq = Sequence(prompt_ids=list(self._probe_ids), max_tokens=1, temperature=0.0)
+        try:
+            decoder.generate([seq])
+        except Exception as exc:  # noqa: BLE001 - reported by /health, not fatal to the replica
+            logger.exception("the warm-up decode failed")
+            return f"the model cannot decode: {type(exc).__name__}: {exc}"
+        return "" if seq.finish_reason in ("stop", "length") else "the model cannot decode (non-finite logits)"
+
+    async def _check_health(self) -> str:
+        """'' when a one-token decode through the running scheduler succeeds (cached briefly), else why not."""
+        async with self._health_lock:  # concurrent probes share one decode
+            checked, problem = self._health
+            if time.monotonic() - checked < HEALTH_CACHE_S:
+                return problem
+            seq = Sequence(prompt_ids=list(self._probe_ids), max_tokens=1, temperature=0.0)
+            try:
+                await asyncio.wait_for(self.scheduler.run([seq], probe=True), HEALTH_TIMEOUT_S)
+                problem = ""
+            except asyncio.TimeoutError:
+                problem = f"a one-token decode took over {HEALTH_TIMEOUT_S:.0f} s"
+            except Exception:  # noqa: BLE001 - the row failed: logged by the decoder
+                problem = "the model cannot decode (see the replica log)"
+            self._health = (time.monotonic(), problem)
+            return problem
+
     def _encode(self, prompt: str, max_tokens: int) -> list[int]:
         return self._check_length(self.tokenizer(prompt)["input_ids"], max_tokens)
 
@@ -256,19 +338,24 @@ class CompletionServer:
                        [(text(t), lp, [(text(a), v) for a, v in alts]) for t, (lp, alts) in zip(ids[1:], scores)])
         return out
 
-    async def _stream(self, seqs: list[Sequence], chunk: Any, usage: Any, include_usage: bool,
-                      first: list[dict[str, Any]]) -> Any:
+    async def _stream(self, seqs: list[Sequence], admitted: tuple[Any, asyncio.Queue, Optional[float]], chunk: Any,
+                      usage: Any, include_usage: bool, first: list[dict[str, Any]]) -> Any:
         """Server-sent events: ``first``, then text pieces as they are decoded (``chunk(index, text,
         finish_reason)``), then ``usage(completion_tokens)`` if asked, then [DONE]."""
-        queue: asyncio.Queue = asyncio.Queue()
-        for seq in seqs:
-            seq.queue = queue
-        task = asyncio.ensure_future(self.scheduler.run(seqs))
+        submitted, queue, deadline = admitted
+        task = asyncio.ensure_future(self.scheduler.wait(submitted) if submitted is not None else asyncio.sleep(0))
         task.add_done_callback(lambda _: queue.put_nowait(None))  # after every piece: same event loop
         try:
             for item in first:
                 yield sse(item)
-            while (item := await queue.get()) is not None:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), _left(deadline))
+                except asyncio.TimeoutError:
+                    yield sse(_timeout(self.cfg.request_timeout_s).body())
+                    return
+                if item is None:
+                    break
                 index, text, finish_reason = item
                 yield sse(chunk(index, text, finish_reason))
             if task.exception() is not None:
@@ -279,7 +366,7 @@ class CompletionServer:
                 yield sse(usage(sum(s.generated for s in seqs)))
             yield SSE_DONE
         finally:
-            if not task.done():  # the client disconnected mid-stream
+            if not task.done():  # the client disconnected mid-stream, or the deadline passed
                 for seq in seqs:
                     seq.cancelled = True
                 task.cancel()
@@ -323,6 +410,15 @@ def key_digest(key: str) -> str:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+def _left(deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _timeout(limit: Optional[float]) -> APIError:
+    return APIError(504, f"the request took longer than request_timeout_s ({limit} s); its rows were freed",
+                    code="timeout", type="server_error")
+
 
 async def _read_body(request: Any) -> bytes:
     chunks, size = [], 0

@@ -1,89 +1,240 @@
-"""The batching scheduler of an ``octoray serve`` replica: sequences of concurrent requests decoded together.
+"""The continuous-batching scheduler of an ``octoray serve`` replica.
 
-:class:`BatchScheduler` takes the sequences of each request (prompt x ``n``), gathers them with
-Ray Serve's ``@serve.batch`` and decodes up to ``max_batch_size`` of them at a time on one
-:class:`~octoray.serving.decoding.BatchDecoder`. It knows nothing of HTTP (that is
-:mod:`octoray.serving.replica`) nor of sampling (that is :mod:`octoray.serving.decoding`).
+:class:`BatchScheduler` owns one running batch on a
+:class:`~octoray.serving.decoding.BatchDecoder` and schedules it one iteration (one token) at a
+time, as vLLM and TGI do: at each step the sequences that arrived meanwhile are prefilled (within
+a token budget, ``max_prefill_tokens``) and join the running batch, every row advances by one
+token, and a row that finishes leaves at once, so a short request never waits for a long one.
+It also bounds what a replica holds (:class:`Overloaded` past ``capacity``). It knows nothing of
+HTTP (that is :mod:`octoray.serving.replica`) nor of sampling (that is
+:mod:`octoray.serving.decoding`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 from octoray.serving.decoding import BatchDecoder, Sequence
 
+logger = logging.getLogger("octoray.serve")
+
+
+class Overloaded(Exception):
+    """The replica holds as many requests as it may: the caller answers 429."""
+
+
+@dataclass(eq=False)
+class _Request:
+    seqs: list[Sequence]
+    done: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class _FromThread:
+    """An ``asyncio.Queue`` fed from the decode thread: each put is handed to the event loop."""
+
+    def __init__(self, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
+        self.queue, self.loop = queue, loop
+
+    def put_nowait(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
 
 class BatchScheduler:
-    """One replica's batch queue in front of its decoder, and what it has served so far."""
+    """One replica's running batch, the sequences waiting to join it, and what it has served so far."""
 
-    def __init__(self, decoder: BatchDecoder, *, max_batch_size: int, batch_wait_timeout_s: float,
-                 max_concurrent_batches: int) -> None:
-        from ray import serve
-
+    def __init__(self, decoder: BatchDecoder, *, max_batch_size: int, max_prefill_tokens: int = 4096,
+                 capacity: Optional[int] = None, on_step: Optional[Callable[[list[_Request], float], None]] = None,
+                 ) -> None:
         self.decoder = decoder
         self.max_batch_size = max_batch_size
-        #: served so far by this replica, shown by /healthz (the benchmark reads the batch sizes)
-        self.stats = {"requests": 0, "sequences": 0, "completion_tokens": 0, "batches": 0, "largest_batch": 0}
-        # serve.batch on the bound method, so max_batch_size can come from the config. Serve forms
-        # the next batch as soon as requests arrive, not when the model is free, so several small
-        # batches can wait at once: they all enter _generate_batch (max_concurrent_batches) and
-        # are merged there, up to max_batch_size, into the decode batch that runs next.
-        self._waiting: list[Sequence] = []
-        self._model_lock = asyncio.Lock()
-        self._generate = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
-                                     max_concurrent_batches=max_concurrent_batches)(self._generate_batch)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.capacity = capacity
+        #: called on the event loop after each step with the requests held (health probes left out)
+        #: and the time: the replica's metrics (octoray.serving.metrics.ServeMetrics.on_step)
+        self.on_step = on_step
+        #: served so far by this replica, shown by /healthz (the benchmark reads steps and row_steps)
+        self.stats = {"requests": 0, "sequences": 0, "completion_tokens": 0, "batches": 0, "largest_batch": 0,
+                      "steps": 0, "row_steps": 0, "rejected": 0}
+        self._requests: list[_Request] = []
+        self._waiting: deque[Sequence] = deque()
+        self._probes: set[Sequence] = set()  # health-check sequences: first in line, beyond max_batch_size
+        self._batch: Any = None  # the running decoding batch (decoding._Batch), None when idle
+        self._keep: list[int] = []  # its rows still going
+        self._joinable = True  # False once a cache type kv_cache cannot join: new rows wait for an empty batch
+        self._wake: Optional[asyncio.Event] = None
+        self._task: Optional[asyncio.Task] = None
 
-    async def run(self, seqs: list[Sequence]) -> None:
-        """Decode one request's sequences (sharing batches with other requests); return when all are done."""
-        self.stats["requests"] += 1
-        self.stats["sequences"] += len(seqs)
+    @property
+    def running(self) -> int:
+        """Sequences in the running batch."""
+        return len(self._keep)
+
+    @property
+    def queued(self) -> int:
+        """Requests held that have a sequence not yet in the batch."""
+        return sum(1 for r in self._requests if any(s in self._waiting for s in r.seqs))
+
+    async def run(self, seqs: list[Sequence], *, probe: bool = False) -> None:
+        """Decode one request's sequences (sharing the batch with other requests); return when all are done.
+
+        :meth:`submit` then :meth:`wait`: raises :class:`Overloaded` at once when the replica is
+        full, RuntimeError when one of these sequences failed.
+        """
+        await self.wait(self.submit(seqs, probe=probe))
+
+    def submit(self, seqs: list[Sequence], *, probe: bool = False) -> _Request:
+        """Queue one request's sequences for the next step (call on the event loop).
+
+        Raises :class:`Overloaded` when the replica already holds ``capacity`` requests. ``probe``
+        (the health check) goes first and counts against neither ``capacity`` nor ``max_batch_size``.
+        """
+        held = len(self._requests) - len(self._probes)
+        if not probe and self.capacity is not None and held >= self.capacity:
+            self.stats["rejected"] += 1
+            raise Overloaded(f"this replica already holds {held} requests")
+        loop = asyncio.get_running_loop()
+        self._start(loop)
+        request = _Request(seqs, loop.create_future())
+        for seq in seqs:
+            if isinstance(seq.queue, asyncio.Queue):
+                seq.queue = _FromThread(seq.queue, loop)
+        self._requests.append(request)
+        if probe:
+            self._probes.update(seqs)
+            self._waiting.extendleft(reversed(seqs))
+        else:
+            self.stats["requests"] += 1
+            self.stats["sequences"] += len(seqs)
+            self._waiting.extend(seqs)
+        self._wake.set()
+        return request
+
+    async def wait(self, request: _Request) -> None:
+        """Until every sequence of ``request`` is done; cancelled (client gone, timeout), it frees their rows."""
         try:
-            await asyncio.gather(*(self._generate(seq) for seq in seqs))
-        except asyncio.CancelledError:  # client went away: let the running batch drop these rows
-            for seq in seqs:
+            await asyncio.shield(request.done)
+        except asyncio.CancelledError:  # the next step drops these rows
+            for seq in request.seqs:
                 seq.cancelled = True
             raise
-
-    async def _generate_batch(self, seqs: list[Sequence]) -> list[Sequence]:
-        """``@serve.batch`` target: queue ``seqs``; whoever holds the model decodes what waits.
-
-        Each turn takes up to ``max_batch_size`` waiting sequences (oldest first, from any batch
-        Serve formed) and decodes them together until each one finishes; a call returns once
-        its own sequences are done, whichever call's turn decoded them.
-        """
-        self._waiting.extend(seqs)
-        while not all(seq.done for seq in seqs):
-            async with self._model_lock:
-                if all(seq.done for seq in seqs):
-                    break
-                take = self._waiting[:self.max_batch_size]
-                del self._waiting[:len(take)]
-                if not take:
-                    break  # ours were taken by a turn that failed; reported below
-                await self._decode([seq for seq in take if not seq.done])
-        if any(not seq.done or seq.finish_reason == "error" for seq in seqs):
-            raise RuntimeError("generation failed in this request's batch (see the replica log)")
-        return seqs
-
-    async def _decode(self, live: list[Sequence]) -> None:
-        """Decode ``live`` together until each one finishes.
-
-        The forward passes run in a worker thread so the event loop keeps taking requests and
-        flushing streamed pieces; sequence bookkeeping (detokenising, stop strings) stays here.
-        """
-        if not live:
-            return
-        self.stats["batches"] += 1
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
-        try:
-            batch = await asyncio.to_thread(self.decoder.prefill, live)
-            while keep := self.decoder.advance(batch):
-                await asyncio.to_thread(self.decoder.step, batch, keep)
-        except BaseException:
-            for seq in live:  # no caller may wait forever on a row of a failed batch
-                if not seq.done:
-                    seq.finish_reason = "error"
-            raise
         finally:
-            self.stats["completion_tokens"] += sum(seq.generated for seq in live)
+            if request in self._requests:
+                self._requests.remove(request)
+            self._probes.difference_update(request.seqs)
+        if any(seq.finish_reason == "error" for seq in request.seqs):
+            raise RuntimeError("generation failed for this request (see the replica log)")
 
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        """The engine: one iteration per token while there is work, asleep otherwise."""
+        try:
+            await self._iterations()
+        except BaseException as exc:  # a bug here must not leave any caller waiting forever
+            for request in self._requests:
+                if not request.done.done():
+                    request.done.set_exception(RuntimeError(f"the scheduler stopped: {exc!r}"))
+            self._batch, self._keep = None, []
+            raise
+
+    async def _iterations(self) -> None:
+        while True:
+            if self._batch is None and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            fresh = self._admit()
+            if self._batch is None and fresh:
+                self.stats["batches"] += 1
+            try:
+                self._batch = await asyncio.to_thread(self._iterate, self._batch, fresh)
+            except Exception:  # noqa: BLE001 - the loop must outlive a failed step
+                logger.exception("decoding step failed; its rows fail, the replica goes on")
+                for seq in [*(self._batch.seqs if self._batch is not None else []), *fresh]:
+                    if not seq.done:
+                        seq.finish_reason = "error"
+                self._batch, self._keep = None, []
+            self._settle()
+
+    def _admit(self) -> list[Sequence]:
+        """Waiting sequences that join now: free rows, within the prefill budget (one at least)."""
+        while self._waiting and self._waiting[0].done:
+            self._waiting.popleft()  # cancelled before it started
+        if self._batch is not None and not self._joinable:
+            return []
+        fresh: list[Sequence] = []
+        budget = self.max_prefill_tokens
+        while self._waiting:
+            seq = self._waiting[0]
+            probe = seq in self._probes
+            if seq.done:
+                self._waiting.popleft()
+                continue
+            if not probe and len(self._keep) + len(fresh) >= self.max_batch_size:
+                break
+            if fresh and len(seq.prompt_ids) > budget:
+                break
+            budget -= len(seq.prompt_ids)
+            fresh.append(self._waiting.popleft())
+        return fresh
+
+    def _iterate(self, batch: Any, fresh: list[Sequence]) -> Any:
+        """One iteration, in the decode thread: prefill ``fresh`` and join it, then one step for every row."""
+        keep = self._keep
+        if fresh:
+            joined = self._prefill(fresh)
+            if joined is not None:
+                if batch is None:
+                    self._joinable = self.decoder.joinable(joined)
+                batch = self.decoder.join(batch, keep, joined, self.decoder.advance(joined))
+                keep = list(range(len(batch.seqs))) if batch is not None else []
+        if batch is not None and keep:
+            self.decoder.step(batch, keep)
+            keep = self.decoder.advance(batch)
+        self._keep = keep
+        return batch if keep else None
+
+    def _prefill(self, fresh: list[Sequence]) -> Any:
+        """Prefill ``fresh`` together; if that fails, one at a time, so only the failing ones fail."""
+        try:
+            return self.decoder.prefill(fresh)
+        except Exception:  # noqa: BLE001
+            if len(fresh) == 1:
+                logger.exception("prefill failed for one sequence")
+                fresh[0].finish_reason = "error"
+                return None
+        joined = None
+        for seq in fresh:
+            one = self._prefill([seq])
+            if one is not None:
+                joined = one if joined is None else self.decoder.join(joined, list(range(len(joined.seqs))),
+                                                                      one, list(range(len(one.seqs))))
+        return joined
+
+    def _settle(self) -> None:
+        """After a step, on the event loop: count, report, and wake the requests whose rows are all done."""
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += len(self._keep)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self._keep))
+        if self.on_step is not None:
+            try:
+                self.on_step([r for r in self._requests if not self._probes.intersection(r.seqs)], time.monotonic())
+            except Exception:  # noqa: BLE001 - metrics must never stop decoding
+                logger.exception("the step hook failed")
+        finished = [r for r in self._requests if all(seq.done for seq in r.seqs)]
+        for request in finished:
+            # removed here, not only by wait(): a request whose waiter never ran must not hold a place
+            self._requests.remove(request)
+            if not request.done.done():
+                if not self._probes.intersection(request.seqs):
+                    self.stats["completion_tokens"] += sum(seq.generated for seq in request.seqs)
+                request.done.set_result(None)
