@@ -29,7 +29,7 @@ from octoray.config import to_dict
 from octoray.errors import UserError
 from octoray.resumable import StageRun
 from octoray.storage.layout import MODEL_DIR, RESOLVED_CONFIG
-from octoray.storage.locations import Location, ObjectPath, display, location, scratch_dir, upload_dir
+from octoray.storage.locations import Location, ObjectPath, location, scratch_dir, upload_dir
 from octoray.storage.stage_dirs import input_record, require_stage_output, write_resolved_config
 from octoray.training import model_card
 from octoray.training.metrics import LOSS_PNG, METRICS_FILE, plot_loss

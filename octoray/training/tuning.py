@@ -30,7 +30,7 @@ from octoray.config import ConfigError, from_mapping, load_config, to_dict
 from octoray.errors import UserError
 from octoray.resumable import StageRun
 from octoray.storage.layout import BEST_FILE, MANIFEST, METRICS_FILE, RESOLVED_CONFIG
-from octoray.storage.locations import Location, display, location
+from octoray.storage.locations import Location, location
 from octoray.storage.stage_dirs import atomic_write_json, input_record, require_stage_output
 from octoray.training.train_config import TrainConfig
 from octoray.training.tune_config import METRIC, STAGE, TuneConfig
