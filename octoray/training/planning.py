@@ -109,7 +109,7 @@ def plan(cfg: TrainConfig, *, gpus: int, gpu_memory: int, gpus_per_node: int = 8
     tokens = cfg.max_steps * cfg.batch_size * cfg.seq_len  # every step: batch_size packed sequences
     flops = tokens * flops_per_token(shape, cfg)
     result: dict[str, Any] = {
-        "model": cfg.model, "params": shape.params, "trainable_params": shape.trainable,
+        "model": cfg.model, "device": "cpu" if cfg.device == "cpu" else "gpu", "params": shape.params, "trainable_params": shape.trainable,
         "largest_layer_params": shape.largest_layer, "gpus": gpus, "gpus_per_node": gpus_per_node,
         "zero_stage": cfg.zero_stage, "micro_batch": cfg.micro_batch, "seq_len": cfg.seq_len,
         "gradient_checkpointing": cfg.gradient_checkpointing, "attn_implementation": cfg.attn_implementation,
@@ -219,11 +219,14 @@ def describe(result: dict[str, Any]) -> str:
     """The plan as a few lines for people."""
     parts = ", ".join(f"{k} {gib(v)}" for k, v in result["per_gpu_parts"].items() if v)
     verdict = "fits" if result["fits"] else "does NOT fit"
-    lines = [f"octoray plan: {result['model']}: {result['params'] / 1e9:.2f}B parameters, "
-             f"{result['trainable_params'] / 1e6:.1f}M trainable; ZeRO-{result['zero_stage']} on {result['gpus']} GPUs, "
+    unit = "CPU worker" if result.get("device") == "cpu" else "GPU"
+    params = result["params"]
+    size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    lines = [f"octoray plan: {result['model']}: {size} parameters, "
+             f"{result['trainable_params'] / 1e6:.1f}M trainable; ZeRO-{result['zero_stage']} on {result['gpus']} {unit}s, "
              f"micro_batch {result['micro_batch']} x seq_len {result['seq_len']}, checkpointing "
              f"{'on' if result['gradient_checkpointing'] else 'off'}",
-             f"octoray plan: per GPU {gib(result['per_gpu_bytes'])} of {gib(result['gpu_memory_bytes'])}: {verdict} ({parts})"]
+             f"octoray plan: per {unit} {gib(result['per_gpu_bytes'])} of {gib(result['gpu_memory_bytes'])}: {verdict} ({parts})"]
     if result["suggestions"]:
         lines.append("octoray plan: to fit: " + "; ".join(result["suggestions"]))
     time_text = f"{result['seconds'] / 3600:.2f} h" if result["seconds"] is not None else "unknown time"
