@@ -50,7 +50,10 @@ def write(run_dir: str | Location, eval_dir: Optional[str | Location] = None, *,
                        metrics=metrics if eval_manifest else {}, eval_config=(eval_manifest or {}).get("config"),
                        lineage=lineage)
     path = run_dir / MODEL_DIR / CARD
-    atomic_write_text(path, text)
+    # An unchanged card is left alone: a rerun that reuses every stage rewrites nothing (in object
+    # storage, not even a timestamp).
+    if not (path.is_file() and path.read_text() == text):
+        atomic_write_text(path, text)
     return path
 
 
