@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,8 @@ import pytest
 from octoray.config import ConfigError, load_config
 from octoray.serving.app import ServeConfig
 from octoray.serving.protocol import APIError, parse_completion_request
-from tests.helpers import OCTORAY, REPO_ROOT, run_cli
+from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers.serve_process import serve_process
 
 # ------------------------------------------------------------------ request validation (fast)
 
@@ -231,31 +231,12 @@ class Server:
 def server(model_dir: Path, ray_local, tmp_path_factory: pytest.TempPathFactory):
     """``octoray serve MODEL --port P`` on the session's Ray (ray_address=), until Ctrl-C."""
     port = _free_port()
-    address = ray_local.get_runtime_context().gcs_address
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([*OCTORAY, "serve", str(model_dir), "--port", str(port), f"ray_address={address}",
-                                 "max_batch_size=16", "batch_wait_timeout_s=0.02"],
-                                cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if _http("GET", f"{url}/models", timeout=5)[0] == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"octoray serve did not come up:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield Server(url, proc, log, str(model_dir))
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with serve_process(model_dir, port, ray_local.get_runtime_context().gcs_address, log,
+                       lambda: _http("GET", f"{url}/models", timeout=5)[0] == 200,
+                       ("max_batch_size=16", "batch_wait_timeout_s=0.02"), env=dict(os.environ)) as proc:
+        yield Server(url, proc, log, str(model_dir))
 
 
 @pytest.mark.ray

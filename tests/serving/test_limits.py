@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import OCTORAY, REPO_ROOT
+from tests.helpers import REPO_ROOT
+from tests.helpers.serve_process import serve_process
 
 LONG_PROMPT = "import os\nclass Config:\n    def __init__(self, path):\n        self.path ="
 SHORT_PROMPT = "def add(a, b):"
@@ -83,30 +83,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(model_dir: Path, ray_local, tmp_path_factory: pytest.TempPathFactory):
     """``octoray serve MODEL`` with a tiny queue; yields (port, process, log)."""
     port = _free_port()
-    address = ray_local.get_runtime_context().gcs_address
     log = tmp_path_factory.mktemp("limits-log") / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([*OCTORAY, "serve", str(model_dir), "--port", str(port), f"ray_address={address}",
-                                 "max_batch_size=4", "max_ongoing_requests=4", "max_queued_requests=4"],
-                                cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if _request(port, "GET", "/v1/models", timeout=5)[0] == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"octoray serve did not come up:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield port, proc, log
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with serve_process(model_dir, port, ray_local.get_runtime_context().gcs_address, log,
+                       lambda: _request(port, "GET", "/v1/models", timeout=5)[0] == 200,
+                       ("max_batch_size=4", "max_ongoing_requests=4", "max_queued_requests=4"),
+                       env=dict(os.environ)) as proc:
+        yield port, proc, log
 
 
 def _greedy_alone(model_dir: Path, prompt: str, max_tokens: int) -> str:

@@ -24,7 +24,8 @@ import pytest
 from octoray import modeling as templates
 from octoray.serving.chat_protocol import parse_chat_request
 from octoray.serving.protocol import APIError, legacy_logprobs, parse_completion_request
-from tests.helpers import OCTORAY, REPO_ROOT
+from tests.helpers import REPO_ROOT
+from tests.helpers.serve_process import serve_process
 from tests.serving.test_app import _free_port, _http
 
 KEYS = ("sk-octoray-test-one", "sk-octoray-test-two")
@@ -371,36 +372,17 @@ def _authed(method: str, url: str, body: Any = None, key: str | None = None) -> 
 def server(model_dir: Path, ray_local, tmp_path_factory: pytest.TempPathFactory):
     """``octoray serve MODEL --api-key K1 --api-key K2 max_batch_size=4 max_ongoing_requests=4``."""
     port = _free_port()
-    address = ray_local.get_runtime_context().gcs_address
     log = tmp_path_factory.mktemp("api-log") / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "OCTORAY_API_KEY"}
-    with log.open("w") as out:
-        proc = subprocess.Popen([*OCTORAY, "serve", str(model_dir), "--port", str(port), f"ray_address={address}",
-                                 "--api-key", KEYS[0], "max_batch_size=4", "--api-key", KEYS[1],
-                                 "max_ongoing_requests=4", "batch_wait_timeout_s=0.02", "app_name=octoray-api"],
-                                cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if _authed("GET", f"{url}/models", key=KEYS[1])[0] == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"octoray serve did not come up:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    from ray._private.worker import global_worker
+    with serve_process(model_dir, port, ray_local.get_runtime_context().gcs_address, log,
+                       lambda: _authed("GET", f"{url}/models", key=KEYS[1])[0] == 200,
+                       ("--api-key", KEYS[0], "max_batch_size=4", "--api-key", KEYS[1], "max_ongoing_requests=4",
+                        "batch_wait_timeout_s=0.02", "app_name=octoray-api"), env=env) as proc:
+        from ray._private.worker import global_worker
 
-    session = Path(global_worker.node.get_session_dir_path())
-    yield Server(url, proc, log, str(model_dir), session)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        session = Path(global_worker.node.get_session_dir_path())
+        yield Server(url, proc, log, str(model_dir), session)
 
 
 @pytest.mark.ray
