@@ -6,7 +6,8 @@
 For each mode -- ``batched`` (continuous batching, ``max_batch_size=32``) and the baseline
 ``unbatched`` (``max_batch_size=1``: one sequence at a time, everything else identical) -- the
 script starts the server with :func:`octoray.serving.app.start`, then runs a closed-loop load at
-each concurrency level (the baseline is redeployed in place on the same proxy): ``c`` clients
+each concurrency level (each mode redeployed in place on the same proxy; ``--rounds`` rounds,
+alternating which mode goes first, the ratios the median over rounds): ``c`` clients
 each send a request as soon as their previous one is answered, until the level's request count
 or time limit is reached (both bounded). Then the time to first token (TTFT) of a short streamed
 request, alone and while ``--long`` long requests are being decoded. It prints markdown tables:
@@ -48,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--long", type=int, default=31, help="long requests running during the loaded TTFT test")
     p.add_argument("--long-tokens", type=int, default=128, help="max_tokens of each of those long requests")
     p.add_argument("--ttft-repeats", type=int, default=3, help="short requests timed, alone and under load (median)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of both modes, alternating which goes first")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--decoder-only", action="store_true",
                    help="skip the server: time the batched decoder in-process (CPU seconds, robust on a busy machine)")
@@ -211,44 +213,53 @@ def main() -> int:
             ray.shutdown()
     device = "GPU" if ray.cluster_resources().get("GPU", 0) and args.num_gpus != 0 else "CPU"
     rows = []
-    ttfts: dict[str, tuple[float, float]] = {}
+    ttfts: dict[str, list[tuple[float, float]]] = {}
+    modes = [("batched", args.batch_size), ("unbatched (baseline)", 1)]
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny_model(Path(tmp) / "model")
-        for mode, batch_size in (("batched", args.batch_size), ("unbatched (baseline)", 1)):
-            cfg = ServeConfig(model=model, port=args.port, max_batch_size=batch_size,
-                              max_ongoing_requests=max(128, 2 * max(levels)), num_gpus=args.num_gpus,
-                              num_cpus=args.num_cpus)
-            url = start(cfg)
-            asyncio.run(load(url, 2, 4, 60, args.max_tokens, texts))  # warm-up: first batches allocate
-            for c in levels:
-                before = stats(url)
-                row = asyncio.run(load(url, c, max(16, args.requests * c), args.time_limit_s, args.max_tokens, texts))
-                after = stats(url)
-                row["mean_batch"] = (after["row_steps"] - before["row_steps"]) / max(1, after["steps"] - before["steps"])
-                rows.append({"mode": mode, "concurrency": c, **row})
-                print(f"{mode:>22} c={c:<3} {row['tok_s']:8.1f} tok/s  {row['req_s']:6.2f} req/s  "
-                      f"p50 {row['p50_ms']:7.0f} ms  p99 {row['p99_ms']:7.0f} ms  batch {row['mean_batch']:.1f}",
-                      file=sys.stderr, flush=True)
-            alone, loaded = asyncio.run(ttft(url, texts, args.long, args.long_tokens, args.ttft_repeats))
-            ttfts[mode] = (alone, loaded)
-            print(f"{mode:>22} TTFT alone {1000 * alone:7.0f} ms, with {args.long} long running "
-                  f"{1000 * loaded:7.0f} ms", file=sys.stderr, flush=True)
-        shutdown()  # the second mode redeployed in place: start() on the same port updates the app
+        for round_ in range(1, args.rounds + 1):
+            # alternate which mode goes first: the first deployment on a fresh Ray pays a colder start
+            for mode, batch_size in (modes if round_ % 2 else modes[::-1]):
+                cfg = ServeConfig(model=model, port=args.port, max_batch_size=batch_size,
+                                  max_ongoing_requests=max(128, 2 * max(levels)), num_gpus=args.num_gpus,
+                                  num_cpus=args.num_cpus)
+                url = start(cfg)  # the next mode redeploys in place: start() on the same port updates the app
+                asyncio.run(load(url, 2, 4, 60, args.max_tokens, texts))  # warm-up: first batches allocate
+                for c in levels:
+                    before = stats(url)
+                    row = asyncio.run(load(url, c, max(16, args.requests * c), args.time_limit_s, args.max_tokens,
+                                           texts))
+                    after = stats(url)
+                    row["mean_batch"] = (after["row_steps"] - before["row_steps"]) / max(1, after["steps"] - before["steps"])
+                    rows.append({"round": round_, "mode": mode, "concurrency": c, **row})
+                    print(f"round {round_} {mode:>22} c={c:<3} {row['tok_s']:8.1f} tok/s  {row['req_s']:6.2f} req/s  "
+                          f"p50 {row['p50_ms']:7.0f} ms  p99 {row['p99_ms']:7.0f} ms  batch {row['mean_batch']:.1f}",
+                          file=sys.stderr, flush=True)
+                alone, loaded = asyncio.run(ttft(url, texts, args.long, args.long_tokens, args.ttft_repeats))
+                ttfts.setdefault(mode, []).append((alone, loaded))
+                print(f"round {round_} {mode:>22} TTFT alone {1000 * alone:7.0f} ms, with {args.long} long running "
+                      f"{1000 * loaded:7.0f} ms", file=sys.stderr, flush=True)
+        shutdown()
     print(f"\n{device}, model {'tiny demo GPTBigCode (2x128)' if not args.model else args.model}, "
           f"max_tokens={args.max_tokens}, {os.cpu_count()} CPU cores, replica num_cpus={args.num_cpus}\n")
-    print("| mode | concurrency | requests | req/s | gen tokens/s | p50 latency (ms) | p99 latency (ms) | mean rows/step |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| round | mode | concurrency | requests | req/s | gen tokens/s | p50 latency (ms) | p99 latency (ms) "
+          "| mean rows/step |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | "
-              f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} |")
-    print("\n| concurrency | tokens/s batched ÷ unbatched |\n|---:|---:|")
+        print(f"| {r['round']} | {r['mode']} | {r['concurrency']} | {r['requests']} | {r['req_s']:.2f} | "
+              f"{r['tok_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} |")
+    rounds = range(1, args.rounds + 1)
+    print("\n| concurrency | tokens/s batched ÷ unbatched, per round | median |\n|---:|---|---:|")
     for c in levels:
-        on = next(r for r in rows if r["mode"] == "batched" and r["concurrency"] == c)
-        off = next(r for r in rows if r["mode"] != "batched" and r["concurrency"] == c)
-        print(f"| {c} | {on['tok_s'] / off['tok_s']:.2f}x |")
+        def tok_s(batched: bool, round_: int) -> float:
+            return next(r["tok_s"] for r in rows if (r["mode"] == "batched") == batched
+                        and r["concurrency"] == c and r["round"] == round_)
+        ratios = [tok_s(True, n) / tok_s(False, n) for n in rounds]
+        print(f"| {c} | {', '.join(f'{x:.2f}x' for x in ratios)} | {statistics.median(ratios):.2f}x |")
     print(f"\n| mode | TTFT alone (ms) | TTFT with {args.long} long requests running (ms) | loaded ÷ alone |")
     print("|---|---:|---:|---:|")
-    for mode, (alone, loaded) in ttfts.items():
+    for mode, pairs in ttfts.items():
+        alone, loaded = statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
         print(f"| {mode} | {1000 * alone:.0f} | {1000 * loaded:.0f} | {loaded / alone:.1f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "ttft_s": ttfts}, indent=2))

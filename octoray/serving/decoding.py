@@ -43,7 +43,7 @@ class Sequence:
     presence_penalty: float = 0.0  # OpenAI-style, over output tokens
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
-    min_tokens: int = 0  # EOS is masked until this many tokens are out
+    min_tokens: int = 0  # EOS is masked and stop strings are passed over until this many tokens are out
     logprobs: Optional[int] = None  # record each token's log-probability and this many alternatives
     #: per sampled token (EOS included): (its log-probability, [(token id, log-probability)] best first)
     sampled_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
@@ -66,8 +66,10 @@ class Sequence:
             self.token_ids.append(token)
             seen = len(self.text)
             self._detokenize(decode, final=self.generated >= self.max_tokens)
-            # only the new text (and the stop string's length before it) can hold a new match
-            hits = [i for i in (self.text.find(s, max(0, seen - len(s) + 1)) for s in self.stop) if i >= 0]
+            # only the new text (and the stop string's length before it) can hold a new match; before
+            # min_tokens no stop string ends the sequence (vLLM's rule: a match there is passed over)
+            hits = [i for i in (self.text.find(s, max(0, seen - len(s) + 1)) for s in self.stop) if i >= 0
+                    ] if self.generated >= self.min_tokens else []
             if hits:  # the stop string itself is never returned, as in the OpenAI API
                 self.text = self.text[:min(hits)]
                 self.finish_reason = "stop"

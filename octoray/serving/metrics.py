@@ -56,8 +56,10 @@ class ServeMetrics:
                     if count == 0:
                         self.ttft.observe(now - request.arrived)
                         self.prompt_tokens.inc(len(seq.prompt_ids))
-                    else:
-                        self.itl.observe((now - last) / (seq.generated - count))
+                    else:  # tokens decoded in one run of steps: each interval counts, at their mean
+                        gap = (now - last) / (seq.generated - count)
+                        for _ in range(seq.generated - count):
+                            self.itl.observe(gap)
                     generated += seq.generated - count
                     count, last = seq.generated, now
                 started = started or count > 0

@@ -148,16 +148,21 @@ class CompletionServer:
         request_id, created = new_request_id()
         model = self.cfg.model_name
         if params.stream:
-            if params.logprobs is not None:
-                raise APIError(400, "logprobs are not supported with stream on this server; send stream: false",
-                               param="logprobs", code="unsupported_parameter")
+            scored = (await self._prompt_scores(prompt_ids, params.logprobs)
+                      if params.echo and params.logprobs is not None else None)
             admitted = self._submit(seqs, stream=True, decode=params.max_tokens > 0)
-            first = [completion_chunk(request_id, created, model, s.index, echoes[s.index // params.n], None)
+            first = [completion_chunk(request_id, created, model, s.index, echoes[s.index // params.n], None,
+                                      legacy_logprobs(scored[s.index // params.n]) if scored else None)
                      for s in seqs if echoes[s.index // params.n]]
-            chunks = self._stream(seqs, admitted,
-                                  lambda i, text, reason: completion_chunk(request_id, created, model, i, text, reason),
-                                  lambda done: usage_chunk(request_id, created, model, prompt_tokens, done),
-                                  params.include_usage, first)
+            # generated tokens' offsets continue after the echoed prompt
+            offsets = {s.index: len(echoes[s.index // params.n]) for s in seqs}
+            chunks = self._stream(
+                seqs, admitted,
+                lambda i, text, reason, records, at: completion_chunk(
+                    request_id, created, model, i, text, reason,
+                    None if records is None else legacy_logprobs(records, offsets[i] + at)),
+                lambda done: usage_chunk(request_id, created, model, prompt_tokens, done),
+                params.include_usage, first, with_logprobs=params.logprobs is not None)
             return StreamingResponse(chunks, media_type="text/event-stream")
         if params.max_tokens > 0:
             submitted, _, deadline = self._submit(seqs, stream=False)
@@ -195,17 +200,16 @@ class CompletionServer:
         request_id, created = new_chat_id(), int(time.time())
         model = self.cfg.model_name
         if params.stream:
-            if params.logprobs is not None:
-                raise APIError(400, "logprobs are not supported with stream on this server; send stream: false",
-                               param="logprobs", code="unsupported_parameter")
             admitted = self._submit(seqs, stream=True)
             first = [chat_chunk(request_id, created, model, s.index, {"role": "assistant", "content": ""}, None)
                      for s in seqs]
-            chunks = self._stream(seqs, admitted,
-                                  lambda i, text, reason: chat_chunk(request_id, created, model, i,
-                                                                     {"content": text} if text else {}, reason),
-                                  lambda done: chat_usage_chunk(request_id, created, model, len(ids), done),
-                                  params.include_usage, first)
+            chunks = self._stream(
+                seqs, admitted,
+                lambda i, text, reason, records, _: chat_chunk(
+                    request_id, created, model, i, {"content": text} if text else {}, reason,
+                    None if records is None else chat_logprobs(records)),
+                lambda done: chat_usage_chunk(request_id, created, model, len(ids), done),
+                params.include_usage, first, with_logprobs=params.logprobs is not None)
             return StreamingResponse(chunks, media_type="text/event-stream")
         submitted, _, deadline = self._submit(seqs, stream=False)
         await self._wait(submitted, deadline)
@@ -318,15 +322,7 @@ class CompletionServer:
 
     def _generated_logprobs(self, seq: Sequence) -> list[TokenLogprob]:
         """The returned tokens' log-probability records (EOS and anything past a stop string left out)."""
-        out: list[TokenLogprob] = []
-        at = 0
-        for token, (logprob, top) in zip(seq.token_ids, seq.sampled_logprobs):
-            if at >= len(seq.text):
-                break
-            text = self._token_text(token)
-            at += len(text)
-            out.append((text, logprob, [(self._token_text(t), v) for t, v in top]))
-        return out
+        return _TokenCursor().advance(seq, self._token_text, len(seq.text), final=True)
 
     async def _prompt_scores(self, prompt_ids: list[list[int]], top: int) -> list[list[TokenLogprob]]:
         """Each prompt's tokens with their log-probabilities (the first token has none)."""
@@ -339,9 +335,13 @@ class CompletionServer:
         return out
 
     async def _stream(self, seqs: list[Sequence], admitted: tuple[Any, asyncio.Queue, Optional[float]], chunk: Any,
-                      usage: Any, include_usage: bool, first: list[dict[str, Any]]) -> Any:
+                      usage: Any, include_usage: bool, first: list[dict[str, Any]], with_logprobs: bool = False) -> Any:
         """Server-sent events: ``first``, then text pieces as they are decoded (``chunk(index, text,
-        finish_reason)``), then ``usage(completion_tokens)`` if asked, then [DONE]."""
+        finish_reason, records, offset)``: with ``with_logprobs`` the log-probability records of the
+        tokens whose text the piece completes and the first one's offset in the choice's text, else
+        None and 0), then ``usage(completion_tokens)`` if asked, then [DONE]."""
+        by_index = {s.index: s for s in seqs}
+        cursors = {s.index: _TokenCursor() for s in seqs}
         submitted, queue, deadline = admitted
         task = asyncio.ensure_future(self.scheduler.wait(submitted) if submitted is not None else asyncio.sleep(0))
         task.add_done_callback(lambda _: queue.put_nowait(None))  # after every piece: same event loop
@@ -357,7 +357,14 @@ class CompletionServer:
                 if item is None:
                     break
                 index, text, finish_reason = item
-                yield sse(chunk(index, text, finish_reason))
+                records, at = None, 0
+                if with_logprobs:
+                    cursor = cursors[index]
+                    at = cursor.covered
+                    cursor.emitted += len(text)
+                    records = cursor.advance(by_index[index], self._token_text, cursor.emitted,
+                                             final=finish_reason is not None)
+                yield sse(chunk(index, text, finish_reason, records, at))
             if task.exception() is not None:
                 logger.error("streamed completion failed", exc_info=task.exception())
                 yield sse(error_body("internal server error (see the replica log)", "server_error"))
@@ -370,6 +377,37 @@ class CompletionServer:
                 for seq in seqs:
                     seq.cancelled = True
                 task.cancel()
+
+
+class _TokenCursor:
+    """Which of a sequence's sampled tokens have had their log-probability records sent.
+
+    A streamed piece of text may end inside a token (a stop string's possible start is held
+    back, an incomplete UTF-8 character waits): a token's record goes with the piece that
+    completes its text, and the last piece takes every token up to the end of the final text
+    (so EOS and anything past a stop string are never reported, as without streaming).
+    """
+
+    def __init__(self) -> None:
+        self.sent = 0  # tokens whose records were sent
+        self.covered = 0  # characters of the choice's text those tokens make up
+        self.emitted = 0  # characters of the choice's text streamed so far
+
+    def advance(self, seq: Sequence, token_text: Any, upto: int, final: bool) -> list[TokenLogprob]:
+        """The records of the next tokens whose text ends by character ``upto`` (with ``final``:
+        that starts before it)."""
+        out: list[TokenLogprob] = []
+        # sampled_logprobs grows in the decode thread: take its length once (a whole read under the GIL)
+        available = min(len(seq.token_ids), len(seq.sampled_logprobs))
+        while self.sent < available:
+            text = token_text(seq.token_ids[self.sent])
+            if (self.covered >= upto) if final else (self.covered + len(text) > upto):
+                break
+            logprob, top = seq.sampled_logprobs[self.sent]
+            out.append((text, logprob, [(token_text(t), v) for t, v in top]))
+            self.sent += 1
+            self.covered += len(text)
+        return out
 
 
 class RequireAPIKey:

@@ -82,18 +82,38 @@ def test_short_request_overtakes_a_long_one(decoder) -> None:
     scheduler = _scheduler(decoder)
     long, short = _seq(decoder, PROMPTS[1], 256, temperature=0.0), _seq(decoder, PROMPTS[0], 8, temperature=0.0)
     finished: list[str] = []
+    long_tokens_at: dict[str, int] = {}
 
     async def main() -> None:
         async def one(name: str, seq: Any, after_steps: int) -> None:
             while scheduler.stats["steps"] < after_steps:
                 await asyncio.sleep(0)
+            long_tokens_at["submitted"] = long.generated
             await scheduler.run([seq])
             finished.append(name)
-        await asyncio.gather(one("long", long, 0), one("short", short, 10))
+
+        async def first_token() -> None:
+            while not short.generated:
+                await asyncio.sleep(0)
+            long_tokens_at["first"] = long.generated
+        await asyncio.gather(one("long", long, 0), one("short", short, 10), first_token())
 
     asyncio.run(main())
     assert finished == ["short", "long"] and long.generated == 256 and short.generated == 8
     assert short.token_ids == _alone(decoder, PROMPTS[0], 8, temperature=0.0).token_ids
+    # the long row runs several steps per hand-off, yet the newcomer is prefilled at the next step
+    assert long_tokens_at["first"] - long_tokens_at["submitted"] <= 2
+
+
+def test_a_lone_row_decodes_several_steps_per_handoff(decoder) -> None:
+    """One request on an idle scheduler: few thread hand-offs (the step loop stays in the decode
+    thread), every step still counted, and the same tokens as decoding it in one call."""
+    scheduler = _scheduler(decoder, max_steps_per_handoff=16)
+    seq = _seq(decoder, PROMPTS[2], 64, temperature=0.0, ignore_eos=True)
+    asyncio.run(scheduler.run([seq]))
+    assert seq.token_ids == _alone(decoder, PROMPTS[2], 64, temperature=0.0, ignore_eos=True).token_ids
+    assert scheduler.stats["steps"] == 63 == scheduler.stats["row_steps"]  # the prefill gave the first token
+    assert scheduler.stats["handoffs"] == 1 + 4  # the prefill, then 63 steps in runs of at most 16
 
 
 def test_a_failing_request_fails_alone(decoder) -> None:
@@ -137,10 +157,11 @@ def test_cancelled_request_frees_its_rows_and_capacity_is_bounded(decoder) -> No
         task.cancel()  # as Serve does when the HTTP client goes away
         with pytest.raises(asyncio.CancelledError):
             await task
-        steps = scheduler.stats["steps"]
+        tokens = other.generated
         while scheduler.running > 1:
             await asyncio.sleep(0.001)
-        assert scheduler.stats["steps"] - steps <= 2  # the row left at the next step
+        # the row left at the next step: the decode thread's run of steps ends there too
+        assert other.generated - tokens <= 2
         await second
 
     asyncio.run(main())

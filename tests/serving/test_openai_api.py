@@ -293,6 +293,23 @@ def test_sampling_extras_in_the_decoder(decoder, tokenizer) -> None:
     assert (long.generated, long.finish_reason) == (40, "length") and decoder.eos_ids.isdisjoint(long.token_ids)
 
 
+def test_min_tokens_passes_over_stop_strings(decoder, tokenizer) -> None:
+    """Before ``min_tokens`` a stop string does not end the sequence (vLLM's rule); after, it does."""
+    prompt = "def add(a, b):"
+    free = _seq(tokenizer, prompt, temperature=0.0, ignore_eos=True, max_tokens=16)
+    decoder.generate([free])
+    stop = free.text.strip()[:2]
+    assert stop, "the model's greedy text has no visible characters to stop at"
+    held = _seq(tokenizer, prompt, temperature=0.0, ignore_eos=True, max_tokens=16, stop=(stop,), min_tokens=8)
+    early = _seq(tokenizer, prompt, temperature=0.0, ignore_eos=True, max_tokens=16, stop=(stop,))
+    decoder.generate([held, early])
+    assert early.finish_reason == "stop" and stop not in early.text and early.generated < 8
+    # the same tokens as without a stop string until min_tokens, where stop strings count again
+    assert held.generated >= 8 and held.token_ids == free.token_ids[:len(held.token_ids)]
+    assert held.finish_reason == ("stop" if held.generated < 16 else held.finish_reason)
+    assert len(held.text) > len(early.text) and free.text.startswith(held.text)
+
+
 def test_recorded_logprobs_match_a_forward_pass(decoder, model, tokenizer) -> None:
     import torch
 
@@ -448,6 +465,14 @@ def test_chat_logprobs_and_malformed_chat(server: Server, model, tokenizer) -> N
                                                      "top_logprobs": 2})
     assert status == 200, body
     content = body["choices"][0]["logprobs"]["content"]
+    from openai import OpenAI
+
+    stream = OpenAI(base_url=server.url, api_key=KEYS[0], max_retries=0).chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
+        logprobs=True, top_logprobs=2, stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.bytes) for e in streamed] == [(e["token"], e["bytes"]) for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e["logprob"] for e in content], abs=1e-6)
     ids = tokenizer(templates.octocoder_prompt("hi"))["input_ids"]
     generated = tokenizer(body["choices"][0]["message"]["content"])["input_ids"]
     with torch.inference_mode():
@@ -518,8 +543,24 @@ def test_logprobs_and_prompt_scoring_match_a_forward_pass(server: Server, model,
     assert len(lp["tokens"]) == len(ids) + body["usage"]["completion_tokens"] - (
         body["choices"][0]["finish_reason"] == "stop")
     assert lp["text_offset"][len(ids)] == len(prompt) and "".join(lp["tokens"]) == body["choices"][0]["text"]
-    status, answer = server.post("/completions", {"prompt": prompt, "logprobs": 1, "stream": True})
-    assert status == 400 and answer["error"]["param"] == "logprobs"
+    # streamed: each chunk carries the records of the tokens its text completes; all of them
+    # together are the unstreamed answer's, offsets included (greedy, so the same tokens)
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url, api_key=KEYS[0], max_retries=0)
+    for echo in (False, True):
+        plain = client.completions.create(model=server.model, prompt=prompt, max_tokens=12, temperature=0,
+                                          logprobs=2, echo=echo, extra_body={"ignore_eos": True})
+        chunks = [c.choices[0] for c in client.completions.create(
+            model=server.model, prompt=prompt, max_tokens=12, temperature=0, logprobs=2, echo=echo, stream=True,
+            extra_body={"ignore_eos": True}) if c.choices]
+        assert "".join(c.text for c in chunks) == plain.choices[0].text
+        joined = {key: [v for c in chunks if c.logprobs for v in getattr(c.logprobs, key)]
+                  for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        want = plain.choices[0].logprobs
+        assert joined["tokens"] == want.tokens and joined["text_offset"] == want.text_offset
+        assert joined["token_logprobs"] == pytest.approx(want.token_logprobs, abs=1e-6)
+        assert [sorted(t) for t in joined["top_logprobs"][1:]] == [sorted(t) for t in want.top_logprobs[1:]]
 
 
 @pytest.mark.ray
