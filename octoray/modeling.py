@@ -178,8 +178,6 @@ def preflight_model(name_or_path: str) -> tuple[str, Any]:
 
     Loads the tokenizer and the model config -- small files -- never the weights.
     """
-    from transformers import AutoConfig
-
     local = Path(name_or_path).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -190,6 +188,8 @@ def preflight_model(name_or_path: str) -> tuple[str, Any]:
                         f"(hub ids look like 'bigcode/starcoder'); {_model_dirs_hint()}")
     else:
         model = name_or_path
+    from transformers import AutoConfig  # only now: a mistyped path is answered without importing torch
+
     load_tokenizer(model)
     try:
         config = AutoConfig.from_pretrained(model)

@@ -58,10 +58,15 @@ def run(cfg: EvalConfig) -> Location:
         preflight_model(cfg.generator.removeprefix("hf:"))  # one line, before any Ray work
     all_problems = {lang: load_problems(lang, cfg.humanevalpack_dir) for lang in cfg.languages}
     problems = {lang: items[: cfg.limit] if cfg.limit else items for lang, items in all_problems.items()}
+    ready = None
+    if cfg.generator.startswith(("file:", "oracle:")) and not (out / SAMPLES_FILE).is_file():
+        from octoray.evaluation import generators
+
+        ready = generators.generate(cfg, problems, all_problems)  # no model: a bad row is one line before Ray starts
     stage.start(write_config=False, address=cfg.ray_address)
     runner.probe_toolchains(cfg.languages)  # a missing toolchain is one line, not a table of zeros
     stage.write_config()
-    samples = _load_or_generate_samples(cfg, stage, fingerprint, problems, all_problems)
+    samples = _load_or_generate_samples(cfg, stage, fingerprint, problems, all_problems, ready)
 
     by_id = {p["task_id"]: p for items in problems.values() for p in items}
     results, executed = runner.execute(
@@ -133,8 +138,10 @@ def _samples_match(out: Location, fingerprint: dict[str, Any]) -> bool:
 
 def _load_or_generate_samples(cfg: EvalConfig, stage: StageRun, fingerprint: dict[str, Any],
                               problems: dict[str, list[dict[str, Any]]],
-                              all_problems: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Reuse OUT/samples.parquet when it came from the same generation settings, else generate.
+                              all_problems: dict[str, list[dict[str, Any]]],
+                              ready: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
+    """Reuse OUT/samples.parquet when it came from the same generation settings, else generate
+    (or take ``ready``, samples a model-free generator already made).
 
     Sampled completions differ run to run, so results of old samples must never be mixed with
     new ones: samples from other settings are an error, not silently replaced.
@@ -153,7 +160,7 @@ def _load_or_generate_samples(cfg: EvalConfig, stage: StageRun, fingerprint: dic
                         "use a new --out or delete that directory")
     if (out / RESULTS_FILE).exists() or (out / "results.parts").exists():
         raise UserError(f"{out} holds results but no samples; use a new --out or delete that directory")
-    samples = generators.generate(cfg, problems, all_problems)
+    samples = ready if ready is not None else generators.generate(cfg, problems, all_problems)
     out.mkdir(parents=True, exist_ok=True)
     columns = ("task_id", "language", "task", "sample_idx", "prompt", "completion", "description", "code")
     table = pa.Table.from_pydict({c: [s[c] for s in samples] for c in columns})

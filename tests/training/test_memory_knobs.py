@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # two real training processes (~30 s together): not the fast tier
+
 # One process per measurement: peak RSS (VmHWM, reset through /proc/self/clear_refs) from just
 # before training to its end, minus the RSS then. The model: 6 layers, 256 wide, sequences of 1024.
 SCRIPT = r"""
