@@ -115,8 +115,10 @@ def model_input(cfg: EvalConfig) -> Optional[dict[str, Any]]:
         return {"path": path, "fingerprint": None}  # a hub id: the id is all there is to record
     where = where.resolve()
     run_dir = model_run_dir(str(where))
-    if run_dir is not None:
-        return {"path": display(where), "run_dir": display(run_dir), "fingerprint": read_manifest(run_dir)["fingerprint"]}
+    recorded = read_manifest(run_dir).get("fingerprint") if run_dir is not None else None
+    if recorded:
+        return {"path": display(where), "run_dir": display(run_dir), "fingerprint": recorded}
+    # a model outside a train run, or one a version before fingerprints exported: its own bytes
     return {"path": display(where), "fingerprint": fingerprint(where, ["."])}
 
 

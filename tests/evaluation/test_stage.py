@@ -383,3 +383,18 @@ def test_hf_generator_end_to_end(ray_local, tmp_path, shared_dir) -> None:
         p = problems[int(s["task_id"].split("/")[1])]
         assert s["code"] == hep.completion_to_code(p, "python", s["task"], s["completion"])
     assert {r["status"] for r in _read(out / "results.parquet")} <= {"pass", "fail", "timeout"}
+
+
+def test_a_model_exported_before_fingerprints_is_fingerprinted_by_its_bytes(tmp_path) -> None:
+    """A train run written by an older octoray has no fingerprint in its manifest: eval records
+    the model directory's own (it used to fail with a KeyError)."""
+    from octoray.evaluation.config import EvalConfig
+    from octoray.evaluation.stage import model_input
+    from octoray.storage.fingerprint import fingerprint
+
+    model = tmp_path / "train" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (tmp_path / "train" / "manifest.json").write_text(json.dumps({"stage": "train", "complete": True}))
+    found = model_input(EvalConfig(generator=f"hf:{model}", out=str(tmp_path / "eval")))
+    assert found["fingerprint"] == fingerprint(model, ["."]) and "run_dir" not in found
