@@ -1,7 +1,7 @@
 """What ``preserve_order`` costs the training data path, and whether the shard order repeats.
 
-    .venv/bin/python benchmarks/bench_data_order.py                  # 2000 SFT rows, 3 rounds
-    .venv/bin/python benchmarks/bench_data_order.py --rows 8000 --rounds 5
+    .venv/bin/python benchmarks/bench_data_order.py                  # 4000 SFT rows in 16 shards, 3 rounds
+    .venv/bin/python benchmarks/bench_data_order.py --rows 16000 --shards 32 --rounds 5
 
 Both sides build the packed datasets with octoray's own ``prepare_datasets`` (read, shuffle,
 pack, materialize) and then read one epoch of two train shards the way Ray Train hands them out
@@ -30,7 +30,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.helpers.sft import write_sft  # noqa: E402 - the same learnable rows the tests use
+from tests.helpers.sft import WrittenBy, sft_rows  # noqa: E402 - the same learnable rows the tests use
+
+
+def write_shards(out_dir: Path, rows: int, shards: int) -> Path:
+    """An sft/ directory of ``rows`` rows in ``shards`` Parquet files (as 'octoray filter' writes
+    them): Ray Data reads one block per file, so the order of blocks is what is measured."""
+    import pyarrow as pa
+
+    from octoray.storage.layout import shard_name
+    from octoray.storage.stage_dirs import write_manifest, write_parquet_atomic
+
+    table = sft_rows(rows)
+    names = [shard_name(i, shards) for i in range(shards)]
+    for i, name in enumerate(names):
+        write_parquet_atomic(pa.Table.from_pylist(table[i::shards]), out_dir / name)
+    write_manifest(out_dir, "filter", WrittenBy(), rows=rows, files=names, started=time.time())
+    return out_dir
 
 
 def _reader():
@@ -80,7 +96,8 @@ def one_side(cfg, sft: Path, model_path: str, ordered: bool, readers: list) -> d
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2000, help="SFT rows written")
+    parser.add_argument("--rows", type=int, default=4000, help="SFT rows written")
+    parser.add_argument("--shards", type=int, default=16, help="Parquet files (one block each)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating on/off rounds")
     args = parser.parse_args()
 
@@ -91,7 +108,7 @@ def main() -> int:
     from octoray.training.train_config import TrainConfig
 
     work = Path(tempfile.mkdtemp(prefix="octoray-bench-order-"))
-    sft = write_sft(work / "sft", n=args.rows)
+    sft = write_shards(work / "sft", args.rows, args.shards)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg = from_mapping(TrainConfig, {"model": "demo", "demo_embd": 64, "demo_vocab": 512, "data": str(sft),
                                      "out": str(work / "run"), "seq_len": 128, "num_workers": 2, "device": "cpu",
@@ -107,7 +124,7 @@ def main() -> int:
               f"{results[True][-1]['epoch_s'][1]:.3f} s; off build {results[False][-1]['build_s']:.2f} s epoch "
               f"{results[False][-1]['epoch_s'][1]:.3f} s", flush=True)
 
-    print(f"\n{args.rows} SFT rows packed to seq 128 ({results[True][0]['batches']} micro-batches of 1 per epoch), "
+    print(f"\n{args.rows} SFT rows in {args.shards} shards, packed to seq 128 ({results[True][0]['batches']} micro-batches of 1 per epoch), "
           f"2 shards read by 2 actors, {args.rounds} alternating rounds, one node\n")
     print("| preserve_order | build (read, shuffle, pack, materialize) s | epoch of 2 shards s | "
           "same order epoch 1 = epoch 2 | same order across builds |")

@@ -112,9 +112,12 @@ def _run(cfg: TrainConfig) -> Location:
     return run_dir
 
 
-#: Train config keys that do not change the trained model: where things are, resources, retries.
+#: Train config keys that do not change the trained model: where things are, resources, retries,
+#: preemption handling (a resume trains exactly as an unstopped run).
 _NOT_RESULT_KEYS = frozenset({"data", "out", "hparams", "cpus_per_worker", "worker_resources", "check_fit",
-                              "max_failures", "fail_at_step", "keep_checkpoints", "resource_wait_s"})
+                              "max_failures", "fail_at_step", "keep_checkpoints", "resource_wait_s",
+                              "preemption_watch", "preemption_notice_url", "preemption_poll_s",
+                              "preemption_sigterm_grace_s", "preemption_drain_node"})
 
 
 def _result_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -183,12 +183,16 @@ def _start_watcher(cfg: TrainConfig) -> Any:
         return None
     import ray
 
-    from octoray.training.preemption import PreemptionWatcher, draining_deadline, notice_url, watch_sigterm
+    from octoray.training.preemption import (PreemptionWatcher, drain_node, draining_deadline, notice_url,
+                                             watch_sigterm)
 
     node_id = ray.get_runtime_context().get_node_id()
+    # A cloud's notice reaches only this VM: drain the node in Ray too, so the restarted worker
+    # group is not placed back on it (a Ray drain or SIGTERM to the pod's raylet drains already).
+    drain_self = functools.partial(drain_node, node_id) if cfg.preemption_drain_node else None
     watcher = PreemptionWatcher(poll_s=cfg.preemption_poll_s, drain=functools.partial(draining_deadline, node_id),
                                 url=notice_url(cfg.preemption_notice_url),
-                                sigterm_grace_s=cfg.preemption_sigterm_grace_s)
+                                sigterm_grace_s=cfg.preemption_sigterm_grace_s, on_cloud_notice=drain_self)
     watch_sigterm(watcher)
     return watcher.start()
 
@@ -204,7 +208,9 @@ def _on_preemption(engine: Any, row: dict[str, Any], step: int, tokens: int, ran
     """
     import torch.distributed as dist
 
-    local = watcher.notice.record() if watcher is not None and watcher.notice is not None else None
+    local = None
+    if watcher is not None and watcher.notice is not None:
+        local = {**watcher.notice.record(), "ray_drain": watcher.cloud_action}
     notices: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(notices, local)
     decision: list[Any] = [None]
@@ -250,7 +256,9 @@ def _preemption_decision(notices: list[dict[str, Any]], ranks: list[int], step: 
             "noticed_seconds_ago": round(now - first["received"], 3), "deadline": deadline,
             "seconds_left": round(left, 3) if left is not None else None,
             "last_save_seconds": round(last_save, 3) if last_save is not None else None,
-            "saved": not fallback, "resumes_from": saved["step"] if fallback else step}
+            "saved": not fallback, "resumes_from": saved["step"] if fallback else step,
+            # Whether a cloud notice was passed on to Ray as a drain of the node ("drained", or why not).
+            "ray_drain": next((n["ray_drain"] for n in notices if n.get("ray_drain")), None)}
 
 
 def _preemption_line(record: dict[str, Any]) -> str:
