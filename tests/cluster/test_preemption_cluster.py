@@ -165,15 +165,20 @@ def _check_resumed_at_notice(run: Path, log: str, source: str, max_steps: int = 
 
 
 def _train_worker_pid(node: raycluster.Node) -> int:
+    """The newest RayTrainWorker process on ``node`` (an earlier run's may still be exiting)."""
     import psutil
 
+    found = []
     for pid in node.processes():
         try:
-            if "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
-                return pid
+            process = psutil.Process(pid)
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                found.append((process.create_time(), pid))
         except psutil.NoSuchProcess:
             continue
-    raise AssertionError("no RayTrainWorker process on the worker node")
+    if not found:
+        raise AssertionError("no RayTrainWorker process on the worker node")
+    return max(found)[1]
 
 
 def test_sigterm_to_a_worker_checkpoints_at_the_next_step(cluster, sft: Path, reference, tmp_path: Path) -> None:
