@@ -88,7 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if noticed:  # every rank sees the same sum: all of them stop at this step
             if val_shard is not None:
                 row["val_loss"] = _evaluate(engine, val_shard, cfg.micro_batch)
-            _on_preemption(engine, row, step, tokens_seen, rank, watcher, saved, run_dir, local_dir, log)
+            _on_preemption(engine, cfg, row, step, tokens_seen, rank, watcher, saved, run_dir, local_dir, log)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             row["peak_memory_bytes"] = _largest_over_ranks(memory.peak_bytes(), engine.device)
             if val_shard is not None:
@@ -197,8 +197,8 @@ def _start_watcher(cfg: TrainConfig) -> Any:
     return watcher.start()
 
 
-def _on_preemption(engine: Any, row: dict[str, Any], step: int, tokens: int, rank: int, watcher: Any,
-                   saved: dict[str, Any], run_dir: Location, local_dir: Path, log: MetricsLog) -> None:
+def _on_preemption(engine: Any, cfg: TrainConfig, row: dict[str, Any], step: int, tokens: int, rank: int,
+                   watcher: Any, saved: dict[str, Any], run_dir: Location, local_dir: Path, log: MetricsLog) -> None:
     """A rank holds a preemption notice and every rank is at ``step``: save a checkpoint of this
     step and report it (or, when the deadline is shorter than the last save took, keep the last
     periodic one), record the notice, and stop the worker group (raises PreemptedError).
