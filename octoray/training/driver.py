@@ -33,9 +33,10 @@ from octoray.storage.locations import Location, ObjectPath, location, scratch_di
 from octoray.storage.stage_dirs import input_record, require_stage_output, write_resolved_config
 from octoray.training import model_card
 from octoray.training.metrics import LOSS_PNG, METRICS_FILE, plot_loss
+from octoray.training.resume import STATE_FILE
 from octoray.training.sft_data import prepare_datasets, sft_texts
 from octoray.training.train_config import DEMO, STAGE, TrainConfig
-from octoray.training.worker import STATE_FILE, train_loop_per_worker
+from octoray.training.worker import train_loop_per_worker
 
 if TYPE_CHECKING:
     from octoray.training.best_trial import Handoff
@@ -111,9 +112,12 @@ def _run(cfg: TrainConfig) -> Location:
     return run_dir
 
 
-#: Train config keys that do not change the trained model: where things are, resources, retries.
+#: Train config keys that do not change the trained model: where things are, resources, retries,
+#: preemption handling (a resume trains exactly as an unstopped run).
 _NOT_RESULT_KEYS = frozenset({"data", "out", "hparams", "cpus_per_worker", "worker_resources", "check_fit",
-                              "max_failures", "fail_at_step", "keep_checkpoints", "resource_wait_s"})
+                              "max_failures", "fail_at_step", "keep_checkpoints", "resource_wait_s",
+                              "preemption_watch", "preemption_notice_url", "preemption_poll_s",
+                              "preemption_sigterm_grace_s", "preemption_drain_node"})
 
 
 def _result_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -315,6 +319,7 @@ def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir:
     (Train V2 dropped ``resume_from_checkpoint``; its guide passes the path in the loop config).
     """
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
     resources = worker_resources(cfg)
@@ -341,6 +346,10 @@ def fit(cfg: TrainConfig, *, model_path: str, datasets: dict[str, Any], run_dir:
                 controller_failure_limit=max(1, math.ceil(cfg.resource_wait_s / 60))),
             callbacks=list(callbacks)),
         datasets=datasets,
+        # Every worker group gets the same shards in the same order (Ray's split otherwise deals
+        # blocks by where they are stored and where the workers run, which changes when a group
+        # restarts on other nodes), so a resumed run reads what an unstopped one would have.
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     return trainer.fit()
 

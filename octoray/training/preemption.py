@@ -129,6 +129,25 @@ def draining_deadline(node_id: str) -> Optional[float]:
     return deadline_ms / 1000.0
 
 
+def drain_node(node_id: str, notice: Notice) -> Optional[str]:
+    """Ask Ray's GCS to drain ``node_id`` for preemption until ``notice``'s deadline (what
+    ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`` sends): Ray then places no new work
+    there, so a restarted worker group goes to the other nodes or a replacement, not back onto
+    the VM the cloud is taking. None when accepted, else the GCS's reason.
+
+    ``GcsClient.drain_node`` (the connected worker's client) is not a public API; ``ray
+    drain-node``, the autoscaler (v2) and Ray's own SIGTERM handler of a node call it the same way.
+    """
+    import ray._private.worker
+    from ray.core.generated import autoscaler_pb2
+
+    deadline_ms = int(notice.deadline * 1000) if notice.deadline else 0  # 0: no deadline
+    accepted, why = ray._private.worker.global_worker.gcs_client.drain_node(
+        node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+        f"octoray: {notice.source} preemption notice ({notice.detail})", deadline_ms, timeout=5)
+    return None if accepted else (why or "rejected")
+
+
 class PreemptionWatcher:
     """Notices a preemption of this worker's node; :attr:`notice` is the first one seen (or None).
 
@@ -136,13 +155,20 @@ class PreemptionWatcher:
     :func:`draining_deadline` does (None: not draining), or None to skip the drain check.
     ``url``: the metadata URL to poll (see :func:`notice_url`), or None.
     ``sigterm_grace_s``: the deadline a SIGTERM implies (Kubernetes' terminationGracePeriodSeconds).
+    ``on_cloud_notice``: called (in the poll thread) with a notice from the metadata URL, e.g.
+    :func:`drain_node` for this node, so Ray learns what only the cloud told this VM; it returns
+    None or why it could not act (logged).
     """
 
     def __init__(self, *, poll_s: float = 5.0, drain: Optional[Callable[[], Optional[float]]] = None,
-                 url: Optional[str] = None, sigterm_grace_s: float = 30.0, http_timeout_s: float = 2.0) -> None:
+                 url: Optional[str] = None, sigterm_grace_s: float = 30.0, http_timeout_s: float = 2.0,
+                 on_cloud_notice: Optional[Callable[[Notice], Optional[str]]] = None) -> None:
         self.poll_s = poll_s
         self.drain = drain
         self.url = url
+        self.on_cloud_notice = on_cloud_notice
+        #: What on_cloud_notice did: None (not called), "drained", or why it did not.
+        self.cloud_action: Optional[str] = None
         self.sigterm_grace_s = sigterm_grace_s
         self.http_timeout_s = http_timeout_s
         self.notice: Optional[Notice] = None  # written once (GIL: a plain attribute is enough)
@@ -196,8 +222,27 @@ class PreemptionWatcher:
         if self.url is not None and self.notice is None:
             notice = self._fetch()
             if notice is not None:
+                # Tell Ray first (one GCS call, milliseconds), so the record the ranks save with
+                # says whether it took; the step loop sees the notice right after.
+                self._act_on(notice)
                 self.signal(notice)
         return self.notice
+
+    def _act_on(self, notice: Notice) -> None:
+        """Run ``on_cloud_notice`` for a notice from the metadata URL (never raises)."""
+        if self.on_cloud_notice is None or self.notice is not None:
+            return
+        try:
+            why = self.on_cloud_notice(notice)
+        except Exception as exc:  # noqa: BLE001 - the save on the notice matters more than the drain
+            why = f"{type(exc).__name__}: {exc}"
+        self.cloud_action = "drained" if why is None else f"not drained: {why}"
+        if why is None:
+            logger.warning("preemption watcher: asked Ray to drain this node (reason PREEMPTION) until the "
+                           "notice's deadline: no new work is placed here")
+        else:
+            logger.warning("preemption watcher: could not drain this node in Ray (%s); a restarted worker "
+                           "group may be placed here again", why)
 
     def _loop(self) -> None:
         while not self._stop.is_set() and self.notice is None:

@@ -41,7 +41,26 @@ def sft_texts(data_dir: Location, limit: int) -> list[str]:
 
 
 def prepare_datasets(cfg: TrainConfig, data_dir: Location, model_path: str) -> tuple[dict[str, Any], dict[str, int]]:
-    """Ray Data: read ``sft/``, mix in OASST at ``oasst_ratio``, shuffle, pack, split off validation."""
+    """Ray Data: read ``sft/``, mix in OASST at ``oasst_ratio``, shuffle, pack, split off validation.
+
+    Built with ``preserve_order``, so a rerun of the same command gets the same sequences in the
+    same blocks in the same order (a resume then skips to its data position in the very order the
+    first attempt read; see :mod:`octoray.training.resume`).
+    """
+    from ray.data import DataContext
+
+    # Each Dataset keeps a copy of the context current when it was made; the driver's own is
+    # put back afterwards, so nothing else in this process inherits the setting.
+    context = DataContext.get_current()
+    before = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        return _prepare(cfg, data_dir, model_path)
+    finally:
+        context.execution_options.preserve_order = before
+
+
+def _prepare(cfg: TrainConfig, data_dir: Location, model_path: str) -> tuple[dict[str, Any], dict[str, int]]:
     import ray.data
 
     from octoray.storage.locations import fs_path

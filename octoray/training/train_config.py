@@ -72,6 +72,9 @@ class TrainConfig:
     preemption_notice_url: Optional[str] = option(
         "auto", "metadata URL polled for a spot/preemption notice: auto (AWS's spot/instance-action on EC2, "
                 "GCP's instance/preempted on GCE, none elsewhere), null (none), or a URL answering either's format")
+    preemption_drain_node: bool = option(True, "on an AWS/GCP notice from preemption_notice_url, also drain the node "
+                                               "in Ray (reason PREEMPTION, the notice's deadline), so the restarted "
+                                               "workers are placed on other nodes")
     preemption_poll_s: float = option(5.0, "seconds between polls of Ray's drain state and the notice URL")
     preemption_sigterm_grace_s: float = option(30.0, "the deadline a SIGTERM implies, in seconds (Kubernetes' "
                                                      "terminationGracePeriodSeconds)")

@@ -16,12 +16,11 @@ from typing import Any
 from octoray.progress import progress_bar
 from octoray.storage.locations import Location, ObjectPath, local_copy, location, scratch_dir, upload_dir
 from octoray.training.metrics import METRICS_FILE, MetricsLog, PeakMemory, mfu, peak_flops
+from octoray.training.resume import STATE_FILE, ResumeState, read_state, state_at
 from octoray.training.train_config import TrainConfig
 
 #: DeepSpeed checkpoint tag inside every Ray checkpoint directory.
 CKPT_TAG = "ds"
-#: octoray's own resume state (step, tokens) next to the DeepSpeed shards.
-STATE_FILE = "octoray_state.json"
 #: Marker that makes the ``fail_at_step`` test hook fire only once per run directory.
 FAIL_MARKER = ".fail_at_step_done"
 #: Every preemption notice a run has had, one JSON line each (metrics.jsonl drops the rows of
@@ -62,7 +61,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()  # this run's own latest, after a restart or rerun
     if checkpoint is None and config.get("init_checkpoint"):
         checkpoint = ray.train.Checkpoint.from_directory(config["init_checkpoint"])  # a tune trial's
-    step, tokens_seen = _maybe_resume(engine, checkpoint)
+    resumed = _maybe_resume(engine, checkpoint, cfg, rank, world)
+    step, tokens_seen = (resumed.step, resumed.tokens) if resumed is not None else (0, 0)
     start_step = step  # logged with every row: shows where a (re)started worker group resumed
     if rank == 0:
         _sync_metrics(run_dir, local_dir, down=True)
@@ -70,7 +70,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     val_shard = ray.train.get_dataset_shard("val") if cfg.val_fraction > 0 else None
-    batches = _endless_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch)
+    batches = _train_batches(ray.train.get_dataset_shard("train"), cfg, resumed, rank, world)
     progress = progress_bar(cfg.max_steps, desc="train", unit="step", enabled=rank == 0, initial=step,
                             mininterval=1.0)
     watcher = _start_watcher(cfg)
@@ -88,7 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if noticed:  # every rank sees the same sum: all of them stop at this step
             if val_shard is not None:
                 row["val_loss"] = _evaluate(engine, val_shard, cfg.micro_batch)
-            _on_preemption(engine, row, step, tokens_seen, rank, watcher, saved, run_dir, local_dir, log)
+            _on_preemption(engine, cfg, row, step, tokens_seen, rank, watcher, saved, run_dir, local_dir, log)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             row["peak_memory_bytes"] = _largest_over_ranks(memory.peak_bytes(), engine.device)
             if val_shard is not None:
@@ -97,7 +97,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 _sync_metrics(run_dir, local_dir)
             started = time.perf_counter()
-            _save_and_report(engine, row, step, tokens_seen, rank)
+            _save_and_report(engine, row, _state(cfg, step, tokens_seen, world), rank)
             saved.update(step=step, seconds=time.perf_counter() - started)
         else:
             log.log(row)
@@ -183,18 +183,22 @@ def _start_watcher(cfg: TrainConfig) -> Any:
         return None
     import ray
 
-    from octoray.training.preemption import PreemptionWatcher, draining_deadline, notice_url, watch_sigterm
+    from octoray.training.preemption import (PreemptionWatcher, drain_node, draining_deadline, notice_url,
+                                             watch_sigterm)
 
     node_id = ray.get_runtime_context().get_node_id()
+    # A cloud's notice reaches only this VM: drain the node in Ray too, so the restarted worker
+    # group is not placed back on it (a Ray drain or SIGTERM to the pod's raylet drains already).
+    drain_self = functools.partial(drain_node, node_id) if cfg.preemption_drain_node else None
     watcher = PreemptionWatcher(poll_s=cfg.preemption_poll_s, drain=functools.partial(draining_deadline, node_id),
                                 url=notice_url(cfg.preemption_notice_url),
-                                sigterm_grace_s=cfg.preemption_sigterm_grace_s)
+                                sigterm_grace_s=cfg.preemption_sigterm_grace_s, on_cloud_notice=drain_self)
     watch_sigterm(watcher)
     return watcher.start()
 
 
-def _on_preemption(engine: Any, row: dict[str, Any], step: int, tokens: int, rank: int, watcher: Any,
-                   saved: dict[str, Any], run_dir: Location, local_dir: Path, log: MetricsLog) -> None:
+def _on_preemption(engine: Any, cfg: TrainConfig, row: dict[str, Any], step: int, tokens: int, rank: int,
+                   watcher: Any, saved: dict[str, Any], run_dir: Location, local_dir: Path, log: MetricsLog) -> None:
     """A rank holds a preemption notice and every rank is at ``step``: save a checkpoint of this
     step and report it (or, when the deadline is shorter than the last save took, keep the last
     periodic one), record the notice, and stop the worker group (raises PreemptedError).
@@ -204,7 +208,9 @@ def _on_preemption(engine: Any, row: dict[str, Any], step: int, tokens: int, ran
     """
     import torch.distributed as dist
 
-    local = watcher.notice.record() if watcher is not None and watcher.notice is not None else None
+    local = None
+    if watcher is not None and watcher.notice is not None:
+        local = {**watcher.notice.record(), "ray_drain": watcher.cloud_action}
     notices: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(notices, local)
     decision: list[Any] = [None]
@@ -215,7 +221,8 @@ def _on_preemption(engine: Any, row: dict[str, Any], step: int, tokens: int, ran
     record = decision[0]
     if record["saved"]:
         started = time.perf_counter()
-        _save_and_report(engine, {**row, "preemption_step": step}, step, tokens, rank)
+        _save_and_report(engine, {**row, "preemption_step": step}, _state(cfg, step, tokens, dist.get_world_size()),
+                         rank)
         record["save_seconds"] = round(time.perf_counter() - started, 3)
         if record["deadline"] is not None:
             record["seconds_left_after_save"] = round(record["deadline"] - time.time(), 3)
@@ -249,7 +256,9 @@ def _preemption_decision(notices: list[dict[str, Any]], ranks: list[int], step: 
             "noticed_seconds_ago": round(now - first["received"], 3), "deadline": deadline,
             "seconds_left": round(left, 3) if left is not None else None,
             "last_save_seconds": round(last_save, 3) if last_save is not None else None,
-            "saved": not fallback, "resumes_from": saved["step"] if fallback else step}
+            "saved": not fallback, "resumes_from": saved["step"] if fallback else step,
+            # Whether a cloud notice was passed on to Ray as a drain of the node ("drained", or why not).
+            "ray_drain": next((n["ray_drain"] for n in notices if n.get("ray_drain")), None)}
 
 
 def _preemption_line(record: dict[str, Any]) -> str:
@@ -372,27 +381,47 @@ def _with_lora(model: Any, cfg: TrainConfig) -> Any:
                                             lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets)))
 
 
-def _maybe_resume(engine: Any, checkpoint: Any) -> tuple[int, int]:
-    """Load the latest Ray checkpoint into the engine; return (step, tokens) reached."""
+def _maybe_resume(engine: Any, checkpoint: Any, cfg: TrainConfig, rank: int, world: int) -> ResumeState | None:
+    """Load the latest Ray checkpoint into the engine (weights, optimizer, LR schedule) and this
+    rank's RNG states; return where its run stood (None: no checkpoint, start at step 0)."""
     if checkpoint is None:
-        return 0, 0
+        return None
+    from octoray.training.resume import restore_rng
+
     with checkpoint.as_directory() as ckpt_dir:
         load_path, _ = engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG)
         if load_path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint '{CKPT_TAG}' in {ckpt_dir}")
-        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
-    return int(state["step"]), int(state["tokens"])
+        state = read_state(Path(ckpt_dir), micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world=world)
+        if not restore_rng(Path(ckpt_dir), rank, engine.device) and rank == 0:
+            print(f"octoray train: checkpoint_{state.step:06d} has no RNG state for rank {rank}; dropout from here "
+                  f"differs from an unstopped run", flush=True)
+    return state
 
 
-def _endless_batches(shard: Any, micro_batch: int):
-    """Micro-batches forever, epoch after epoch (shards are equal-sized, so ranks stay in lockstep)."""
-    while True:
-        seen = 0
-        for batch in shard.iter_torch_batches(batch_size=micro_batch, drop_last=True):
-            seen += 1
-            yield batch
-        if not seen:
-            raise RuntimeError("this worker's data shard holds fewer sequences than micro_batch")
+def _state(cfg: TrainConfig, step: int, tokens: int, world: int) -> ResumeState:
+    return state_at(step, tokens, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world=world)
+
+
+def _train_batches(shard: Any, cfg: TrainConfig, resumed: ResumeState | None, rank: int, world: int) -> Any:
+    """This rank's micro-batches, epoch after epoch, continuing at the data position of the
+    checkpoint resumed from (shards are equal-sized, so ranks stay in lockstep)."""
+    from octoray.training.resume import endless_batches, micro_batches_to_skip, skip_to
+
+    def epoch() -> Any:
+        return shard.iter_torch_batches(batch_size=cfg.micro_batch, drop_last=True)
+
+    if resumed is None:
+        return endless_batches(epoch)
+    skip, note = micro_batches_to_skip(resumed.data, micro_batch=cfg.micro_batch, world=world)
+
+    def say(line: str) -> None:
+        if rank == 0:
+            print(f"octoray train: {line}", flush=True)
+
+    if note:
+        say(note)
+    return skip_to(endless_batches(epoch, skip), skip, say)
 
 
 def _evaluate(engine: Any, shard: Any, micro_batch: int) -> float:
@@ -425,17 +454,21 @@ def _largest_over_ranks(value: int, device: Any) -> int:
     return int(tensor.item())
 
 
-def _save_and_report(engine: Any, metrics: dict[str, Any], step: int, tokens: int, rank: int) -> None:
-    """Every rank writes its DeepSpeed shard into one Ray checkpoint directory and reports it."""
+def _save_and_report(engine: Any, metrics: dict[str, Any], state: ResumeState, rank: int) -> None:
+    """Every rank writes its DeepSpeed shard and RNG states into one Ray checkpoint directory and
+    reports it; rank 0 adds STATE_FILE (step, tokens, data position)."""
     import ray.train
+
+    from octoray.training.resume import save_rng
 
     with tempfile.TemporaryDirectory(prefix="octoray-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=CKPT_TAG)
+        save_rng(Path(tmp), rank, engine.device)
         if rank == 0:
-            Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, "tokens": tokens}))
+            Path(tmp, STATE_FILE).write_text(state.to_json())
         reported = {k: v for k, v in metrics.items() if v is not None}
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{step:06d}")
+                         checkpoint_dir_name=f"checkpoint_{state.step:06d}")
 
 
 def _maybe_fail(cfg: TrainConfig, run_dir: Location, next_step: int, rank: int, world: int) -> None:

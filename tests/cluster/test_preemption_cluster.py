@@ -9,8 +9,9 @@ node of one CPU each, so the two Ray Train workers sit on different nodes).
 
 Each run finishes; the checkpoint it resumed from is the step at which the notice arrived (the
 first step boundary after it, +-1), every step is in metrics.jsonl exactly once, and the tokens
-count continues. (Bit-equal weights with an unpreempted run are not asserted: a resumed worker
-group reads its data shard from the start again, so the data order after the resume differs.)
+count continues. The SIGTERM, AWS and fallback runs train exactly as an unpreempted run of the
+same config and seed (one reference run for the module): every step's loss equal to 1e-6, since a
+resume restores the data position and each rank's RNG state and CPU fp32 math is deterministic.
 
 Marked ``cluster``: several minutes.
 """
@@ -55,6 +56,28 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory) -> Path:
     return write_sft(tmp_path_factory.mktemp("data") / "sft", n=240)
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, sft: Path, tmp_path_factory) -> list[dict]:
+    """metrics.jsonl of an unpreempted run of the MAX_STEPS config (what the preempted runs must equal)."""
+    cluster.ensure_workers(1)
+    run = tmp_path_factory.mktemp("reference") / "run"
+    args = [*OCTORAY, "train", str(REPO_ROOT / "jobs/demo.yaml"), "--data", str(sft), "--out", str(run), *TRAIN,
+            f"max_steps={MAX_STEPS}", "checkpoint_every=100", "preemption_notice_url=null"]
+    out = subprocess.run(args, cwd=REPO_ROOT, env=_env(cluster), capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1)) and {r["start_step"] for r in rows} == {0}
+    return rows
+
+
+def _check_same_training(run: Path, reference: list[dict]) -> None:
+    """The preempted run's per-step losses equal the unpreempted run's (the resume lost nothing:
+    same data position, same RNG state, same optimizer state)."""
+    rows = _rows(run)
+    expected, got = [r["loss"] for r in reference], [r["loss"] for r in rows]
+    assert got == pytest.approx(expected, abs=1e-6, rel=0), list(zip(expected, got))
 
 
 def _env(cluster) -> dict[str, str]:
@@ -142,18 +165,23 @@ def _check_resumed_at_notice(run: Path, log: str, source: str, max_steps: int = 
 
 
 def _train_worker_pid(node: raycluster.Node) -> int:
+    """The newest RayTrainWorker process on ``node`` (an earlier run's may still be exiting)."""
     import psutil
 
+    found = []
     for pid in node.processes():
         try:
-            if "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
-                return pid
+            process = psutil.Process(pid)
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                found.append((process.create_time(), pid))
         except psutil.NoSuchProcess:
             continue
-    raise AssertionError("no RayTrainWorker process on the worker node")
+    if not found:
+        raise AssertionError("no RayTrainWorker process on the worker node")
+    return max(found)[1]
 
 
-def test_sigterm_to_a_worker_checkpoints_at_the_next_step(cluster, sft: Path, tmp_path: Path) -> None:
+def test_sigterm_to_a_worker_checkpoints_at_the_next_step(cluster, sft: Path, reference, tmp_path: Path) -> None:
     run = tmp_path / "run"
 
     def sigterm(proc, log) -> None:
@@ -162,25 +190,73 @@ def test_sigterm_to_a_worker_checkpoints_at_the_next_step(cluster, sft: Path, tm
     log = _train(cluster, sft, run, ["checkpoint_every=100", "preemption_notice_url=null"], sigterm)
     record = _check_resumed_at_notice(run, log, "sigterm")
     assert len(record["ranks"]) == 1  # only the signalled rank knew; the others followed it
+    _check_same_training(run, reference)
 
 
-def test_aws_spot_notice_from_the_metadata_url(cluster, sft: Path, tmp_path: Path) -> None:
-    server = MetadataServer()
+def test_aws_spot_notice_from_the_metadata_url(cluster, sft: Path, reference, tmp_path: Path) -> None:
+    cluster.ensure_workers(1)
+    doomed = cluster.workers[-1]
+    doomed_id = _worker_node_id(cluster)
+    # Only the worker node's VM is reclaimed: its processes get the notice, the head's get 404.
+    server = MetadataServer(notice_for=lambda pid: pid in doomed.processes())
     run = tmp_path / "run"
+    placed: dict[str, object] = {}
 
     def announce(proc, log) -> None:
         server.announce(90)
         # The instance "goes" once the notice is handled: stop answering, as the replacement would.
         _wait_for("the preemption record", lambda: bool(_preemptions(run)), proc, log)
         server.document = None
+        # The watcher told Ray: the node is draining, or already gone (a drained raylet exits once idle).
+        placed["doomed_in_ray"] = ("draining" if doomed_id in _draining_nodes(cluster)
+                                   else "alive" if doomed_id in cluster.alive_nodes() else "gone")
+        replacement = cluster.add_worker()  # the autoscaler's replacement
+        step = _preemptions(run)[0]["step"]
+        _wait_for("a step of the restarted group", lambda: any(r["start_step"] == step for r in _rows(run)), proc, log)
+        placed["replacement"] = _has_train_worker(replacement)
+        placed["doomed"] = _has_train_worker(doomed)
 
     try:
         log = _train(cluster, sft, run, ["checkpoint_every=100", f"preemption_notice_url={server.url}"], announce)
     finally:
         server.close()
+        _lose(cluster, doomed, doomed_id)  # the cloud takes it at the deadline
     record = _check_resumed_at_notice(run, log, "aws")
     assert 60 < record["seconds_left"] <= 90
+    assert len(record["ranks"]) == 1  # only the rank on the reclaimed VM had the notice
     assert server.tokens_issued >= 1  # IMDSv2: the GETs carried a session token
+    # Ray knew the node was going, so the restarted group went to the replacement, not back to it.
+    assert record["ray_drain"] == "drained"
+    assert placed["doomed_in_ray"] in ("draining", "gone") and placed["replacement"] and not placed["doomed"], placed
+    _check_same_training(run, reference)
+
+
+def _draining_nodes(cluster) -> dict[str, int]:
+    """Ray's draining nodes (node id hex -> deadline in ms), from the GCS."""
+    script = ("import json, logging, ray, ray._private.state; ray.init(logging_level=logging.ERROR, log_to_driver=False); "
+              "print(json.dumps(dict(ray._private.state.state.get_draining_nodes())))")
+    out = subprocess.run([sys.executable, "-c", script], env=_env(cluster), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _lose(cluster, node: raycluster.Node, node_id: str) -> None:
+    """The node is gone for good: killed if it still runs, and no longer alive in Ray."""
+    if node in cluster.workers:
+        cluster.workers.remove(node)
+        cluster.lost.append(node)
+    node.kill()
+    deadline = time.time() + 120
+    while node_id in cluster.alive_nodes() and time.time() < deadline:
+        time.sleep(1)
+
+
+def _has_train_worker(node: raycluster.Node) -> bool:
+    try:
+        _train_worker_pid(node)
+    except AssertionError:
+        return False
+    return True
 
 
 def _worker_node_id(cluster) -> str:
@@ -216,7 +292,8 @@ def test_ray_drain_of_the_worker_node_then_node_lost(cluster, sft: Path, tmp_pat
     assert record["seconds_left_after_save"] < record["seconds_left"]
 
 
-def test_deadline_shorter_than_the_save_falls_back_to_the_last_checkpoint(cluster, sft: Path, tmp_path: Path) -> None:
+def test_deadline_shorter_than_the_save_falls_back_to_the_last_checkpoint(cluster, sft: Path, reference,
+                                                                          tmp_path: Path) -> None:
     server = MetadataServer()
     run = tmp_path / "run"
     every = 3
@@ -230,7 +307,10 @@ def test_deadline_shorter_than_the_save_falls_back_to_the_last_checkpoint(cluste
         server.document = None
 
     try:
-        log = _train(cluster, sft, run, [f"checkpoint_every={every}", f"preemption_notice_url={server.url}"], late_notice)
+        # Every node's processes get this notice; not draining them keeps the cluster usable (the
+        # AWS test above covers the drain).
+        log = _train(cluster, sft, run, [f"checkpoint_every={every}", f"preemption_notice_url={server.url}",
+                                         "preemption_drain_node=false"], late_notice)
     finally:
         server.close()
     rows = _rows(run)
@@ -243,3 +323,4 @@ def test_deadline_shorter_than_the_save_falls_back_to_the_last_checkpoint(cluste
     assert restarts == {record["resumes_from"]}  # the last periodic checkpoint
     assert "too short for a save (the last one took" in log
     assert f"the run resumes from checkpoint_{record['resumes_from']:06d}" in log
+    _check_same_training(run, reference)  # the steps after the periodic checkpoint were redone exactly

@@ -173,3 +173,32 @@ def test_config_checks_the_preemption_options() -> None:
         from_mapping(TrainConfig, {"preemption_notice_url": False})  # YAML's `off`
     assert from_mapping(TrainConfig, {"preemption_notice_url": None}).preemption_notice_url is None
     assert "preemption_poll_s must be > 0" in text and "preemption_sigterm_grace_s must be > 0" in text
+
+
+def test_a_cloud_notice_is_passed_on_once_and_a_failure_to_drain_is_logged(metadata, caplog) -> None:
+    calls: list[Notice] = []
+    watcher = PreemptionWatcher(url=metadata.url, on_cloud_notice=lambda n: calls.append(n))
+    assert watcher.poll_once() is None and calls == [] and watcher.cloud_action is None  # no notice yet
+    metadata.announce(60)
+    notice = watcher.poll_once()
+    assert calls == [notice] and watcher.cloud_action == "drained"
+    watcher.poll_once()
+    assert len(calls) == 1  # once per notice
+
+    def refuse(notice):
+        raise ConnectionError("GCS unavailable")
+
+    failing = PreemptionWatcher(url=metadata.url, on_cloud_notice=refuse)
+    with caplog.at_level("WARNING"):
+        assert failing.poll_once() is not None  # the notice stands: the save matters more than the drain
+    assert failing.cloud_action == "not drained: ConnectionError: GCS unavailable"
+    assert any("could not drain this node in Ray" in r.getMessage() for r in caplog.records)
+
+
+def test_drain_and_sigterm_notices_are_not_passed_on() -> None:
+    calls: list = []
+    drained = PreemptionWatcher(drain=lambda: time.time() + 30, on_cloud_notice=calls.append)
+    assert drained.poll_once().source == "drain"  # Ray knows already
+    watcher = PreemptionWatcher(on_cloud_notice=calls.append)
+    watcher.on_sigterm()
+    assert watcher.notice.source == "sigterm" and calls == []
