@@ -9,8 +9,8 @@ node of one CPU each, so the two Ray Train workers sit on different nodes).
 
 Each run finishes; the checkpoint it resumed from is the step at which the notice arrived (the
 first step boundary after it, +-1), every step is in metrics.jsonl exactly once, and the tokens
-count continues. The SIGTERM, AWS and fallback runs train exactly as an unpreempted run of the
-same config and seed (one reference run for the module): every step's loss equal to 1e-6, since a
+count continues. Every run trains exactly as an unpreempted run of the same config and seed (one
+reference run per length for the module): every step's loss equal to 1e-6, since a
 resume restores the data position and each rank's RNG state and CPU fp32 math is deterministic.
 
 Marked ``cluster``: several minutes.
@@ -59,17 +59,30 @@ def sft(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, sft: Path, tmp_path_factory) -> list[dict]:
-    """metrics.jsonl of an unpreempted run of the MAX_STEPS config (what the preempted runs must equal)."""
-    cluster.ensure_workers(1)
-    run = tmp_path_factory.mktemp("reference") / "run"
-    args = [*OCTORAY, "train", str(REPO_ROOT / "jobs/demo.yaml"), "--data", str(sft), "--out", str(run), *TRAIN,
-            f"max_steps={MAX_STEPS}", "checkpoint_every=100", "preemption_notice_url=null"]
-    out = subprocess.run(args, cwd=REPO_ROOT, env=_env(cluster), capture_output=True, text=True, timeout=1200)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    rows = _rows(run)
-    assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1)) and {r["start_step"] for r in rows} == {0}
-    return rows
+def reference_of(cluster, sft: Path, tmp_path_factory) -> Callable[[int], list[dict]]:
+    """metrics.jsonl of an unpreempted run of the config with ``max_steps`` steps (what the
+    preempted runs must equal; the schedule depends on max_steps), made once per length."""
+    runs: dict[int, list[dict]] = {}
+
+    def of(max_steps: int) -> list[dict]:
+        if max_steps not in runs:
+            cluster.ensure_workers(1)
+            run = tmp_path_factory.mktemp("reference") / "run"
+            args = [*OCTORAY, "train", str(REPO_ROOT / "jobs/demo.yaml"), "--data", str(sft), "--out", str(run),
+                    *TRAIN, f"max_steps={max_steps}", "checkpoint_every=1000", "preemption_notice_url=null"]
+            out = subprocess.run(args, cwd=REPO_ROOT, env=_env(cluster), capture_output=True, text=True, timeout=1200)
+            assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+            rows = _rows(run)
+            assert [r["step"] for r in rows] == list(range(1, max_steps + 1)) and {r["start_step"] for r in rows} == {0}
+            runs[max_steps] = rows
+        return runs[max_steps]
+    return of
+
+
+@pytest.fixture(scope="module")
+def reference(reference_of) -> list[dict]:
+    """The unpreempted MAX_STEPS run."""
+    return reference_of(MAX_STEPS)
 
 
 def _check_same_training(run: Path, reference: list[dict]) -> None:
@@ -268,9 +281,10 @@ def _worker_node_id(cluster) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def test_ray_drain_of_the_worker_node_then_node_lost(cluster, sft: Path, tmp_path: Path) -> None:
+def test_ray_drain_of_the_worker_node_then_node_lost(cluster, sft: Path, reference_of, tmp_path: Path) -> None:
     run = tmp_path / "run"
     notice_s, max_steps = 25, 150  # more steps: the `ray drain-node` command alone takes seconds here
+    expected = reference_of(max_steps)  # first: its run must not overlap the drained one
     cluster.ensure_workers(1)
     node_id = _worker_node_id(cluster)
 
@@ -290,6 +304,7 @@ def test_ray_drain_of_the_worker_node_then_node_lost(cluster, sft: Path, tmp_pat
     record = _check_resumed_at_notice(run, log, "drain", max_steps)
     assert notice_s - 10 < record["seconds_left"] <= notice_s
     assert record["seconds_left_after_save"] < record["seconds_left"]
+    _check_same_training(run, expected)  # on the replacement node, exactly as if nothing happened
 
 
 def test_deadline_shorter_than_the_save_falls_back_to_the_last_checkpoint(cluster, sft: Path, reference,
