@@ -79,7 +79,7 @@ def main() -> None:
     if not (REPO / args.data / "manifest.json").exists():
         sys.exit(f"bench_plan: no SFT data in {args.data} (run `make demo` first, or give --data)")
     # Untimed: the first run after a while reads torch/deepspeed/ray from disk and starts Ray cold.
-    train(args.config, args.data, 2, args.settings)
+    train(args.config, args.data, 2, [*args.settings, "warmup_steps=0"])
     print("| round | first | load avg | plan wall s | real wall s | wall ratio | plan steps s | real steps s | "
           "steps ratio | plan start-up+tail s | real start-up+tail s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
