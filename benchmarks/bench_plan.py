@@ -40,7 +40,8 @@ def plan(config: str, data: str, steps: int, calibrate: int, extra: list[str]) -
                 "--calibrate", str(calibrate), "--json"])
     result = json.loads(out.stdout)
     parts = result["wall_parts"]
-    return {"wall": result["wall_seconds"], "steps": result["seconds"], "fixed": parts["startup"] + parts["tail"]}
+    return {"wall": result["wall_seconds"], "steps": result["seconds"], "fixed": parts["startup"] + parts["tail"],
+            "detail": {"wall_parts": parts, "calibration": result["calibration"]}}
 
 
 def train(config: str, data: str, steps: int, extra: list[str]) -> dict:
@@ -57,7 +58,10 @@ def train(config: str, data: str, steps: int, extra: list[str]) -> dict:
     parts = measure(rows, started=started, ended=ended, checkpoint_every=1, workers=1, micro_batch=1, batch_size=1,
                     seq_len=1, train_sequences=None)
     return {"wall": ended - started, "steps": sum(row["step_seconds"] for row in rows),
-            "fixed": parts.startup_seconds + parts.tail_seconds}
+            "fixed": parts.startup_seconds + parts.tail_seconds,
+            "detail": {"startup_seconds": parts.startup_seconds, "tail_seconds": parts.tail_seconds,
+                       "step_seconds": [row["step_seconds"] for row in rows],
+                       "data_seconds": [row.get("data_seconds") for row in rows]}}
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
@@ -74,6 +78,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="steps of the real run the plan predicts")
     parser.add_argument("--calibrate", type=int, default=10, help="steps of the calibration run")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--details", metavar="FILE.jsonl", help="also write each round's parts (the plan's calibration, "
+                        "the real run's step times) as one JSON line")
     parser.add_argument("settings", nargs="*", help="train: key=value for both sides (e.g. checkpoint_every=100)")
     args = parser.parse_args()
     if not (REPO / args.data / "manifest.json").exists():
@@ -96,6 +102,9 @@ def main() -> None:
         print(f"| {round_} | {'plan' if round_ % 2 else 'real'} | {os.getloadavg()[0]:.1f} | {predicted['wall']:.1f} | "
               f"{measured['wall']:.1f} | {walls[-1]:.2f} | {predicted['steps']:.1f} | {measured['steps']:.1f} | "
               f"{steps[-1]:.2f} | {predicted['fixed']:.1f} | {measured['fixed']:.1f} |", flush=True)
+        if args.details:
+            with open(args.details, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"round": round_, "plan": predicted, "real": measured}) + "\n")
     print(f"\nmedian over {args.rounds} rounds, plan / real: wall {statistics.median(walls):.2f} (target 0.75-1.25), "
           f"steps {statistics.median(steps):.2f}")
 

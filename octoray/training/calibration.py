@@ -141,7 +141,8 @@ def predict(cal: Calibration, *, max_steps: int, checkpoint_every: int, gpus: in
              + (epochs - 1) * cal.epoch_start_seconds)
     periodic = (max_steps - 1) // checkpoint_every  # saves before the last step's (in the tail)
     checkpoints = math.ceil(max_steps / checkpoint_every)  # rows with a checkpoint: every Nth and the last
-    parts = {"startup": cal.startup_seconds, "steps": steps, "between_steps": (max_steps - 1) * cal.between_steps_seconds,
+    parts = {"startup": cal.startup_seconds, "steps": steps,
+             "between_steps": (max_steps - 1) * cal.between_steps_seconds,
              "checkpoints": checkpoints * cal.checkpoint_row_seconds + periodic * cal.checkpoint_save_seconds,
              "tail": cal.tail_seconds}
     return {"seconds": steps, "wall_seconds": sum(parts.values()), "wall_parts": parts, "epochs_started": epochs,
