@@ -12,7 +12,8 @@ round to round (this machine's load drifts). It compares the plan's `wall_second
 run's measured wall time, the plan's `seconds` (the steps alone) with the sum of the real run's
 `step_seconds`, and the plan's start-up + tail with the real run's (its rows' times against the
 moments its process started and ended). The issue's target: wall within 25 %. Prints the markdown
-table BENCHMARKS.md shows, with each round's 1-minute load average, and the medians over rounds.
+table BENCHMARKS.md shows, with the 1-minute load average around each side (the larger of its
+start and end), and the medians over rounds.
 
 The SFT data is the demo's (`runs/demo/sft`, from `make demo`) unless `--data` names another.
 """
@@ -32,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 OCTORAY = [sys.executable, "-m", "octoray.cli"]
+LOADS: list[tuple[str, float, float]] = []
 
 
 def plan(config: str, data: str, steps: int, calibrate: int, extra: list[str]) -> dict:
@@ -65,7 +67,9 @@ def train(config: str, data: str, steps: int, extra: list[str]) -> dict:
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
+    load_before = os.getloadavg()[0]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+    LOADS.append((command[3], load_before, os.getloadavg()[0]))  # plan/train: 1-minute load before and after
     if done.returncode != 0:
         sys.exit(f"bench_plan: {' '.join(command[2:])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return done
@@ -86,7 +90,7 @@ def main() -> None:
         sys.exit(f"bench_plan: no SFT data in {args.data} (run `make demo` first, or give --data)")
     # Untimed: the first run after a while reads torch/deepspeed/ray from disk and starts Ray cold.
     train(args.config, args.data, 2, [*args.settings, "warmup_steps=0"])
-    print("| round | first | load avg | plan wall s | real wall s | wall ratio | plan steps s | real steps s | "
+    print("| round | first | load plan / real | plan wall s | real wall s | wall ratio | plan steps s | real steps s | "
           "steps ratio | plan start-up+tail s | real start-up+tail s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     walls, steps = [], []
@@ -99,12 +103,15 @@ def main() -> None:
             predicted = plan(args.config, args.data, args.steps, args.calibrate, args.settings)
         walls.append(predicted["wall"] / measured["wall"])
         steps.append(predicted["steps"] / measured["steps"])
-        print(f"| {round_} | {'plan' if round_ % 2 else 'real'} | {os.getloadavg()[0]:.1f} | {predicted['wall']:.1f} | "
+        load = {side: max(before, after) for side, before, after in LOADS[-2:]}  # 1-minute, at its start or end
+        print(f"| {round_} | {'plan' if round_ % 2 else 'real'} | {load['plan']:.1f} / {load['train']:.1f} | "
+              f"{predicted['wall']:.1f} | "
               f"{measured['wall']:.1f} | {walls[-1]:.2f} | {predicted['steps']:.1f} | {measured['steps']:.1f} | "
               f"{steps[-1]:.2f} | {predicted['fixed']:.1f} | {measured['fixed']:.1f} |", flush=True)
         if args.details:
             with open(args.details, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"round": round_, "plan": predicted, "real": measured}) + "\n")
+                handle.write(json.dumps({"round": round_, "plan": predicted, "real": measured,
+                                         "load": LOADS[-2:]}) + "\n")
     print(f"\nmedian over {args.rounds} rounds, plan / real: wall {statistics.median(walls):.2f} (target 0.75-1.25), "
           f"steps {statistics.median(steps):.2f}")
 
