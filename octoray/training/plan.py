@@ -11,16 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from octoray.config import load_config, read_yaml, split_overrides
 from octoray.errors import UserError
+from octoray.training.calibration import Calibration, measure
 from octoray.training.memory import parse_size
 from octoray.training.planning import DEFAULT_MFU, LABEL_GPU_MEMORY, LABEL_GPU_TYPE, LABEL_PRICE, describe, host_memory, plan
 from octoray.training.train_config import TrainConfig
-
-if TYPE_CHECKING:
-    from octoray.training.calibration import Calibration
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,7 +133,6 @@ def calibrate(cfg: TrainConfig, steps: int, run_dir: Optional[str] = None) -> Ca
     from octoray.storage.layout import METRICS_FILE
     from octoray.storage.locations import location
     from octoray.storage.stage_dirs import read_manifest
-    from octoray.training.calibration import measure
     from octoray.training.metrics import read_metrics
 
     if cfg.data is None:

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 from octoray.errors import UserError
+from octoray.training.calibration import Calibration, predict
 from octoray.training.memory import ModelShape, Setup, gib, per_gpu
 from octoray.training.metrics import peak_flops
 from octoray.training.train_config import DEMO, TrainConfig
-
-if TYPE_CHECKING:
-    from octoray.training.calibration import Calibration
 
 #: The MFU time estimates assume when nothing was measured (DeepSpeed ZeRO-3 bf16 on A100s
 #: typically reaches 0.3-0.5; stated in every plan).
@@ -146,8 +144,6 @@ def timing(cfg: TrainConfig, flops: float, tokens: int, gpus: int, gpu_type: Opt
     """``seconds`` at the step time a calibration run ``measured`` (``octoray plan --calibrate``) or at
     ``mfu`` of the GPU's peak."""
     if measured is not None:
-        from octoray.training.calibration import predict
-
         predicted = predict(measured, max_steps=cfg.max_steps, checkpoint_every=cfg.checkpoint_every, gpus=gpus)
         return {"seconds": predicted["seconds"], "wall_seconds": predicted["wall_seconds"],
                 "wall_parts": predicted["wall_parts"], "epochs_started": predicted["epochs_started"],
