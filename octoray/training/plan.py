@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from octoray.config import load_config, read_yaml, split_overrides
 from octoray.errors import UserError
+from octoray.training.calibration import Calibration, measure
 from octoray.training.memory import parse_size
 from octoray.training.planning import DEFAULT_MFU, LABEL_GPU_MEMORY, LABEL_GPU_TYPE, LABEL_PRICE, describe, host_memory, plan
 from octoray.training.train_config import TrainConfig
@@ -110,15 +111,15 @@ def cluster_node_type(path: str, name: Optional[str]) -> dict[str, Any]:
     return {"node_type": chosen, "gpus": (types[chosen].get("resources") or {}).get("GPU"),
             "gpu_memory": labels.get(LABEL_GPU_MEMORY), "gpu_type": labels.get(LABEL_GPU_TYPE), "usd_per_hour": usd}
 
-def calibrate(cfg: TrainConfig, steps: int, run_dir: Optional[str] = None) -> dict[str, Any]:
+def calibrate(cfg: TrainConfig, steps: int, run_dir: Optional[str] = None) -> Calibration:
     """Run ``octoray train`` itself for ``steps`` steps (the real worker loop: Ray Train, DeepSpeed,
     the packed data, gloo/NCCL) into ``run_dir`` (default: a temporary directory, removed after),
-    and read its step times back. Never the config's own ``out``: a complete calibration run there
-    would be taken for the finished training run.
+    and read what it measured (:func:`octoray.training.calibration.measure`). Never the config's own
+    ``out``: a complete calibration run there would be taken for the finished training run.
 
-    The run is a child process started as ``octoray train`` is, so its wall time holds what every
-    run pays besides its steps (the interpreter and imports, joining or starting Ray, leaving it)
-    measured the way a run's own is (run inside this process, the calibration's start-up differed
+    The run is a child process started as ``octoray train`` is, so its start-up and tail hold what
+    every run pays besides its steps (the interpreter and imports, joining or starting Ray, leaving
+    it) measured the way a run's own is (run inside this process, the calibration's start-up differed
     from a real run's, and the wall time predicted for the demo's 100 steps came out 1.3-1.6x).
     """
     import shutil
@@ -130,6 +131,8 @@ def calibrate(cfg: TrainConfig, steps: int, run_dir: Optional[str] = None) -> di
 
     from octoray.config import dump_yaml
     from octoray.storage.layout import METRICS_FILE
+    from octoray.storage.locations import location
+    from octoray.storage.stage_dirs import read_manifest
     from octoray.training.metrics import read_metrics
 
     if cfg.data is None:
@@ -138,52 +141,30 @@ def calibrate(cfg: TrainConfig, steps: int, run_dir: Optional[str] = None) -> di
     if steps < 2:
         raise UserError(f"--calibrate needs at least 2 steps (the first one is warm-up), got {steps}")
     scratch = run_dir or tempfile.mkdtemp(prefix="octoray-calibrate-")
-    # Checkpoints every third step (or the config's, if more often): a few saves to time.
+    # A checkpoint every third step (or the config's, if more often; at least every second, so the
+    # gaps around a checkpoint row are told apart from plain ones): a few saves to time.
     trial = replace(cfg, out=scratch, max_steps=steps, warmup_steps=min(cfg.warmup_steps, steps - 1),
-                    checkpoint_every=min(cfg.checkpoint_every, max(1, steps // 3)), check_fit=False, hparams=None,
+                    checkpoint_every=min(cfg.checkpoint_every, max(2, steps // 3)), check_fit=False, hparams=None,
                     from_best_checkpoint=False, fail_at_step=0)
     try:
         with tempfile.TemporaryDirectory(prefix="octoray-calibrate-config-") as config_dir:
             config = Path(config_dir) / "train.yaml"
             config.write_text(dump_yaml(trial))
-            started = time.perf_counter()
+            started = time.time()  # Unix time, as the rows' own "time"
             # Its output goes to stderr: with --json, stdout holds the plan's one object.
             done = subprocess.run([sys.executable, "-m", "octoray.cli", "train", str(config)], stdout=sys.stderr,
                                   check=False)
-            wall = time.perf_counter() - started
+            ended = time.time()
         if done.returncode != 0:
             raise UserError(f"--calibrate: the calibration run (octoray train, {steps} steps) failed with exit "
                             f"code {done.returncode}; its log is above")
-        from octoray.storage.locations import location
-
         rows = [row for row in read_metrics(location(scratch) / METRICS_FILE) if "step_seconds" in row]
+        manifest = read_manifest(scratch) or {}
+        if not rows:
+            raise UserError(f"--calibrate: the calibration run (octoray train, {steps} steps) logged no steps")
     finally:
         if run_dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    return step_times(rows, every=trial.checkpoint_every, wall=wall, step_tokens=cfg.batch_size * cfg.seq_len,
-                      workers=cfg.num_workers, run_dir=run_dir)
-
-
-def step_times(rows: list[dict[str, Any]], *, every: int, wall: float, step_tokens: int, workers: int,
-               run_dir: Optional[str] = None) -> dict[str, Any]:
-    """What a calibration run's ``metrics.jsonl`` rows say: the median step time, the median gap
-    between rows (a step plus logging), and what a checkpoint save adds to the gap after it.
-
-    Step 1 (data pipeline warm-up, allocator growth) is left out; medians, so one slow step on a
-    noisy machine does not move the plan.
-    """
-    import statistics
-
-    rows = sorted((row for row in rows if "step_seconds" in row), key=lambda row: row["step"])
-    timed = [row for row in rows if row["step"] > 1] or rows
-    step_seconds = statistics.median(row["step_seconds"] for row in timed)
-    gaps = [(before["step"], row["time"] - before["time"]) for before, row in zip(rows, rows[1:])
-            if "time" in before and "time" in row]
-    plain = [gap for prev, gap in gaps if prev % every]
-    after_save = [gap for prev, gap in gaps if not prev % every]
-    gap_seconds = statistics.median(plain) if plain else step_seconds
-    save_seconds = max(0.0, statistics.median(after_save) - gap_seconds) if after_save else 0.0
-    return {"steps": len(rows), "checkpoint_every": every, "step_seconds": step_seconds, "gap_seconds": gap_seconds,
-            "checkpoint_seconds": save_seconds, "wall_seconds": wall, "run_dir": run_dir,
-            "tokens_per_s_per_worker": step_tokens / step_seconds / workers}
-
+    return measure(rows, started=started, ended=ended, checkpoint_every=trial.checkpoint_every,
+                   workers=cfg.num_workers, micro_batch=cfg.micro_batch, batch_size=cfg.batch_size,
+                   seq_len=cfg.seq_len, train_sequences=manifest.get("rows"), run_dir=run_dir)

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any, Callable, Optional
 
 from octoray.errors import UserError
+from octoray.training.calibration import Calibration, predict
 from octoray.training.memory import ModelShape, Setup, gib, per_gpu
 from octoray.training.metrics import peak_flops
 from octoray.training.train_config import DEMO, TrainConfig
@@ -99,7 +100,7 @@ def setup_for(cfg: TrainConfig, gpus: int, gpus_per_node: int) -> Setup:
 
 
 def plan(cfg: TrainConfig, *, gpus: int, gpu_memory: int, gpus_per_node: int = 8, gpu_type: Optional[str] = None,
-         usd_per_hour: Optional[float] = None, mfu: Optional[float] = None, measured: Optional[dict[str, Any]] = None,
+         usd_per_hour: Optional[float] = None, mfu: Optional[float] = None, measured: Optional[Calibration] = None,
          shape: Optional[ModelShape] = None) -> dict[str, Any]:
     """The plan of ``cfg`` on ``gpus`` GPUs of ``gpu_memory`` bytes each, as one JSON-able dict."""
     shape = shape or model_shape(model_config(cfg), cfg)
@@ -139,30 +140,23 @@ def flops_per_token(shape: ModelShape, cfg: TrainConfig) -> float:
 
 
 def timing(cfg: TrainConfig, flops: float, tokens: int, gpus: int, gpu_type: Optional[str], mfu: Optional[float],
-           measured: Optional[dict[str, Any]]) -> dict[str, Any]:
+           measured: Optional[Calibration]) -> dict[str, Any]:
     """``seconds`` at the step time a calibration run ``measured`` (``octoray plan --calibrate``) or at
     ``mfu`` of the GPU's peak."""
     if measured is not None:
-        # Each worker trains its share of the tokens at the rate measured per worker.
-        per_worker = measured["tokens_per_s_per_worker"]
-        seconds = tokens / (per_worker * gpus)
-        # Wall time: the calibration run's own (Ray, data, model, its steps, its final checkpoint
-        # and export), plus the steps it did not take at the measured gap between steps, plus the
-        # periodic saves it did not make at the measured cost of one.
-        extra_steps = max(0, cfg.max_steps - measured["steps"])
-        extra_saves = max(0, checkpoints(cfg.max_steps, cfg.checkpoint_every)
-                          - checkpoints(measured["steps"], measured["checkpoint_every"]))
-        wall = (measured["wall_seconds"] + extra_steps * measured["gap_seconds"] * cfg.num_workers / gpus
-                + extra_saves * measured["checkpoint_seconds"])
-        return {"seconds": seconds, "wall_seconds": wall, "throughput_source": f"calibrated: {measured['steps']} "
-                f"real steps of octoray train on {cfg.num_workers} worker(s)", "tokens_per_s_per_gpu": per_worker,
-                "calibration": measured, "mfu": None, "peak_flops": None}
+        predicted = predict(measured, max_steps=cfg.max_steps, checkpoint_every=cfg.checkpoint_every, gpus=gpus)
+        return {"seconds": predicted["seconds"], "wall_seconds": predicted["wall_seconds"],
+                "wall_parts": predicted["wall_parts"], "epochs_started": predicted["epochs_started"],
+                "throughput_source": f"calibrated: {measured.steps} real steps of octoray train on "
+                                     f"{measured.workers} worker(s)",
+                "tokens_per_s_per_gpu": measured.tokens_per_s_per_worker, "calibration": measured.to_json(),
+                "mfu": None, "peak_flops": None}
     peak = peak_flops(gpu_type) if gpu_type else None
     used_mfu = mfu or DEFAULT_MFU
     if peak is None:
-        return {"seconds": None, "wall_seconds": None, "throughput_source": "unknown GPU peak (use --calibrate or --gpu-type)",
+        return {"seconds": None, "wall_seconds": None, "wall_parts": None, "throughput_source": "unknown GPU peak (use --calibrate or --gpu-type)",
                 "tokens_per_s_per_gpu": None, "mfu": used_mfu, "peak_flops": None}
-    return {"seconds": flops / (gpus * peak * used_mfu), "wall_seconds": None,
+    return {"seconds": flops / (gpus * peak * used_mfu), "wall_seconds": None, "wall_parts": None,
             "throughput_source": f"{used_mfu} MFU of {gpu_type}",
             "tokens_per_s_per_gpu": peak * used_mfu * tokens / flops, "mfu": used_mfu, "peak_flops": peak}
 
@@ -233,6 +227,9 @@ def describe(result: dict[str, Any]) -> str:
     cost = f", ${result['usd']:.2f}" if result.get("usd") is not None else ""
     lines.append(f"octoray plan: {result['steps']} steps, {result['tokens']:,} tokens: {time_text}{cost} "
                  f"({result['throughput_source']})")
+    if result.get("wall_parts"):
+        parts_text = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in result["wall_parts"].items())
+        lines.append(f"octoray plan: wall time {result['wall_seconds']:.1f} s ({parts_text})")
     if result.get("data"):
         data = result["data"]
         lines.append(f"octoray plan: the data: {data['rows']:,} rows, {data['tokens']:,} tokens ({data['tokens_source']}): "
