@@ -279,6 +279,30 @@ def test_logit_adjustments_row_by_row() -> None:
     assert torch.allclose(kept[1], torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
 
 
+def test_nucleus_equals_the_full_sort() -> None:
+    """The top-k shortcut keeps exactly the tokens the definition (sort the whole vocabulary,
+    drop a token once the mass before it reaches top_p) keeps, flat rows (whose nucleus is wider
+    than the candidates) included."""
+    import torch
+
+    from octoray.serving.decoding import nucleus
+
+    def by_sorting(probs, top_p):
+        ordered, order = probs.sort(dim=-1, descending=True)
+        drop = ((ordered.cumsum(-1) - ordered) >= top_p[:, None]) & (top_p[:, None] < 1)
+        return probs.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), 0.0)
+
+    generator = torch.Generator().manual_seed(0)
+    top_p = torch.tensor([0.1, 0.5, 0.9, 0.95, 0.99, 1.0, 0.999, 0.7])
+    wide = 0
+    for vocab in (50, 2048, 49152):
+        for scale in (0.3, 1.0, 3.0, 8.0):
+            probs = torch.softmax(torch.randn(8, vocab, generator=generator) * scale, -1)
+            assert torch.equal(nucleus(probs, top_p), by_sorting(probs, top_p)), (vocab, scale)
+            wide += int(((probs.topk(min(64, vocab)).values.sum(-1) < top_p) & (top_p < 1)).sum())
+    assert wide > 0  # the fallback was exercised too
+
+
 def test_sampling_extras_in_the_decoder(decoder, tokenizer) -> None:
     prompt = "def add(a, b):"
     greedy = _seq(tokenizer, prompt, temperature=0.0, max_tokens=16)
