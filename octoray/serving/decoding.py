@@ -256,7 +256,9 @@ class BatchDecoder:
         import torch
 
         finite = torch.isfinite(logits).all(-1)
-        tokens = self._sample(torch.where(finite[:, None], logits, torch.zeros_like(logits)), seqs)
+        if not bool(finite.all()):  # (a copy of the logits only when some row needs it)
+            logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
+        tokens = self._sample(logits, seqs)
         return [t if ok else -1 for t, ok in zip(tokens, finite.tolist())]
 
     def _sample(self, logits: Any, seqs: list[Sequence]) -> list[int]:
@@ -329,12 +331,21 @@ def nucleus(probs: Any, top_p: Any, candidates: int = 64) -> Any:
     """
     import torch
 
-    values, order = probs.topk(min(candidates, probs.shape[-1]), dim=-1)
-    mass = values.cumsum(-1)
-    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, (mass - values) < top_p[:, None])
-    # every token past the candidates has at least their whole mass before it: dropped if that reaches top_p
-    wider = (mass[:, -1] < top_p) & (top_p < 1)
-    keep[top_p >= 1] = True
+    k = min(candidates, probs.shape[-1])
+    keep = torch.ones_like(probs, dtype=torch.bool)  # rows with top_p >= 1 keep every token
+    # k tokens of at most the largest probability each cannot reach top_p: such a (flat) row goes
+    # straight to the full sort, without a top-k that could not settle it
+    may_fit = (top_p < 1) & (probs.amax(-1) * k >= top_p)
+    wider = (top_p < 1) & ~may_fit
+    if bool(may_fit.any()):
+        rows = may_fit.nonzero()[:, 0]
+        values, order = probs[rows].topk(k, dim=-1)
+        mass = values.cumsum(-1)
+        keep[rows] = torch.zeros((len(rows), probs.shape[-1]), dtype=torch.bool, device=probs.device).scatter_(
+            -1, order, (mass - values) < top_p[rows, None])
+        # every token past the candidates has at least their whole mass before it: dropped if that
+        # reaches top_p; a row where it does not needs the full sort after all
+        wider[rows[mass[:, -1] < top_p[rows]]] = True
     if bool(wider.any()):
         rows = wider.nonzero()[:, 0]
         ordered, full = probs[rows].sort(dim=-1, descending=True)
