@@ -208,8 +208,8 @@ class BatchScheduler:
                 keep = list(range(len(batch.seqs))) if batch is not None else []
         while batch is not None and keep:
             self.decoder.step(batch, keep)
-            self._stepped.append(len(keep))
             rows = len(keep)
+            self._stepped.append(rows)
             keep = self.decoder.advance(batch)
             # after a prefill, back to the event loop at once: the first tokens' times are measured there
             if (fresh or len(keep) < rows or self._could_join(len(keep))
