@@ -64,6 +64,10 @@ def _nodes_not_seeing(ray: Any, nodes: list[str], probe: str, token: str) -> lis
     for node, ref in refs.items():
         try:
             seen = ray.get(ref, timeout=PROBE_TIMEOUT_S)
+        except ray.exceptions.TaskUnschedulableError:
+            # Draining (a spot notice, `ray drain-node`) or gone since ray.nodes(): Ray places no
+            # stage work there either, so its view of the path does not matter.
+            continue
         except Exception:  # noqa: BLE001 - a node that died meanwhile is not our question
             if node not in {n["NodeID"] for n in ray.nodes() if n.get("Alive")}:
                 continue

@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -214,6 +215,7 @@ def test_aws_spot_notice_from_the_metadata_url(cluster, sft: Path, reference, tm
     server = MetadataServer(notice_for=lambda pid: pid in doomed.processes())
     run = tmp_path / "run"
     placed: dict[str, object] = {}
+    watches: dict[str, _TrainWorkerWatch] = {}
 
     def announce(proc, log) -> None:
         server.announce(90)
@@ -224,14 +226,17 @@ def test_aws_spot_notice_from_the_metadata_url(cluster, sft: Path, reference, tm
         placed["doomed_in_ray"] = ("draining" if doomed_id in _draining_nodes(cluster)
                                    else "alive" if doomed_id in cluster.alive_nodes() else "gone")
         replacement = cluster.add_worker()  # the autoscaler's replacement
+        # Sampled until the run ends: the restarted group's last steps can take under a second.
+        watches["replacement"] = _TrainWorkerWatch(replacement, since=0.0)
+        watches["doomed"] = _TrainWorkerWatch(doomed, since=_preemptions(run)[0]["received"])
         step = _preemptions(run)[0]["step"]
         _wait_for("a step of the restarted group", lambda: any(r["start_step"] == step for r in _rows(run)), proc, log)
-        placed["replacement"] = _has_train_worker(replacement)
-        placed["doomed"] = _has_train_worker(doomed)
 
     try:
         log = _train(cluster, sft, run, ["checkpoint_every=100", f"preemption_notice_url={server.url}"], announce)
     finally:
+        for name, watch in watches.items():
+            placed[name] = watch.stop()
         server.close()
         _lose(cluster, doomed, doomed_id)  # the cloud takes it at the deadline
     record = _check_resumed_at_notice(run, log, "aws")
@@ -264,12 +269,32 @@ def _lose(cluster, node: raycluster.Node, node_id: str) -> None:
         time.sleep(1)
 
 
-def _has_train_worker(node: raycluster.Node) -> bool:
-    try:
-        _train_worker_pid(node)
-    except AssertionError:
-        return False
-    return True
+class _TrainWorkerWatch:
+    """Whether ``node`` ran a RayTrainWorker process started after ``since`` (epoch seconds),
+    sampled every 50 ms on a thread from construction to :meth:`stop`."""
+
+    def __init__(self, node: raycluster.Node, since: float) -> None:
+        self.node, self.since, self.seen = node, since, False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._done.wait(0.05) and not self.seen:
+            for pid in self.node.processes():
+                try:
+                    process = psutil.Process(pid)
+                    if process.create_time() >= self.since and "RayTrainWorker" in " ".join(process.cmdline()):
+                        self.seen = True
+                except psutil.NoSuchProcess:
+                    continue
+
+    def stop(self) -> bool:
+        self._done.set()
+        self._thread.join()
+        return self.seen
 
 
 def _worker_node_id(cluster) -> str:

@@ -280,9 +280,9 @@ def test_logit_adjustments_row_by_row() -> None:
 
 
 def test_nucleus_equals_the_full_sort() -> None:
-    """The top-k shortcut keeps exactly the tokens the definition (sort the whole vocabulary,
-    drop a token once the mass before it reaches top_p) keeps, flat rows (whose nucleus is wider
-    than the candidates) included."""
+    """The threshold keeps exactly the tokens the definition (sort the whole vocabulary, drop a
+    token once the mass before it reaches top_p) keeps, flat rows (whose nucleus is wider than the
+    top-k candidates) included; ties at the threshold all stay."""
     import torch
 
     from octoray.serving.decoding import nucleus
@@ -301,6 +301,9 @@ def test_nucleus_equals_the_full_sort() -> None:
             assert torch.equal(nucleus(probs, top_p), by_sorting(probs, top_p)), (vocab, scale)
             wide += int(((probs.topk(min(64, vocab)).values.sum(-1) < top_p) & (top_p < 1)).sum())
     assert wide > 0  # the fallback was exercised too
+    # tokens tied with the least likely member all stay (a sort would keep an arbitrary subset)
+    tied = torch.tensor([[0.3, 0.2, 0.2, 0.2, 0.1]] * 2)
+    assert (nucleus(tied, torch.tensor([0.4, 0.6])) > 0).tolist() == [[True, True, True, True, False]] * 2
 
 
 def test_sampling_extras_in_the_decoder(decoder, tokenizer) -> None:
