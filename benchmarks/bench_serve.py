@@ -231,9 +231,11 @@ def main() -> int:
                                            texts))
                     after = stats(url)
                     row["mean_batch"] = (after["row_steps"] - before["row_steps"]) / max(1, after["steps"] - before["steps"])
+                    row["decode_busy"] = (after["decode_busy_s"] - before["decode_busy_s"]) / row["seconds"]
                     rows.append({"round": round_, "mode": mode, "concurrency": c, **row})
                     print(f"round {round_} {mode:>22} c={c:<3} {row['tok_s']:8.1f} tok/s  {row['req_s']:6.2f} req/s  "
-                          f"p50 {row['p50_ms']:7.0f} ms  p99 {row['p99_ms']:7.0f} ms  batch {row['mean_batch']:.1f}",
+                          f"p50 {row['p50_ms']:7.0f} ms  p99 {row['p99_ms']:7.0f} ms  batch {row['mean_batch']:.1f}  "
+                          f"decode busy {row['decode_busy']:.0%}",
                           file=sys.stderr, flush=True)
                 alone, loaded = asyncio.run(ttft(url, texts, args.long, args.long_tokens, args.ttft_repeats))
                 ttfts.setdefault(mode, []).append((alone, loaded))
@@ -243,11 +245,11 @@ def main() -> int:
     print(f"\n{device}, model {'tiny demo GPTBigCode (2x128)' if not args.model else args.model}, "
           f"max_tokens={args.max_tokens}, {os.cpu_count()} CPU cores, replica num_cpus={args.num_cpus}\n")
     print("| round | mode | concurrency | requests | req/s | gen tokens/s | p50 latency (ms) | p99 latency (ms) "
-          "| mean rows/step |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| mean rows/step | decode thread busy |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['round']} | {r['mode']} | {r['concurrency']} | {r['requests']} | {r['req_s']:.2f} | "
-              f"{r['tok_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} |")
+              f"{r['tok_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} | {r['decode_busy']:.0%} |")
     rounds = range(1, args.rounds + 1)
     print("\n| concurrency | tokens/s batched ÷ unbatched, per round | median |\n|---:|---|---:|")
     for c in levels:

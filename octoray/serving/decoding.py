@@ -136,9 +136,12 @@ class BatchDecoder:
         # transformers 5 renamed past_key_values to cache
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._backend = _plain_backend(tokenizer)
 
     def decode(self, token_ids: list[int]) -> str:
         """Token ids to text, special tokens dropped."""
+        if self._backend is not None:  # twice per token per row: the wrapper's checks cost as much as the decode
+            return self._backend.decode(token_ids, skip_special_tokens=True)
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def generate(self, seqs: list[Sequence]) -> None:
@@ -417,6 +420,19 @@ def prompt_logprobs(model: Any, prompt_ids: list[int], top: int) -> list[tuple[f
         picked = logp.gather(-1, target[:, None])[:, 0].tolist()
         top_v, top_i = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
         return [(picked[j], list(zip(top_i[j].tolist(), top_v[j].tolist()))) for j in range(len(picked))]
+
+
+def _plain_backend(tokenizer: Any) -> Any:
+    """The ``tokenizers`` object a fast tokenizer's ``decode`` ends in, when that call adds nothing
+    to it (no subclass ``_decode``, no clean-up of spaces); else None."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        return None
+    if (isinstance(tokenizer, PreTrainedTokenizerFast) and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
+            and not tokenizer.clean_up_tokenization_spaces):
+        return tokenizer.backend_tokenizer
+    return None
 
 
 def _cache_of(out: Any) -> Any:

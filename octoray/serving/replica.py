@@ -354,17 +354,26 @@ class CompletionServer:
                 except asyncio.TimeoutError:
                     yield sse(_timeout(self.cfg.request_timeout_s).body())
                     return
-                if item is None:
+                # every piece already queued goes out in one write: after a hand-off of several
+                # decode steps they arrive together, and each write is a message through Serve's proxy
+                items = [item]
+                while items[-1] is not None and not queue.empty():
+                    items.append(queue.get_nowait())
+                ended = items[-1] is None
+                events = []
+                for index, text, finish_reason in items[:-1] if ended else items:
+                    records, at = None, 0
+                    if with_logprobs:
+                        cursor = cursors[index]
+                        at = cursor.covered
+                        cursor.emitted += len(text)
+                        records = cursor.advance(by_index[index], self._token_text, cursor.emitted,
+                                                 final=finish_reason is not None)
+                    events.append(sse(chunk(index, text, finish_reason, records, at)))
+                if events:
+                    yield b"".join(events)
+                if ended:
                     break
-                index, text, finish_reason = item
-                records, at = None, 0
-                if with_logprobs:
-                    cursor = cursors[index]
-                    at = cursor.covered
-                    cursor.emitted += len(text)
-                    records = cursor.advance(by_index[index], self._token_text, cursor.emitted,
-                                             final=finish_reason is not None)
-                yield sse(chunk(index, text, finish_reason, records, at))
             if task.exception() is not None:
                 logger.error("streamed completion failed", exc_info=task.exception())
                 yield sse(error_body("internal server error (see the replica log)", "server_error"))

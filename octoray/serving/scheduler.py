@@ -65,7 +65,8 @@ class BatchScheduler:
         self.on_step = on_step
         #: served so far by this replica, shown by /healthz (the benchmark reads steps and row_steps)
         self.stats = {"requests": 0, "sequences": 0, "completion_tokens": 0, "batches": 0, "largest_batch": 0,
-                      "steps": 0, "row_steps": 0, "handoffs": 0, "rejected": 0}
+                      "steps": 0, "row_steps": 0, "handoffs": 0, "rejected": 0,
+                      "decode_busy_s": 0.0}
         self._requests: list[_Request] = []
         self._waiting: deque[Sequence] = deque()
         self._probes: set[Sequence] = set()  # health-check sequences: first in line, beyond max_batch_size
@@ -161,6 +162,7 @@ class BatchScheduler:
             fresh = self._admit()
             if self._batch is None and fresh:
                 self.stats["batches"] += 1
+            began = time.perf_counter()
             try:
                 self._batch = await asyncio.to_thread(self._iterate, self._batch, fresh)
             except Exception:  # noqa: BLE001 - the loop must outlive a failed step
@@ -169,6 +171,9 @@ class BatchScheduler:
                     if not seq.done:
                         seq.finish_reason = "error"
                 self._batch, self._keep = None, []
+            # hand-off to hand-back: with the rest of the wall time it shows how long the decode
+            # thread waited for the event loop
+            self.stats["decode_busy_s"] += time.perf_counter() - began
             self._settle()
 
     def _admit(self) -> list[Sequence]:

@@ -23,7 +23,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -215,7 +214,6 @@ def test_aws_spot_notice_from_the_metadata_url(cluster, sft: Path, reference, tm
     server = MetadataServer(notice_for=lambda pid: pid in doomed.processes())
     run = tmp_path / "run"
     placed: dict[str, object] = {}
-    watches: dict[str, _TrainWorkerWatch] = {}
 
     def announce(proc, log) -> None:
         server.announce(90)
@@ -225,18 +223,16 @@ def test_aws_spot_notice_from_the_metadata_url(cluster, sft: Path, reference, tm
         # The watcher told Ray: the node is draining, or already gone (a drained raylet exits once idle).
         placed["doomed_in_ray"] = ("draining" if doomed_id in _draining_nodes(cluster)
                                    else "alive" if doomed_id in cluster.alive_nodes() else "gone")
-        replacement = cluster.add_worker()  # the autoscaler's replacement
-        # Sampled until the run ends: the restarted group's last steps can take under a second.
-        watches["replacement"] = _TrainWorkerWatch(replacement, since=0.0)
-        watches["doomed"] = _TrainWorkerWatch(doomed, since=_preemptions(run)[0]["received"])
+        placed["actors_before"] = _train_actors(cluster)  # the notified group's, and earlier runs'
+        alive = set(cluster.alive_nodes())
+        cluster.add_worker()  # the autoscaler's replacement
+        placed["replacement_id"] = next(iter(set(cluster.alive_nodes()) - alive))
         step = _preemptions(run)[0]["step"]
         _wait_for("a step of the restarted group", lambda: any(r["start_step"] == step for r in _rows(run)), proc, log)
 
     try:
         log = _train(cluster, sft, run, ["checkpoint_every=100", f"preemption_notice_url={server.url}"], announce)
     finally:
-        for name, watch in watches.items():
-            placed[name] = watch.stop()
         server.close()
         _lose(cluster, doomed, doomed_id)  # the cloud takes it at the deadline
     record = _check_resumed_at_notice(run, log, "aws")
@@ -245,7 +241,11 @@ def test_aws_spot_notice_from_the_metadata_url(cluster, sft: Path, reference, tm
     assert server.tokens_issued >= 1  # IMDSv2: the GETs carried a session token
     # Ray knew the node was going, so the restarted group went to the replacement, not back to it.
     assert record["ray_drain"] == "drained"
-    assert placed["doomed_in_ray"] in ("draining", "gone") and placed["replacement"] and not placed["doomed"], placed
+    # (Ray's record of the actors: the restarted group's last steps can be over within a poll)
+    restarted = {a: n for a, n in _train_actors(cluster).items() if a not in placed["actors_before"]}
+    assert placed["doomed_in_ray"] in ("draining", "gone"), placed
+    assert placed["replacement_id"] in restarted.values() and doomed_id not in restarted.values(), \
+        (restarted, placed["replacement_id"], doomed_id)
     _check_same_training(run, reference)
 
 
@@ -269,32 +269,16 @@ def _lose(cluster, node: raycluster.Node, node_id: str) -> None:
         time.sleep(1)
 
 
-class _TrainWorkerWatch:
-    """Whether ``node`` ran a RayTrainWorker process started after ``since`` (epoch seconds),
-    sampled every 50 ms on a thread from construction to :meth:`stop`."""
-
-    def __init__(self, node: raycluster.Node, since: float) -> None:
-        self.node, self.since, self.seen = node, since, False
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        import psutil
-
-        while not self._done.wait(0.05) and not self.seen:
-            for pid in self.node.processes():
-                try:
-                    process = psutil.Process(pid)
-                    if process.create_time() >= self.since and "RayTrainWorker" in " ".join(process.cmdline()):
-                        self.seen = True
-                except psutil.NoSuchProcess:
-                    continue
-
-    def stop(self) -> bool:
-        self._done.set()
-        self._thread.join()
-        return self.seen
+def _train_actors(cluster) -> dict[str, str]:
+    """Every RayTrainWorker actor Ray has a record of, dead ones included: actor id -> node id
+    (State API of the head's dashboard)."""
+    script = ("import json; from ray.util.state import list_actors; "
+              f"actors = list_actors(address='{cluster.dashboard}', filters=[('class_name', '=', 'RayTrainWorker')], "
+              "limit=10000, raise_on_missing_output=False); "
+              "print(json.dumps({a.actor_id: a.node_id for a in actors}))")
+    out = subprocess.run([sys.executable, "-c", script], env=_env(cluster), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _worker_node_id(cluster) -> str:

@@ -279,6 +279,19 @@ def test_logit_adjustments_row_by_row() -> None:
     assert torch.allclose(kept[1], torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
 
 
+def test_decoder_decodes_as_the_tokenizer(decoder, tokenizer) -> None:
+    """The decoder's shortcut to the ``tokenizers`` backend gives ``tokenizer.decode``'s text,
+    special tokens (FIM, commit tags, EOS) dropped, and is taken for the demo tokenizer."""
+    import random
+
+    assert decoder._backend is not None
+    rng = random.Random(0)
+    special = list(tokenizer.all_special_ids)
+    for _ in range(200):
+        ids = [rng.choice(special) if rng.random() < 0.1 else rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 30))]
+        assert decoder.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
 def test_nucleus_equals_the_full_sort() -> None:
     """The threshold keeps exactly the tokens the definition (sort the whole vocabulary, drop a
     token once the mass before it reaches top_p) keeps, flat rows (whose nucleus is wider than the
