@@ -358,7 +358,8 @@ def vllm_llm_config(cfg: ServeConfig, *, has_template: bool) -> dict[str, Any]:
     """The keyword arguments of Ray Serve LLM's ``LLMConfig`` for ``cfg`` (pure: tested without vLLM).
 
     Limits map onto vLLM's engine (``max_model_len``, ``max_num_seqs`` = ``max_batch_size``),
-    replicas onto the deployment (autoscaling, ``max_ongoing_requests``). A model without its own
+    replicas onto the deployment (autoscaling, ``max_ongoing_requests``), ``stream_interval_s``
+    onto Ray Serve LLM's ``stream_batching_interval_ms``. A model without its own
     ``chat_template`` gets octoray's default (vLLM takes a template string as its frontend's
     ``chat_template``, which Ray Serve LLM routes from ``engine_kwargs``). API keys are refused:
     Ray Serve LLM's OpenAI ingress checks none, and a key that is silently not enforced is worse
@@ -377,7 +378,9 @@ def vllm_llm_config(cfg: ServeConfig, *, has_template: bool) -> dict[str, Any]:
     return {"model_loading_config": {"model_id": cfg.model_name, "model_source": cfg.model},
             "deployment_config": {"autoscaling_config": _autoscaling(cfg),
                                   "max_ongoing_requests": cfg.max_ongoing_requests},
-            "engine_kwargs": engine_kwargs}
+            "engine_kwargs": engine_kwargs,
+            # the same coalescing of streamed pieces (Ray Serve LLM's own default is 50 ms)
+            "experimental_configs": {"stream_batching_interval_ms": 1000 * cfg.stream_interval_s}}
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -40,6 +40,11 @@ class ServeConfig:
     max_prefill_tokens: int = option(
         4096, "continuous batching: most prompt tokens prefilled in one step (one prompt at least), so running "
               "rows never stall long for newcomers")
+    stream_interval_s: float = option(
+        0.05, "a streamed completion's pieces are written at most this often, each still its own SSE event (the "
+              "first at once, the last never delayed): each write is a message through Serve's proxy, and at one "
+              "per token per stream they, not the model, slow a loaded replica; Ray Serve LLM's default too "
+              "(0: a write per piece)")
     batch_wait_timeout_s: float = option(
         0.0, "unused since continuous batching (new requests join the running batch at the next step); "
              "kept so existing configs still load")
@@ -76,6 +81,8 @@ class ServeConfig:
             found.append(f"max_queued_requests: must be >= 0, got {self.max_queued_requests}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             found.append(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
+        if self.stream_interval_s < 0:
+            found.append(f"stream_interval_s: must be >= 0, got {self.stream_interval_s}")
         if self.batch_wait_timeout_s < 0:
             found.append(f"batch_wait_timeout_s: must be >= 0, got {self.batch_wait_timeout_s}")
         if self.min_replicas < 0 or self.min_replicas > self.max_replicas:

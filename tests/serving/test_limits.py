@@ -126,6 +126,35 @@ def test_short_request_finishes_while_a_long_one_runs(server: Any, model_dir: Pa
 
 
 @pytest.mark.ray
+def test_streamed_pieces_are_written_together(server: Any, model_dir: Path) -> None:
+    """At the default ``stream_interval_s`` (0.05 s) a long stream's pieces reach the client in far
+    fewer writes (HTTP chunks) than events, and the events are still one per piece: the text is
+    what the model gives alone."""
+    port = server[0]
+    body = json.dumps({"prompt": LONG_PROMPT, "max_tokens": 256, "temperature": 0, "stream": True,
+                       "ignore_eos": True}).encode()
+    raw = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        while data := sock.recv(65536):
+            raw += data
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"chunked" in head.lower(), head
+    chunks = []
+    while rest:
+        size, _, rest = rest.partition(b"\r\n")
+        n = int(size, 16)
+        chunks.append(rest[:n])
+        rest = rest[n + 2:]
+    events = [line.removeprefix(b"data: ") for c in chunks for line in c.split(b"\n\n") if line.startswith(b"data: {")]
+    texts = [json.loads(e)["choices"][0]["text"] for e in events]
+    assert "".join(texts) == _greedy_alone(model_dir, LONG_PROMPT, 256)
+    assert len(events) > 100  # one per piece (a piece is a token, unless one waits for the next)
+    assert len([c for c in chunks if b"data: {" in c]) < len(events) / 3
+
+
+@pytest.mark.ray
 def test_burst_past_the_queue_gets_429_and_the_admitted_complete(server: Any) -> None:
     port = server[0]
     bodies = [{"prompt": SHORT_PROMPT, "max_tokens": 48, "temperature": 0.8, "seed": i} for i in range(24)]

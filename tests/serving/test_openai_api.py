@@ -226,6 +226,7 @@ def test_vllm_config_maps_the_same_options() -> None:
     assert mapped["deployment_config"]["max_ongoing_requests"] == 16
     assert mapped["deployment_config"]["autoscaling_config"]["max_replicas"] == 3
     assert "chat_template" not in vllm_llm_config(cfg, has_template=True)["engine_kwargs"]
+    assert mapped["experimental_configs"] == {"stream_batching_interval_ms": 50.0}
     with pytest.raises(UserError, match="api_key is not enforced by engine=vllm"):
         vllm_llm_config(ServeConfig(model="/m", api_key=("k",)), has_template=True)
 
