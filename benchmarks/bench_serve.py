@@ -6,8 +6,8 @@
 For each mode -- ``batched`` (continuous batching, ``max_batch_size=32``) and the baseline
 ``unbatched`` (``max_batch_size=1``: one sequence at a time, everything else identical) -- the
 script starts the server with :func:`octoray.serving.app.start`, then runs a closed-loop load at
-each concurrency level (each mode redeployed in place on the same proxy; ``--rounds`` rounds,
-alternating which mode goes first, the ratios the median over rounds): ``c`` clients
+each concurrency level, both modes back to back (redeployed in place on the same proxy, which one
+first alternating; ``--rounds`` rounds, the ratios the median over rounds): ``c`` clients
 each send a request as soon as their previous one is answered, until the level's request count
 or time limit is reached (both bounded). Then the time to first token (TTFT) of a short streamed
 request, alone and while ``--long`` long requests are being decoded. It prints markdown tables:
@@ -217,15 +217,20 @@ def main() -> int:
     modes = [("batched", args.batch_size), ("unbatched (baseline)", 1)]
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny_model(Path(tmp) / "model")
+        def deploy(batch_size: int) -> str:
+            cfg = ServeConfig(model=model, port=args.port, max_batch_size=batch_size,
+                              max_ongoing_requests=max(128, 2 * max(levels)), num_gpus=args.num_gpus,
+                              num_cpus=args.num_cpus)
+            url = start(cfg)  # on the same port start() updates the running app in place
+            asyncio.run(load(url, 2, 4, 60, args.max_tokens, texts))  # warm-up: first batches allocate
+            return url
+
         for round_ in range(1, args.rounds + 1):
-            # alternate which mode goes first: the first deployment on a fresh Ray pays a colder start
-            for mode, batch_size in (modes if round_ % 2 else modes[::-1]):
-                cfg = ServeConfig(model=model, port=args.port, max_batch_size=batch_size,
-                                  max_ongoing_requests=max(128, 2 * max(levels)), num_gpus=args.num_gpus,
-                                  num_cpus=args.num_cpus)
-                url = start(cfg)  # the next mode redeploys in place: start() on the same port updates the app
-                asyncio.run(load(url, 2, 4, 60, args.max_tokens, texts))  # warm-up: first batches allocate
-                for c in levels:
+            # Both modes of a level back to back (this machine's speed drifts over minutes), which
+            # one first alternating, since the one after a redeploy can start colder.
+            for step, c in enumerate(levels):
+                for mode, batch_size in (modes if (round_ + step) % 2 else modes[::-1]):
+                    url = deploy(batch_size)
                     before = stats(url)
                     row = asyncio.run(load(url, c, max(16, args.requests * c), args.time_limit_s, args.max_tokens,
                                            texts))
@@ -237,6 +242,8 @@ def main() -> int:
                           f"p50 {row['p50_ms']:7.0f} ms  p99 {row['p99_ms']:7.0f} ms  batch {row['mean_batch']:.1f}  "
                           f"decode busy {row['decode_busy']:.0%}",
                           file=sys.stderr, flush=True)
+            for mode, batch_size in (modes if round_ % 2 else modes[::-1]):
+                url = deploy(batch_size)
                 alone, loaded = asyncio.run(ttft(url, texts, args.long, args.long_tokens, args.ttft_repeats))
                 ttfts.setdefault(mode, []).append((alone, loaded))
                 print(f"round {round_} {mode:>22} TTFT alone {1000 * alone:7.0f} ms, with {args.long} long running "
@@ -258,11 +265,14 @@ def main() -> int:
                         and r["concurrency"] == c and r["round"] == round_)
         ratios = [tok_s(True, n) / tok_s(False, n) for n in rounds]
         print(f"| {c} | {', '.join(f'{x:.2f}x' for x in ratios)} | {statistics.median(ratios):.2f}x |")
-    print(f"\n| mode | TTFT alone (ms) | TTFT with {args.long} long requests running (ms) | loaded ÷ alone |")
-    print("|---|---:|---:|---:|")
+    print(f"\n| mode | TTFT alone (ms), per round | with {args.long} long requests running (ms) "
+          "| loaded ÷ alone, per round | median |")
+    print("|---|---|---|---|---:|")
     for mode, pairs in ttfts.items():
-        alone, loaded = statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
-        print(f"| {mode} | {1000 * alone:.0f} | {1000 * loaded:.0f} | {loaded / alone:.1f}x |")
+        ratios = [b / a for a, b in pairs]  # each round's two figures were taken seconds apart
+        print(f"| {mode} | {', '.join(f'{1000 * a:.0f}' for a, _ in pairs)} | "
+              f"{', '.join(f'{1000 * b:.0f}' for _, b in pairs)} | {', '.join(f'{x:.1f}x' for x in ratios)} | "
+              f"{statistics.median(ratios):.1f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "ttft_s": ttfts}, indent=2))
     ray.shutdown()
