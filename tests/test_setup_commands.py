@@ -39,6 +39,6 @@ def test_each_setup_command_installs_python_deps_and_toolchains_first(target: st
 def test_ci_runs_readme_commands_in_a_new_users_order() -> None:
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     commands = [line.strip() for line in ci if line.strip().startswith("make ")]
-    assert commands == ["make demo", "make test", "make test-cluster"]
+    assert commands == ["make demo", "make test", "make test-long", "make test-cluster"]
     readme = (REPO / "README.md").read_text()
     assert "make demo" in readme and "make test " in readme

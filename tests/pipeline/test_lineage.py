@@ -45,6 +45,7 @@ def _lineage(stage_dir: Path) -> list[dict]:
     return json.loads(result.stdout)
 
 
+@pytest.mark.long
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.toolchain

@@ -43,6 +43,7 @@ def _wait_for_registered_checkpoint(run_dir: Path, proc: subprocess.Popen, log: 
     pytest.fail(f"no registered checkpoint after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.long
 @pytest.mark.ray
 @pytest.mark.toolchain
 @pytest.mark.slow
@@ -102,6 +103,7 @@ def _assert_model_card_holds_the_results(out: Path) -> None:
     assert set(got) <= set(expected) and all(r.dataset_type == "bigcode/humanevalpack" for r in results)
 
 
+@pytest.mark.long
 @pytest.mark.ray
 @pytest.mark.slow
 def test_pipeline_tune_then_train_with_best_trial_after_a_crashed_trial(tmp_path: Path, ray_local,

@@ -48,6 +48,7 @@ def _steps(server, bucket: str) -> list[dict]:
     return [json.loads(line) for line in _read(server, bucket, "run/train/metrics.jsonl").splitlines() if line]
 
 
+@pytest.mark.long
 @pytest.mark.ray
 @pytest.mark.toolchain
 @pytest.mark.slow
