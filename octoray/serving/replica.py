@@ -16,7 +16,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import math
 import time
 from dataclasses import replace
 from typing import Any, Optional
@@ -377,7 +376,9 @@ class CompletionServer:
                     break
                 if self.cfg.stream_interval_s:
                     # let the next pieces gather; the request finishing (or its deadline) ends the wait
-                    await asyncio.wait({task}, timeout=min(self.cfg.stream_interval_s, _left(deadline) or math.inf))
+                    wait = self.cfg.stream_interval_s if deadline is None else min(self.cfg.stream_interval_s,
+                                                                                       _left(deadline))
+                    await asyncio.wait({task}, timeout=wait)
             if task.exception() is not None:
                 logger.error("streamed completion failed", exc_info=task.exception())
                 yield sse(error_body("internal server error (see the replica log)", "server_error"))
